@@ -1,0 +1,72 @@
+# fraudstream: feature-store-backed real-time scoring.  `make help` lists every target.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FEAST  := $(VENV)/bin/feast -c feature_repo
+PYTHON ?= python3
+
+# Connection settings (override in the environment).  The feature repo, jobs, scorer,
+# dataflows and tests all read these names.
+export REDIS_URL               ?= redis://127.0.0.1:6379/0
+export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:9092
+export FRAUD_DATA_DIR          ?= $(CURDIR)/data
+export FEAST_REGISTRY_URL      ?= sqlite:///$(FRAUD_DATA_DIR)/registry.db
+
+.PHONY: help setup lock up down simulate features apply materialize train serve demo test lint bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n",$$1,$$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed ## create the virtualenv and install pinned dependencies
+
+lock: ## regenerate constraints.txt from the current virtualenv
+	$(VENV)/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+up: setup ## start local services not already running (Kafka-protocol broker, Redis if none) and create topics
+	$(PY) -m streaming.services up
+
+down: setup ## stop the services `make up` started
+	$(PY) -m streaming.services down
+
+simulate: setup ## write the simulated transaction log and labels under $FRAUD_DATA_DIR
+	$(PY) -m training.simulate
+
+features: setup ## batch feature job (daily profiles) and velocity backfill into the offline store
+	$(PY) -m training.batch_features
+	$(PY) -m training.backfill
+
+apply: setup ## feast apply (registers entities, views and services)
+	$(FEAST) apply
+
+materialize: setup ## feast materialize-incremental up to now into Redis
+	$(FEAST) materialize-incremental $$(date -u +%Y-%m-%dT%H:%M:%S)
+
+train: setup ## train the fraud model from point-in-time features and write a versioned artifact
+	$(PY) -m training.train
+
+serve: setup ## start the FastAPI scorer (SERVING_* settings)
+	$(PY) -m serving
+
+demo: setup ## run the whole system end to end on this machine and print a summary
+	$(PY) -m training.demo
+
+test: setup ## run the test suite (real Redis and a real Kafka-protocol broker)
+	$(PY) -m pytest -q
+
+lint: setup ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy feature_repo serving streaming training
+
+bench: setup ## run the benchmarks and write reports/bench.md
+	$(PY) -m bench
+
+clean: ## remove generated data, artifacts and reports
+	rm -rf data artifacts reports .run
