@@ -1,0 +1,62 @@
+"""The transaction event contract: one schema shared by the simulator, the stream and the API.
+
+Schema version 1.  A transaction is `{schema_version, transaction_id, user_id, merchant_id,
+amount, currency, channel, event_timestamp}` with `event_timestamp` an ISO-8601 string with a
+timezone (serialised as UTC) and `amount` in major units of `currency`.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+SCHEMA_VERSION = 1
+CHANNELS = ("card_present", "online", "contactless", "atm")
+CURRENCIES = ("EUR", "USD", "GBP")
+MAX_AMOUNT = 1_000_000.0  # anything larger is treated as a data error, not a purchase
+
+Channel = Literal["card_present", "online", "contactless", "atm"]
+Currency = Literal["EUR", "USD", "GBP"]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\w.:-]+$")]
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("timestamp must be timezone-aware (e.g. end with Z or +00:00)")
+    return value.astimezone(UTC)
+
+
+def _finite_amount(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("amount must be a finite number")
+    return value
+
+
+AwareDatetime = Annotated[datetime, AfterValidator(_utc)]
+Amount = Annotated[
+    float, Field(gt=0, le=MAX_AMOUNT, allow_inf_nan=False), AfterValidator(_finite_amount)
+]
+
+
+class TransactionEvent(BaseModel):
+    """A card transaction as it travels on the `transactions` topic (schema version 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    transaction_id: Identifier
+    user_id: Identifier
+    merchant_id: Identifier
+    amount: Amount
+    currency: Currency
+    channel: Channel
+    event_timestamp: AwareDatetime
+
+
+def to_micros(ts: datetime) -> int:
+    """Epoch microseconds of a timezone-aware datetime (exact, no float rounding)."""
+    delta = ts - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -1,0 +1,49 @@
+"""Redis online store that takes its connection from `REDIS_URL`, with bounded timeouts.
+
+Registered in feature_store.yaml as `feature_repo.online_store.FraudRedisOnlineStore`. It is
+Feast's own Redis store (same key layout, same reads and writes), so stock
+`get_online_features`, `feast materialize` and `feast serve` work unchanged; only the
+connection settings differ:
+
+* the connection comes from the conventional `REDIS_URL` (default redis://127.0.0.1:6379/0)
+  unless `connection_string` is set in the YAML;
+* socket connect/read timeouts are bounded (`socket_timeout_s`), so a Redis outage fails fast
+  instead of hanging a request.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
+from pydantic import StrictStr
+
+from feature_repo.config import DEFAULT_REDIS_URL, redis_connection_string
+
+
+def _connection_from_env() -> str:
+    return redis_connection_string(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
+
+
+class FraudRedisOnlineStoreConfig(RedisOnlineStoreConfig):
+    """Feast's Redis config with the connection defaulting to `REDIS_URL`."""
+
+    type: Literal["feature_repo.online_store.FraudRedisOnlineStore"] = (  # type: ignore[assignment]
+        "feature_repo.online_store.FraudRedisOnlineStore"
+    )
+    connection_string: StrictStr = ""
+    socket_timeout_s: float = 0.5
+
+    def model_post_init(self, __context: object) -> None:
+        if not self.connection_string:
+            self.connection_string = _connection_from_env()
+        if "socket_timeout" not in self.connection_string:
+            t = self.socket_timeout_s
+            self.connection_string += (
+                f",socket_timeout={t},socket_connect_timeout={t},health_check_interval=10"
+            )
+
+
+class FraudRedisOnlineStore(RedisOnlineStore):
+    """Feast's RedisOnlineStore, configured from the environment (see module docstring)."""

@@ -1,0 +1,165 @@
+"""Per-user velocity state and the windowed features computed from it (engine-free).
+
+The *same* code runs in three places:
+
+* `UserVelocityState.apply` in the live Bytewax dataflow and in the historical backfill, which
+  turns each transaction into a row of the `user_velocity_fv` feature view;
+* `window_features` in the `user_velocity_odfv` on-demand view, which Feast runs for training
+  (`get_historical_features`) and which the scorer runs online.
+
+Semantics, for a transaction of user u at time t: only u's transactions strictly before t
+count (the transaction being scored never counts itself), windows are half-open [t - w, t), and
+the answer is correct as of t however long ago u's last event was, because the window is taken
+at request time from raw event times stored in the row, not precomputed at write time.
+
+Bounds: a state keeps every event within `HORIZON_US` of its newest event, plus the latest event
+before that horizon (so "seconds since last transaction" stays exact), at most `MAX_EVENTS`
+events (oldest dropped first) and at most `MAX_KNOWN_MERCHANTS` merchants (least recently used
+dropped first).  Beyond those bounds counts saturate; training and serving see the same values.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+MINUTE_US = 60_000_000
+HOUR_US = 60 * MINUTE_US
+HORIZON_US = 24 * HOUR_US
+ALLOWED_LATENESS_US = 10 * MINUTE_US
+MAX_EVENTS = 1024
+MAX_KNOWN_MERCHANTS = 256
+
+# Feature names of the velocity feature view (arrays of raw recent events) ...
+ROW_FIELDS = (
+    "recent_txn_ts",
+    "recent_amounts",
+    "recent_merchants",
+    "known_merchants",
+    "known_merchant_first_ts",
+)
+# ... and of the on-demand features computed from them at request time.
+WINDOW_FEATURES = (
+    "user_txn_count_10m",
+    "user_txn_count_1h",
+    "user_amount_sum_1h",
+    "user_distinct_merchants_24h",
+    "user_seconds_since_last_txn",
+    "user_is_new_merchant",
+)
+
+
+class LateEventError(ValueError):
+    """The event is older than the allowed lateness behind the user's newest event."""
+
+
+@dataclass
+class UserVelocityState:
+    """Recent events of one user, sorted by event time (epoch microseconds).
+
+    `apply` is idempotent by `transaction_id`: a transaction already in the state changes
+    nothing and returns None, so replays after a restart count nothing twice.
+    """
+
+    ts: list[int] = field(default_factory=list)
+    amounts: list[float] = field(default_factory=list)
+    merchants: list[str] = field(default_factory=list)
+    txn_ids: list[str] = field(default_factory=list)
+    # merchant -> [first_seen_us, last_seen_us], insertion order irrelevant
+    known: dict[str, list[int]] = field(default_factory=dict)
+    last_row_ts: int = 0
+
+    def apply(
+        self, txn_id: str, ts_us: int, amount: float, merchant_id: str
+    ) -> dict[str, Any] | None:
+        """Add one transaction; return the new feature row, or None for a duplicate.
+
+        Raises LateEventError when `ts_us` lies more than `ALLOWED_LATENESS_US` behind the
+        newest event already applied (the caller routes it to the dead-letter topic).
+        """
+        if txn_id in self.txn_ids:
+            return None
+        if self.ts and ts_us < self.ts[-1] - ALLOWED_LATENESS_US:
+            raise LateEventError(
+                f"event is {(self.ts[-1] - ts_us) / 1e6:.0f}s behind the user's newest event; "
+                f"allowed lateness is {ALLOWED_LATENESS_US / 1e6:.0f}s"
+            )
+        i = bisect.bisect_right(self.ts, ts_us)
+        self.ts.insert(i, ts_us)
+        self.amounts.insert(i, amount)
+        self.merchants.insert(i, merchant_id)
+        self.txn_ids.insert(i, txn_id)
+        seen = self.known.get(merchant_id)
+        if seen is None:
+            self.known[merchant_id] = [ts_us, ts_us]
+        else:
+            seen[0] = min(seen[0], ts_us)
+            seen[1] = max(seen[1], ts_us)
+        self._evict()
+        # Row timestamps strictly increase per user: online stores ignore a write that is not
+        # newer than the stored one, and the offline join must find one row per instant.
+        self.last_row_ts = max(self.ts[-1], self.last_row_ts + 1)
+        return self.row()
+
+    def _evict(self) -> None:
+        cutoff = self.ts[-1] - HORIZON_US
+        # keep everything >= cutoff plus the latest event before it
+        first_kept = max(bisect.bisect_left(self.ts, cutoff) - 1, 0)
+        first_kept = max(first_kept, len(self.ts) - MAX_EVENTS)
+        if first_kept:
+            del self.ts[:first_kept], self.amounts[:first_kept]
+            del self.merchants[:first_kept], self.txn_ids[:first_kept]
+        if len(self.known) > MAX_KNOWN_MERCHANTS:
+            by_recency = sorted(self.known.items(), key=lambda kv: (kv[1][1], kv[0]))
+            for merchant, _ in by_recency[: len(self.known) - MAX_KNOWN_MERCHANTS]:
+                del self.known[merchant]
+
+    def row(self) -> dict[str, Any]:
+        """The feature-view row for the current state (event time = `last_row_ts`)."""
+        merchants = sorted(self.known)
+        return {
+            "row_ts_us": self.last_row_ts,
+            "recent_txn_ts": list(self.ts),
+            "recent_amounts": list(self.amounts),
+            "recent_merchants": list(self.merchants),
+            "known_merchants": merchants,
+            "known_merchant_first_ts": [self.known[m][0] for m in merchants],
+        }
+
+
+def window_features(
+    recent_txn_ts: list[int] | None,
+    recent_amounts: list[float] | None,
+    recent_merchants: list[str] | None,
+    known_merchants: list[str] | None,
+    known_merchant_first_ts: list[int] | None,
+    request_ts_us: int,
+    merchant_id: str | None,
+) -> dict[str, Any]:
+    """Velocity features of a transaction at `request_ts_us` from a user's stored row.
+
+    A missing row (unknown user, or a row the TTL rule discarded) means "no earlier
+    transactions": counts are 0 and `user_seconds_since_last_txn` is None.
+    """
+    ts = recent_txn_ts or []
+    amounts = recent_amounts or []
+    merchants = recent_merchants or []
+    t = request_ts_us
+    end = bisect.bisect_left(ts, t)  # events strictly before t are ts[:end]
+    lo_10m = bisect.bisect_left(ts, t - 10 * MINUTE_US, 0, end)
+    lo_1h = bisect.bisect_left(ts, t - HOUR_US, 0, end)
+    lo_24h = bisect.bisect_left(ts, t - HORIZON_US, 0, end)
+    is_new = True
+    if known_merchants and merchant_id is not None:
+        j = bisect.bisect_left(known_merchants, merchant_id)
+        if j < len(known_merchants) and known_merchants[j] == merchant_id:
+            is_new = (known_merchant_first_ts or [t])[j] >= t
+    return {
+        "user_txn_count_10m": end - lo_10m,
+        "user_txn_count_1h": end - lo_1h,
+        "user_amount_sum_1h": float(sum(amounts[lo_1h:end])),
+        "user_distinct_merchants_24h": len(set(merchants[lo_24h:end])),
+        "user_seconds_since_last_txn": (t - ts[end - 1]) / 1e6 if end else None,
+        "user_is_new_merchant": int(is_new),
+    }

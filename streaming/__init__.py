@@ -1,0 +1,1 @@
+"""Streaming: Kafka producers, the Bytewax feature dataflow and the streaming scorer."""

@@ -1,0 +1,37 @@
+"""Settings of the streaming runtimes (prefix `STREAMING_`; broker from `KAFKA_BOOTSTRAP_SERVERS`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults
+from streaming.kafka_conf import DEFAULT_BOOTSTRAP
+
+
+class StreamingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMING_")
+
+    bootstrap_servers: str = Field(
+        DEFAULT_BOOTSTRAP,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "STREAMING_BOOTSTRAP_SERVERS"),
+    )
+    feature_repo: Path = REPO_DIR
+    recovery_dir: Path = PROJECT_DIR / ".run" / "recovery"
+    recovery_partitions: int = 1
+    snapshot_interval_s: float = 2.0  # Bytewax epoch: state snapshot + offline flush period
+    backup_interval_s: float = 0.0  # how long old snapshots are kept
+    source_batch_size: int = 2000
+    metrics_host: str = "127.0.0.1"  # loopback unless deliberately exposed
+    metrics_port: int = 9101
+    score_metrics_port: int = 9102
+    tail: bool = True  # keep waiting for new events at the end of the topic
+
+
+@lru_cache
+def get_settings() -> StreamingSettings:
+    apply_env_defaults()
+    return StreamingSettings()

@@ -1,0 +1,1 @@
+"""Offline jobs: simulation, batch features, velocity backfill, training, retrieval."""
