@@ -60,3 +60,20 @@ def to_micros(ts: datetime) -> int:
     """Epoch microseconds of a timezone-aware datetime (exact, no float rounding)."""
     delta = ts - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+# Request-source fields of `transaction_request_source`, built from a transaction in one place
+# for training (entity frames) and serving (requests) alike.
+REQUEST_FIELDS = ("request_ts_us", "txn_amount", "txn_merchant_id", "txn_channel")
+
+
+def request_fields(
+    event_timestamp: datetime, amount: float, merchant_id: str, channel: str
+) -> dict[str, object]:
+    """The request data Feast's on-demand views need for one transaction."""
+    return {
+        "request_ts_us": to_micros(event_timestamp),
+        "txn_amount": float(amount),
+        "txn_merchant_id": merchant_id,
+        "txn_channel": channel,
+    }

@@ -6,17 +6,24 @@ Feast's DuckDB offline store opens file sources relative to the current director
 
 from __future__ import annotations
 
-import math
 from datetime import timedelta
 from typing import Any
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, RequestSource
+from feast import (
+    Entity,
+    FeatureService,
+    FeatureView,
+    Field,
+    FileSource,
+    PushSource,
+    RequestSource,
+    ValueType,
+)
 from feast.data_format import ParquetFormat
 from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Array, Float64, Int64, String
 
 from feature_repo.config import data_dir
-from feature_repo.velocity import WINDOW_FEATURES, window_features
 
 FEATURES_DIR = data_dir() / "features"
 
@@ -28,9 +35,13 @@ VELOCITY_TTL = timedelta(days=30)
 # --- entities -----------------------------------------------------------------------------
 
 # The card holder whose transactions are scored.
-user = Entity(name="user", join_keys=["user_id"], description="Card holder")
+user = Entity(
+    name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="Card holder"
+)
 # The merchant where the card is used.
-merchant = Entity(name="merchant", join_keys=["merchant_id"], description="Merchant")
+merchant = Entity(
+    name="merchant", join_keys=["merchant_id"], value_type=ValueType.STRING, description="Merchant"
+)
 
 # --- sources ------------------------------------------------------------------------------
 
@@ -51,7 +62,7 @@ merchant_profile_source = FileSource(
 # Offline history of the velocity rows: appended by the live dataflow, replayed by the backfill.
 user_velocity_source = FileSource(
     name="user_velocity_source",
-    path=str(FEATURES_DIR / "user_velocity" / "*.parquet"),
+    path=str(FEATURES_DIR / "user_velocity"),  # a directory of parquet files
     file_format=ParquetFormat(),
     timestamp_field="event_timestamp",
     created_timestamp_column="created_timestamp",
@@ -132,6 +143,9 @@ user_velocity_fv = FeatureView(
     mode="python",
 )
 def user_velocity_odfv(inputs: dict[str, Any]) -> dict[str, Any]:
+    # Feast runs this body from its source text: imports must live inside it.
+    from feature_repo.velocity import WINDOW_FEATURES, window_features
+
     rows = [
         window_features(ts, amounts, merchants, known, first, t, m)
         for ts, amounts, merchants, known, first, t, m in zip(
@@ -146,35 +160,6 @@ def user_velocity_odfv(inputs: dict[str, Any]) -> dict[str, Any]:
         )
     ]
     return {name: [r[name] for r in rows] for name in WINDOW_FEATURES}
-
-
-def transaction_features(
-    amount: float, channel: str, request_ts_us: int, mean_30d: float | None, std_30d: float | None
-) -> dict[str, Any]:
-    """Request-time features of one transaction relative to the user's 30-day profile."""
-    hour = (request_ts_us // 3_600_000_000) % 24
-    has_mean = mean_30d is not None and not math.isnan(mean_30d) and mean_30d > 0
-    has_std = has_mean and std_30d is not None and not math.isnan(std_30d) and std_30d > 0
-    return {
-        "txn_amount_log": math.log1p(amount),
-        "txn_amount_to_mean_30d": amount / mean_30d if has_mean else None,  # type: ignore[operator]
-        "txn_amount_zscore_30d": (amount - mean_30d) / std_30d if has_std else None,  # type: ignore[operator]
-        "txn_hour_of_day": int(hour),
-        "txn_is_night": int(hour < 6),
-        "txn_is_online": int(channel == "online"),
-        "txn_is_atm": int(channel == "atm"),
-    }
-
-
-TRANSACTION_FEATURES = (
-    "txn_amount_log",
-    "txn_amount_to_mean_30d",
-    "txn_amount_zscore_30d",
-    "txn_hour_of_day",
-    "txn_is_night",
-    "txn_is_online",
-    "txn_is_atm",
-)
 
 
 # Amount relative to the user's habit, time of day and channel of the transaction being scored.
@@ -192,6 +177,8 @@ TRANSACTION_FEATURES = (
     mode="python",
 )
 def transaction_odfv(inputs: dict[str, Any]) -> dict[str, Any]:
+    from feature_repo.transforms import TRANSACTION_FEATURES, transaction_features
+
     rows = [
         transaction_features(a, c, t, m, s)
         for a, c, t, m, s in zip(

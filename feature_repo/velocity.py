@@ -21,6 +21,7 @@ dropped first).  Beyond those bounds counts saturate; training and serving see t
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,7 +141,7 @@ def window_features(
     """Velocity features of a transaction at `request_ts_us` from a user's stored row.
 
     A missing row (unknown user, or a row the TTL rule discarded) means "no earlier
-    transactions": counts are 0 and `user_seconds_since_last_txn` is None.
+    transactions": counts are 0 and `user_seconds_since_last_txn` is NaN (missing).
     """
     ts = recent_txn_ts or []
     amounts = recent_amounts or []
@@ -160,6 +161,6 @@ def window_features(
         "user_txn_count_1h": end - lo_1h,
         "user_amount_sum_1h": float(sum(amounts[lo_1h:end])),
         "user_distinct_merchants_24h": len(set(merchants[lo_24h:end])),
-        "user_seconds_since_last_txn": (t - ts[end - 1]) / 1e6 if end else None,
+        "user_seconds_since_last_txn": (t - ts[end - 1]) / 1e6 if end else math.nan,
         "user_is_new_merchant": int(is_new),
     }

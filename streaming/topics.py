@@ -89,7 +89,9 @@ def _missing(admin: AdminClient, partitions: Mapping[str, int], deadline: float)
         if name in existing and len(existing[name].partitions) != wanted:
             log.warning(
                 "topic %s has %d partitions, expected %d (left unchanged)",
-                name, len(existing[name].partitions), wanted,
+                name,
+                len(existing[name].partitions),
+                wanted,
             )
     return [name for name in partitions if name not in existing]
 

@@ -113,6 +113,18 @@ def volume_mounts(service: dict[str, Any]) -> dict[str, str]:
     return mounts
 
 
+def balanced(expr: str) -> bool:
+    """Whether the (), [] and {} of a PromQL expression pair up (quoted strings skipped)."""
+    stack: list[str] = []
+    pairs = {")": "(", "]": "[", "}": "{"}
+    for char in re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr):
+        if char in "([{":
+            stack.append(char)
+        elif char in pairs and (not stack or stack.pop() != pairs[char]):
+            return False
+    return not stack
+
+
 # --- docker-compose.yml ---------------------------------------------------------------------
 
 
@@ -311,6 +323,7 @@ def test_dashboard_panels_query_known_metrics() -> None:
             found = re.findall(r"\bfraud_\w+", target["expr"])
             names = {re.sub(r"_(bucket|count|sum)$", "", metric) for metric in found}
             assert names and names <= DASHBOARD_METRICS, f"{panel['title']!r}: {target['expr']}"
+            assert balanced(target["expr"]), f"unbalanced brackets: {target['expr']}"
             queried |= names
     assert queried == DASHBOARD_METRICS, DASHBOARD_METRICS - queried
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
@@ -364,26 +377,27 @@ def test_dockerignore_keeps_the_context_small() -> None:
 # --- docker compose config (client-side; no engine needed) ------------------------------------
 
 
-def compose_cli_or_skip() -> str:
+def compose_cli_or_skip() -> list[str]:
+    """`docker compose` (the Compose v2 CLI plugin), or skip the test when it is not installed."""
     docker = shutil.which("docker")
     if docker is None:
         pytest.skip("docker CLI not installed")
     probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
     if probe.returncode != 0:
         pytest.skip("Docker Compose v2 CLI plugin not installed (`docker compose version` failed)")
-    return docker
+    return [docker, "compose"]
 
 
 def run_compose_config(
     tmp_path: Path, secrets: dict[str, str], *args: str
 ) -> subprocess.CompletedProcess[str]:
-    docker = compose_cli_or_skip()
+    compose_cli = compose_cli_or_skip()
     env_file = tmp_path / "empty.env"  # so a developer's .env cannot mask a missing variable
     env_file.write_text("")
     env = {k: v for k, v in os.environ.items() if k not in TEST_SECRETS} | secrets
     files = ["--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
     profiles = ["--profile", "demo", "--profile", "jobs"]
-    command = [docker, "compose", *files, *profiles, "config", *args]
+    command = [*compose_cli, *files, *profiles, "config", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
 
 

@@ -82,7 +82,10 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         favourites[user, rng.integers(0, 8, n)],
         rng.choice(n_merchants, n, p=merchant_pop),
     )
-    amount = np.exp(rng.normal(habit_mu[user], 0.5))
+    amount = np.exp(rng.normal(habit_mu[user], 0.8))
+    # legitimate shopping sprees: some transactions come in quick runs at familiar merchants
+    spree = rng.random(n) < 0.04
+    ts = np.where(spree, ts - ts % US_PER_HOUR + rng.integers(0, 15 * 60_000_000, n), ts)
     channel = rng.choice(len(CHANNELS), n, p=NORMAL_CHANNEL_P)
     fraud = np.zeros(n, dtype=bool)
 
@@ -90,7 +93,7 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     n_ep = rng.poisson(cfg.fraud_episode_rate * cfg.users * cfg.days)
     ep_user = rng.integers(0, cfg.users, n_ep)
     ep_start = start_us + rng.integers(0, cfg.days * US_PER_DAY, n_ep)
-    night = rng.random(n_ep) < 0.5  # half the episodes move to 01:00-05:00 that day
+    night = rng.random(n_ep) < 0.3  # some episodes move to 01:00-05:00 that day
     ep_start = np.where(
         night,
         ep_start - ep_start % US_PER_DAY + rng.integers(1, 5, n_ep) * US_PER_HOUR,
@@ -104,17 +107,17 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     gap = np.where(card_testing[f_ep], 20_000_000, 300_000_000)  # ~20 s or ~5 min apart
     f_ts = ep_start[f_ep] + f_pos * gap + rng.integers(0, 10_000_000, f_ep.size)
     f_merchant = np.where(
-        rng.random(f_ep.size) < 0.6,
+        rng.random(f_ep.size) < 0.3,
         risky_idx[rng.integers(0, max(risky_idx.size, 1), f_ep.size)] if risky_idx.size else 0,
-        rng.integers(0, n_merchants, f_ep.size),
+        rng.choice(n_merchants, f_ep.size, p=merchant_pop),
     )
     probing = card_testing[f_ep] & (f_pos < ep_len[f_ep] - 2)
     f_amount = np.where(
         probing,
-        rng.uniform(0.5, 5.0, f_ep.size),
-        np.exp(habit_mu[f_user]) * rng.uniform(4.0, 20.0, f_ep.size),
+        rng.uniform(2.0, 25.0, f_ep.size),
+        np.exp(habit_mu[f_user] + rng.normal(0.0, 0.8, f_ep.size)) * rng.uniform(1.0, 4.0, f_ep.size),
     )
-    f_channel = np.where(rng.random(f_ep.size) < 0.8, 2, rng.choice(4, f_ep.size))
+    f_channel = np.where(rng.random(f_ep.size) < 0.5, 2, rng.choice(4, f_ep.size, p=NORMAL_CHANNEL_P))
     keep = (f_ts >= start_us) & (f_ts < end_us)
 
     user = np.concatenate([user, f_user[keep]])
