@@ -83,7 +83,8 @@ class FeastOnlineWriter:
         newest: dict[str, VelocityRow] = {}
         for r in rows:
             newest[r.user_id] = r  # rows of one user arrive in state order: last is newest
-        df = history_table(newest.values()).drop_columns(["created_timestamp"]).to_pandas()
+        # Feast needs the source's created_timestamp column too (it orders same-time rows).
+        df = history_table(newest.values()).to_pandas()
         self._store.write_to_online_store(VELOCITY_VIEW, df=df)
         now = time.time()
         for r in newest.values():

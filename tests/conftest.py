@@ -1,1 +1,97 @@
+"""Test session set-up: an isolated data directory, registry and Redis database.
+
+The environment is set before anything imports the feature repo (its paths are read from
+`FRAUD_DATA_DIR` when `definitions.py` is imported), so tests never touch the demo's data, and
+they use Redis database 15 of the Redis at `REDIS_URL` (default 127.0.0.1:6379).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import pytest
+
 pytest_plugins = ["tests.fixtures.broker"]
+
+_ROOT = Path(tempfile.mkdtemp(prefix="fraudstream-tests-"))
+os.environ["FRAUD_DATA_DIR"] = str(_ROOT / "data")
+os.environ["FEAST_REGISTRY_URL"] = f"sqlite:///{_ROOT / 'registry.db'}"
+_BASE_REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+os.environ["REDIS_URL"] = f"{_BASE_REDIS}/15"
+os.environ["TRAINING_MODEL_DIR"] = str(_ROOT / "models")
+os.environ["STREAMING_RECOVERY_DIR"] = str(_ROOT / "recovery")
+
+PROJECT = Path(__file__).resolve().parents[1]
+SIM_END = date(2026, 11, 1)
+SIM_ARGS = ["--users", "300", "--days", "21", "--seed", "11", "--end", SIM_END.isoformat()]
+
+
+def run_module(module: str, *args: str) -> str:
+    """Run `python -m module args` in the test environment; fail the test on error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=PROJECT, capture_output=True, text=True,
+        timeout=600,
+    )
+    if proc.returncode:
+        raise AssertionError(f"{module} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return Path(os.environ["FRAUD_DATA_DIR"])
+
+
+@pytest.fixture(scope="session")
+def redis_client():  # type: ignore[no-untyped-def]
+    import redis
+
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def feature_data(data_root: Path) -> Path:
+    """Simulated log, batch profiles and velocity backfill for a small population."""
+    run_module("training.simulate", *SIM_ARGS)
+    run_module("training.batch_features")
+    run_module("training.backfill")
+    return data_root
+
+
+@pytest.fixture(scope="session")
+def store(feature_data: Path, redis_client):  # type: ignore[no-untyped-def]
+    """A FeatureStore with the repo applied to the test registry."""
+    subprocess.run(
+        [sys.executable, "-m", "feast", "-c", "feature_repo", "apply"],
+        cwd=PROJECT, check=True, capture_output=True, timeout=300,
+    )
+    from training.retrieval import open_store
+
+    return open_store()
+
+
+@pytest.fixture(scope="session")
+def materialized_store(store):  # type: ignore[no-untyped-def]
+    """The store after `feast materialize` up to the end of the simulated log."""
+    from datetime import UTC, datetime
+
+    end = datetime(SIM_END.year, SIM_END.month, SIM_END.day, tzinfo=UTC)
+    store.materialize(start_date=datetime(2000, 1, 1, tzinfo=UTC), end_date=end)
+    return store
+
+
+@pytest.fixture(scope="session")
+def trained_artifact(materialized_store) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """A model artifact trained on the test data (the real training job)."""
+    run_module("training.train")
+    model_dir = Path(os.environ["TRAINING_MODEL_DIR"])
+    yield sorted(p for p in model_dir.iterdir() if p.is_dir())[-1]

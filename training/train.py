@@ -17,40 +17,17 @@ import time
 from datetime import UTC, datetime
 from importlib.metadata import version as pkg_version
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer
 
 from serving.artifact import save_artifact, service_feature_names
 from training.config import TrainingSettings, get_settings
+from training.model import make_pipeline
 from training.retrieval import labelled_entity_frame, open_store, training_frame
 
 LIBRARIES = ("feast", "scikit-learn", "pandas", "numpy", "pyarrow", "joblib")
-
-
-def _as_float(x: Any) -> Any:
-    return np.asarray(x, dtype="float64")
-
-
-def make_pipeline(seed: int) -> Pipeline:
-    """Float coercion + gradient boosting, which routes missing values (NaN) natively."""
-    return Pipeline(
-        [
-            ("to_float", FunctionTransformer(_as_float)),
-            (
-                "model",
-                HistGradientBoostingClassifier(
-                    max_iter=300, learning_rate=0.05, max_leaf_nodes=31,
-                    l2_regularization=1.0, class_weight="balanced", random_state=seed,
-                ),
-            ),
-        ]
-    )
 
 
 def recall_at_fpr(y: np.ndarray, score: np.ndarray, max_fpr: float) -> tuple[float, float]:

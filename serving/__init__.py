@@ -1,0 +1,1 @@
+"""The online scorer: FastAPI app scoring transactions from Feast online features."""

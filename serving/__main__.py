@@ -1,0 +1,35 @@
+"""`python -m serving [--host H] [--port P] [--workers N]`: run the scorer with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from serving import logs
+from serving.app import create_app
+from serving.config import get_settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    s = get_settings()
+    p = argparse.ArgumentParser(description="fraudstream scorer")
+    p.add_argument("--host", default=s.host)
+    p.add_argument("--port", type=int, default=s.port)
+    p.add_argument("--workers", type=int, default=s.workers)
+    a = p.parse_args(argv)
+    logs.configure(s.log_level)
+    if a.workers > 1:
+        uvicorn.run("serving.__main__:app_factory", factory=True, host=a.host, port=a.port,
+                    workers=a.workers, access_log=False, log_config=None)
+    else:
+        uvicorn.run(create_app(s), host=a.host, port=a.port, access_log=False, log_config=None)
+
+
+def app_factory():  # type: ignore[no-untyped-def]
+    logs.configure(get_settings().log_level)
+    return create_app(get_settings())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""`create_app(settings)`: the FastAPI scorer.
+
+The lifespan loads and verifies the model artifact and opens the feature store once; handlers
+get the scorer through the `ScorerDep` dependency.  Errors: 422 naming the field for invalid
+input, 413 for oversized bodies, 503 with Retry-After when Redis is unavailable (bounded by the
+online store's socket timeout), never a 500 with a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import redis.exceptions
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serving import logs, metrics
+from serving.config import ServingSettings
+from serving.deps import ScorerDep
+from serving.loader import load_scorer
+from serving.schemas import BatchIn, BatchOut, FeatureValue, ScoreOut, TransactionIn
+from serving.scoring import Scorer, ScoreResult
+
+log = logging.getLogger("serving")
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def _out(r: ScoreResult, explain: bool) -> ScoreOut:
+    features = None
+    if explain:
+        features = {
+            name: FeatureValue(value=_jsonable(v), age_seconds=r.vector.ages.get(name))
+            for name, v in r.vector.values.items()
+        }
+    return ScoreOut(transaction_id=r.transaction_id, score=r.score, decision=r.decision,
+                    model_version=r.model_version, feature_service=r.feature_service,
+                    missing_features=r.vector.missing, features=features)
+
+
+def _jsonable(v: object) -> object:
+    return None if isinstance(v, float) and v != v else v  # NaN -> null
+
+
+def create_app(settings: ServingSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scorer = load_scorer(settings)
+        app.state.scorer = scorer
+        metrics.MODEL_INFO.labels(scorer.artifact.version, scorer.artifact.feature_service).set(1)
+        log.info("model loaded", extra={"fields": {"model_version": scorer.artifact.version}})
+        yield
+        metrics.MODEL_INFO.remove(scorer.artifact.version, scorer.artifact.feature_service)
+
+    app = FastAPI(title="fraudstream scorer", version="1", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        t0 = time.perf_counter()
+        route = request.url.path
+        try:
+            length = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            length = -1
+        if length > settings.max_body_bytes or length < 0:
+            response: Response = JSONResponse(
+                {"detail": f"request body larger than {settings.max_body_bytes} bytes"}, 413
+            )
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # noqa: BLE001 - log it, never leak a traceback
+                log.exception("unhandled error")
+                response = JSONResponse({"detail": "internal error"}, 500)
+        response.headers["x-request-id"] = rid
+        dt = time.perf_counter() - t0
+        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        metrics.REQUEST_LATENCY.labels(route).observe(dt)
+        if settings.access_log:
+            log.info("request", extra={"fields": {"path": route, "status": response.status_code,
+                                                  "ms": round(dt * 1000, 3)}})
+        logs.request_id.reset(token)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body",
+             "message": e["msg"], "type": e["type"]}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, 422)
+
+    @app.exception_handler(redis.exceptions.RedisError)
+    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("online store unavailable: %s", exc)
+        return JSONResponse({"detail": "online feature store unavailable"}, 503,
+                            headers={"Retry-After": str(settings.retry_after_seconds)})
+
+    def _check_time(txns: list[TransactionIn]) -> None:
+        limit = datetime.now(UTC) + timedelta(seconds=settings.max_future_seconds)
+        for i, t in enumerate(txns):
+            if t.event_timestamp is not None and t.event_timestamp > limit:
+                field = "event_timestamp" if len(txns) == 1 else f"transactions.{i}.event_timestamp"
+                raise HTTPException(422, [{"field": field, "type": "future",
+                                           "message": "event_timestamp lies more than "
+                                           f"{settings.max_future_seconds:.0f}s in the future"}])
+
+    async def _score(scorer: Scorer, txns: list[TransactionIn]) -> list[ScoreResult]:
+        _check_time(txns)
+        try:
+            return await scorer.score_async([t.to_event() for t in txns])
+        except REDIS_ERRORS as exc:
+            raise redis.exceptions.ConnectionError(str(exc)) from exc
+
+    @app.post("/v1/score", response_model=ScoreOut)
+    async def score(
+        txn: TransactionIn, scorer: ScorerDep,
+        explain: Annotated[bool, Query(description="return every model input")] = False,
+    ) -> ScoreOut:
+        """Score one transaction as of its `event_timestamp` (default now)."""
+        return _out((await _score(scorer, [txn]))[0], explain)
+
+    @app.post("/v1/score/batch", response_model=BatchOut)
+    async def score_batch(
+        body: BatchIn, scorer: ScorerDep, explain: Annotated[bool, Query()] = False
+    ) -> BatchOut:
+        """Score up to 1,000 transactions with one online lookup per feature view."""
+        return BatchOut(results=[_out(r, explain) for r in await _score(scorer, body.transactions)])
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Model loaded, Redis and the registry reachable; 503 otherwise."""
+        scorer: Scorer | None = getattr(request.app.state, "scorer", None)
+        checks = {"model": scorer is not None, "redis": False, "registry": False}
+        if scorer is not None:
+            try:
+                client = await scorer.features._online._get_client_async(  # type: ignore[attr-defined]
+                    scorer.features.store.config.online_store)
+                checks["redis"] = bool(await client.ping())
+            except Exception:  # noqa: BLE001
+                checks["redis"] = False
+            try:
+                scorer.features.store.registry.get_feature_service(
+                    scorer.artifact.feature_service, scorer.features.store.project)
+                checks["registry"] = True
+            except Exception:  # noqa: BLE001
+                checks["registry"] = False
+        ok = all(checks.values())
+        return JSONResponse({"ready": ok, "checks": checks}, 200 if ok else 503,
+                            headers=None if ok else {"Retry-After": str(settings.retry_after_seconds)})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,35 @@
+"""Scorer settings from the environment (prefix `SERVING_`), obtained via `get_settings()`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults
+
+
+class ServingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVING_")
+
+    host: str = "127.0.0.1"  # loopback by default; containers set 0.0.0.0
+    port: int = 8000
+    workers: int = 1
+    model_dir: Path = PROJECT_DIR / "artifacts" / "models"
+    model_version: str | None = None  # default: the newest version in model_dir
+    feature_repo: Path = REPO_DIR
+    review_threshold: float | None = None  # default: from the model metadata
+    decline_threshold: float | None = None
+    max_future_seconds: float = 300.0  # event_timestamp may lie at most this far ahead
+    max_body_bytes: int = 1_000_000
+    max_batch: int = 1000
+    retry_after_seconds: int = 2
+    log_level: str = "INFO"
+    access_log: bool = False
+
+
+@lru_cache
+def get_settings() -> ServingSettings:
+    apply_env_defaults()
+    return ServingSettings()

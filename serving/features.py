@@ -1,0 +1,156 @@
+"""Online feature vectors through a model's feature service, with training's rules.
+
+Built once at start-up from the registry: which feature views to read, with which entity keys
+and TTLs, and which on-demand transformations (the registry's own UDFs, the functions training
+ran through `get_historical_features`) turn them into model inputs.
+
+Per request: one Redis pipeline per feature view (`online_read[_async]`, Feast's public online
+store API), then the TTL rule of Feast's offline point-in-time join, which Feast does *not*
+apply online: a stored row is used only if `t - ttl <= row_ts <= t` for the transaction's time
+`t`; otherwise its features are missing, exactly as in the training frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from feast import FeatureStore, FeatureView
+from feast.infra.online_stores.helpers import get_online_store_from_config
+from feast.on_demand_feature_view import OnDemandFeatureView
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
+from feast.value_type import ValueType
+
+Row = dict[str, Any]
+
+
+@dataclass
+class FeatureVector:
+    """Model inputs of one transaction plus what an explanation needs."""
+
+    values: dict[str, Any]
+    ages: dict[str, float | None] = field(default_factory=dict)  # stored features only
+    missing: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _ViewRead:
+    view: FeatureView
+    join_key: str
+    features: list[str]
+    ttl_us: int | None
+
+
+def _micros(ts: datetime) -> int:
+    return int(ts.timestamp() * 1_000_000)
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+class OnlineFeatures:
+    """Reads and assembles the feature service's vector for a batch of entity rows."""
+
+    def __init__(self, store: FeatureStore, feature_service: str) -> None:
+        self.store = store
+        service = store.get_feature_service(feature_service)
+        self.output: list[str] = []
+        self._direct: dict[str, list[str]] = {}  # view -> features the model reads directly
+        self._odfvs: list[tuple[OnDemandFeatureView, list[str]]] = []
+        needed: dict[str, set[str]] = {}
+        for proj in service.feature_view_projections:
+            names = [f.name for f in proj.features]
+            self.output.extend(names)
+            try:
+                odfv = store.get_on_demand_feature_view(proj.name)
+            except Exception:  # noqa: BLE001 - not an on-demand view: a stored one
+                odfv = None
+            if odfv is None:
+                self._direct[proj.name] = names
+                needed.setdefault(proj.name, set()).update(names)
+                continue
+            self._odfvs.append((odfv, names))
+            for src in odfv.source_feature_view_projections.values():
+                needed.setdefault(src.name, set()).update(f.name for f in src.features)
+        self.request_fields = sorted(
+            {f.name for odfv, _ in self._odfvs
+             for rs in odfv.source_request_sources.values() for f in rs.schema}
+        )
+        self._reads: list[_ViewRead] = []
+        for name, feats in needed.items():
+            view = store.get_feature_view(name)
+            if len(view.join_keys) != 1:
+                raise ValueError(f"feature view {name} must have exactly one join key")
+            ttl = int(view.ttl.total_seconds() * 1_000_000) if view.ttl else None
+            self._reads.append(_ViewRead(view, view.join_keys[0], sorted(feats), ttl))
+        self.join_keys = sorted({r.join_key for r in self._reads})
+        self._config = store.config
+        self._online = get_online_store_from_config(store.config.online_store)
+
+    # --- reading -------------------------------------------------------------------------
+    def _entity_keys(self, read: _ViewRead, rows: Sequence[Row]) -> list[EntityKey]:
+        protos = python_values_to_proto_values(
+            [r[read.join_key] for r in rows], ValueType.STRING
+        )
+        return [EntityKey(join_keys=[read.join_key], entity_values=[p]) for p in protos]
+
+    def fetch(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
+        """Stored rows per view (blocking)."""
+        return [
+            self._online.online_read(self._config, r.view, self._entity_keys(r, rows), r.features)
+            for r in self._reads
+        ]
+
+    async def fetch_async(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
+        """Stored rows per view, all views read concurrently."""
+        return list(
+            await asyncio.gather(
+                *(
+                    self._online.online_read_async(
+                        self._config, r.view, self._entity_keys(r, rows), r.features
+                    )
+                    for r in self._reads
+                )
+            )
+        )
+
+    # --- assembling ----------------------------------------------------------------------
+    def assemble(
+        self, rows: Sequence[Row], fetched: list[list[tuple[datetime | None, Any]]]
+    ) -> list[FeatureVector]:
+        """Apply the TTL rule and the on-demand transformations; one vector per row."""
+        n = len(rows)
+        inputs: dict[str, list[Any]] = {f: [r[f] for r in rows] for f in self.request_fields}
+        ages: list[dict[str, float | None]] = [{} for _ in range(n)]
+        stale: list[list[str]] = [[] for _ in range(n)]
+        for read, results in zip(self._reads, fetched, strict=True):
+            cols: dict[str, list[Any]] = {f: [None] * n for f in read.features}
+            for i, (ts, values) in enumerate(results):
+                t = rows[i]["request_ts_us"]
+                if ts is None or not values:
+                    continue
+                row_us = _micros(ts)
+                if row_us > t or (read.ttl_us is not None and row_us < t - read.ttl_us):
+                    if row_us > 0:  # Feast returns 1970 for keys it never saw
+                        stale[i].extend(read.features)
+                    continue
+                for f in read.features:
+                    cols[f][i] = feast_value_type_to_python_type(values[f]) if f in values else None
+                    ages[i][f] = (t - row_us) / 1e6
+            inputs.update(cols)
+        for odfv, _ in self._odfvs:
+            out = odfv.feature_transformation.udf(inputs)  # type: ignore[attr-defined]
+            inputs.update(out)
+        vectors = []
+        for i in range(n):
+            values = {name: inputs[name][i] for name in self.output}
+            missing = [k for k, v in values.items() if _is_missing(v)]
+            vectors.append(FeatureVector(values, ages[i], missing, stale[i]))
+        return vectors

@@ -1,0 +1,63 @@
+"""HTTP request and response bodies of the /v1 API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from feature_repo.contract import (
+    Amount,
+    AwareDatetime,
+    Channel,
+    Currency,
+    Identifier,
+    TransactionEvent,
+)
+
+
+class TransactionIn(BaseModel):
+    """A transaction to score; `event_timestamp` defaults to now and must carry a timezone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transaction_id: Identifier
+    user_id: Identifier
+    merchant_id: Identifier
+    amount: Amount
+    currency: Currency
+    channel: Channel
+    event_timestamp: AwareDatetime | None = None
+
+    def to_event(self) -> TransactionEvent:
+        return TransactionEvent(
+            transaction_id=self.transaction_id, user_id=self.user_id,
+            merchant_id=self.merchant_id, amount=self.amount, currency=self.currency,
+            channel=self.channel, event_timestamp=self.event_timestamp or datetime.now(UTC),
+        )
+
+
+class BatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    transactions: list[TransactionIn] = Field(min_length=1, max_length=1000)
+
+
+class FeatureValue(BaseModel):
+    value: Any
+    age_seconds: float | None = None  # stored features only: request time minus row time
+
+
+class ScoreOut(BaseModel):
+    transaction_id: str
+    score: float = Field(ge=0, le=1)
+    decision: Literal["approve", "review", "decline"]
+    model_version: str
+    feature_service: str
+    missing_features: list[str]
+    features: dict[str, FeatureValue] | None = None  # with ?explain=true
+
+
+class BatchOut(BaseModel):
+    results: list[ScoreOut]

@@ -1,0 +1,107 @@
+"""Scoring: transaction -> online feature vector -> model score -> decision.
+
+Shared by the HTTP scorer and the streaming scorer (imported, not called over HTTP), so both
+decide identically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from feature_repo.contract import TransactionEvent, request_fields
+from serving import metrics
+from serving.artifact import Artifact
+from serving.features import FeatureVector, OnlineFeatures
+
+Decision = Literal["approve", "review", "decline"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    review: float
+    decline: float
+
+    def decide(self, score: float) -> Decision:
+        if score >= self.decline:
+            return "decline"
+        return "review" if score >= self.review else "approve"
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    transaction_id: str
+    score: float
+    decision: Decision
+    model_version: str
+    feature_service: str
+    vector: FeatureVector
+
+
+def thresholds_for(artifact: Artifact, review: float | None, decline: float | None) -> Thresholds:
+    meta = artifact.metadata.get("thresholds", {})
+    r = review if review is not None else float(meta.get("review", 0.5))
+    d = decline if decline is not None else float(meta.get("decline", max(r, 0.9)))
+    return Thresholds(review=r, decline=max(d, r))
+
+
+def entity_row(txn: TransactionEvent) -> dict[str, Any]:
+    """Entity keys + request data of one transaction (the contract's request fields)."""
+    return {
+        "user_id": txn.user_id,
+        "merchant_id": txn.merchant_id,
+        **request_fields(txn.event_timestamp, txn.amount, txn.merchant_id, txn.channel),
+    }
+
+
+class Scorer:
+    """A loaded model bound to its feature service's online features."""
+
+    def __init__(self, artifact: Artifact, features: OnlineFeatures, thresholds: Thresholds):
+        if features.output != artifact.features:
+            raise ValueError("feature service output does not match the model's inputs")
+        self.artifact = artifact
+        self.features = features
+        self.thresholds = thresholds
+
+    def _predict(self, txns: Sequence[TransactionEvent], vectors: list[FeatureVector]
+                 ) -> list[ScoreResult]:
+        t0 = time.perf_counter()
+        x = np.array(
+            [[np.nan if v is None else v for v in (vec.values[f] for f in self.artifact.features)]
+             for vec in vectors],
+            dtype="float64",
+        )
+        scores = self.artifact.model.predict_proba(x)[:, 1]
+        metrics.MODEL_LATENCY.observe(time.perf_counter() - t0)
+        out = []
+        for txn, vec, s in zip(txns, vectors, scores, strict=True):
+            score = float(s)
+            decision = self.thresholds.decide(score)
+            metrics.SCORE.observe(score)
+            metrics.DECISIONS.labels(decision).inc()
+            for name in vec.missing:
+                metrics.MISSING.labels(name, "stale" if name in vec.stale else "missing").inc()
+            out.append(ScoreResult(txn.transaction_id, score, decision, self.artifact.version,
+                                   self.artifact.feature_service, vec))
+        return out
+
+    def score(self, txns: Sequence[TransactionEvent]) -> list[ScoreResult]:
+        """Score a batch with one online lookup per feature view (blocking I/O)."""
+        rows = [entity_row(t) for t in txns]
+        t0 = time.perf_counter()
+        fetched = self.features.fetch(rows)
+        metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
+        return self._predict(txns, self.features.assemble(rows, fetched))
+
+    async def score_async(self, txns: Sequence[TransactionEvent]) -> list[ScoreResult]:
+        """Score a batch without blocking the event loop on Redis."""
+        rows = [entity_row(t) for t in txns]
+        t0 = time.perf_counter()
+        fetched = await self.features.fetch_async(rows)
+        metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
+        return self._predict(txns, self.features.assemble(rows, fetched))

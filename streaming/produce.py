@@ -1,0 +1,232 @@
+"""Put transactions on the `transactions` topic: replay the simulated log, or simulate live.
+
+    python -m streaming.produce replay [--speedup X] [--limit N] [--data-dir DIR]
+    python -m streaming.produce live --rate R --duration S [--users N] [--fraud-share F]
+    python -m streaming.produce schema   # the JSON schema of an event (docs/events.md)
+
+`replay` sends the day-partitioned log under `$FRAUD_DATA_DIR/transactions` in event-time
+order with its original timestamps, paced at X times real speed (X=0: as fast as possible).
+`live` sends `rate` events per second for `duration` seconds, stamped with the current time,
+from random users and merchants (`--seed` fixes every choice; transaction ids are prefixed with
+`--id-prefix`, by default the start time, so two runs never collide).  A `--fraud-share` of the
+live events come in card-testing bursts (small online payments at a merchant new to the user,
+then a large one).
+
+Both print a progress line every `--progress-s` seconds and exit with status 1 if any event was
+not acknowledged by the broker by the end of `--flush-timeout-s` (see TransactionProducer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from feature_repo.contract import TransactionEvent
+from streaming.producer import TransactionProducer
+
+_LOG_COLUMNS = [
+    "transaction_id", "user_id", "merchant_id", "amount", "currency", "channel", "event_timestamp"
+]
+_CHANNELS = ("card_present", "contactless", "online", "atm")
+_CHANNEL_WEIGHTS = (0.5, 0.3, 0.17, 0.03)
+
+
+def log_events(directory: Path) -> Iterator[TransactionEvent]:
+    """Events of the day-partitioned log (`date=YYYY-MM-DD/*.parquet`) in event-time order."""
+    files = sorted(directory.glob("*/*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no transaction log under {directory} (run `make simulate`)")
+    for path in files:  # day partitions sort chronologically; rows are sorted within a day
+        table = pq.read_table(path, columns=_LOG_COLUMNS).sort_by("event_timestamp")
+        for batch in table.to_batches(10_000):
+            for rec in batch.to_pylist():
+                yield TransactionEvent.model_validate(rec)
+
+
+def live_events(
+    n: int, users: int, merchants: int, fraud_share: float, seed: int, id_prefix: str
+) -> Iterator[TransactionEvent]:
+    """`n` random events stamped with the clock at the moment each is generated."""
+    rng = random.Random(seed)
+    user_ids = [f"live-u{i:06d}" for i in range(users)]
+    merchant_ids = [f"live-m{i:05d}" for i in range(merchants)]
+    favourites = {u: rng.sample(merchant_ids, min(5, merchants)) for u in user_ids}
+    burst: list[tuple[str, str, float, str]] = []  # pending (user, merchant, amount, channel)
+    mean_burst = 6.0
+    for i in range(n):
+        if not burst and rng.random() < fraud_share / mean_burst:
+            victim = rng.choice(user_ids)
+            shop = f"live-mx{rng.randrange(50):02d}"  # merchants no legitimate user visits
+            k = rng.randint(3, 9)
+            burst = [(victim, shop, round(rng.uniform(1, 20), 2), "online") for _ in range(k - 1)]
+            burst.append((victim, shop, round(rng.uniform(300, 2000), 2), "online"))
+        if burst:
+            user, merchant, amount, channel = burst.pop(0)
+        else:
+            user = rng.choice(user_ids)
+            merchant = rng.choice(favourites[user]) if rng.random() < 0.9 else rng.choice(
+                merchant_ids
+            )
+            amount = round(min(rng.lognormvariate(3.4, 0.8), 5_000.0), 2) or 0.01
+            channel = rng.choices(_CHANNELS, _CHANNEL_WEIGHTS)[0]
+        yield TransactionEvent(
+            transaction_id=f"{id_prefix}-{i:09d}",
+            user_id=user,
+            merchant_id=merchant,
+            amount=amount,
+            currency="EUR",
+            channel=channel,  # type: ignore[arg-type]
+            event_timestamp=datetime.now(UTC),
+        )
+
+
+class _Progress:
+    """Prints a progress line at most every `every_s` seconds, and a final summary."""
+
+    def __init__(self, label: str, producer: TransactionProducer, every_s: float) -> None:
+        self.label = label
+        self.producer = producer
+        self.every_s = every_s
+        self.start = self.last = time.monotonic()
+
+    def tick(self, extra: str = "") -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self._line(now, extra)
+
+    def done(self, failures: int) -> None:
+        p = self.producer
+        dt = max(time.monotonic() - self.start, 1e-9)
+        print(
+            f"{self.label}: done, {p.sent:,} sent, {p.delivered:,} delivered, {failures:,} not "
+            f"delivered in {dt:.1f}s ({p.delivered / dt:,.0f} events/s) to {p.topic} "
+            f"at {p.bootstrap}",
+            flush=True,
+        )
+        for err in p.errors:
+            print(f"{self.label}: error: {err}", file=sys.stderr)
+
+    def _line(self, now: float, extra: str) -> None:
+        p = self.producer
+        rate = p.sent / max(now - self.start, 1e-9)
+        print(
+            f"{self.label}: {p.sent:,} sent, {p.delivered:,} delivered, {p.failed:,} failed, "
+            f"{rate:,.0f} events/s{extra}",
+            flush=True,
+        )
+
+
+def _wait_until(target: float, producer: TransactionProducer, progress: _Progress) -> None:
+    """Sleep until monotonic time `target`, serving delivery reports and progress lines."""
+    while (left := target - time.monotonic()) > 0:
+        producer.poll(min(left, 0.25))
+        progress.tick()
+
+
+def replay(
+    producer: TransactionProducer,
+    events: Iterator[TransactionEvent],
+    speedup: float,
+    limit: int | None,
+    progress: _Progress,
+) -> None:
+    """Send `events` paced by their event times at `speedup` x real speed (0 = unpaced)."""
+    origin: tuple[float, datetime] | None = None
+    for n, event in enumerate(events):
+        if limit is not None and n >= limit:
+            break
+        if speedup > 0:
+            if origin is None:
+                origin = (time.monotonic(), event.event_timestamp)
+            offset = (event.event_timestamp - origin[1]).total_seconds() / speedup
+            _wait_until(origin[0] + offset, producer, progress)
+        producer.send(event)
+        progress.tick(f", event time {event.event_timestamp:%Y-%m-%d %H:%M:%S}")
+
+
+def live(
+    producer: TransactionProducer,
+    events: Iterator[TransactionEvent],
+    rate: float,
+    progress: _Progress,
+) -> None:
+    """Send the i-th event at start + i/rate seconds (catching up without sleeping if late)."""
+    start = time.monotonic()
+    for i, event in enumerate(events):
+        _wait_until(start + i / rate, producer, progress)
+        producer.send(event)
+        progress.tick()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m streaming.produce", description=__doc__)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--bootstrap", default=None, help="default $KAFKA_BOOTSTRAP_SERVERS")
+    common.add_argument("--topic", default=None, help="default: transactions")
+    common.add_argument("--progress-s", type=float, default=5.0)
+    common.add_argument("--flush-timeout-s", type=float, default=60.0)
+
+    r = sub.add_parser("replay", parents=[common], help="replay the simulated log")
+    r.add_argument("--speedup", type=float, default=0.0, help="x real time; 0 = unpaced")
+    r.add_argument("--limit", type=int, default=None, help="stop after N events")
+    r.add_argument("--data-dir", type=Path, default=None, help="default $FRAUD_DATA_DIR")
+
+    lv = sub.add_parser("live", parents=[common], help="simulate live traffic, timestamped now")
+    lv.add_argument("--rate", type=float, default=100.0, help="events per second")
+    lv.add_argument("--duration", type=float, default=60.0, help="seconds")
+    lv.add_argument("--users", type=int, default=1000)
+    lv.add_argument("--merchants", type=int, default=200)
+    lv.add_argument("--fraud-share", type=float, default=0.01, help="approximate, 0..1")
+    lv.add_argument("--seed", type=int, default=7)
+    lv.add_argument("--id-prefix", default=None, help="default lv<start time in ms>")
+
+    sub.add_parser("schema", help="print the JSON schema of a transaction event")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    if a.command == "schema":
+        print(json.dumps(TransactionEvent.model_json_schema(), indent=2))
+        return 0
+    if a.command == "live" and (a.rate <= 0 or a.duration < 0 or a.users < 1 or a.merchants < 5
+                                or not 0 <= a.fraud_share <= 1):
+        print("live: need --rate > 0, --duration >= 0, --users >= 1, --merchants >= 5 and "
+              "0 <= --fraud-share <= 1", file=sys.stderr)
+        return 2
+    from feature_repo.config import apply_env_defaults, data_dir
+    from training.paths import transactions_dir
+
+    apply_env_defaults()
+    kwargs = {"topic": a.topic} if a.topic else {}
+    producer = TransactionProducer(a.bootstrap, **kwargs)
+    progress = _Progress(a.command, producer, a.progress_s)
+    try:
+        if a.command == "replay":
+            events = log_events(transactions_dir(a.data_dir or data_dir()))
+            replay(producer, events, a.speedup, a.limit, progress)
+        else:
+            prefix = a.id_prefix or f"lv{int(time.time() * 1000)}"
+            n = int(a.rate * a.duration)
+            gen = live_events(n, a.users, a.merchants, a.fraud_share, a.seed, prefix)
+            live(producer, gen, a.rate, progress)
+    except KeyboardInterrupt:
+        print(f"{a.command}: interrupted, flushing", file=sys.stderr)
+    failures = producer.flush(a.flush_timeout_s)
+    progress.done(failures)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
