@@ -55,6 +55,13 @@ train: setup ## train the fraud model from point-in-time features and write a ve
 serve: setup ## start the FastAPI scorer (SERVING_* settings)
 	$(PY) -m serving
 
+.PHONY: stream produce
+stream: setup ## run the feature dataflow on Kafka: python -m streaming.features
+	$(PY) -m streaming.features
+
+produce: setup ## replay the simulated log to Kafka: python -m streaming.produce replay --speedup 0
+	$(PY) -m streaming.produce replay --speedup 0
+
 demo: setup ## run the whole system end to end on this machine and print a summary
 	$(PY) -m training.demo
 

@@ -21,6 +21,7 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from threadpoolctl import threadpool_limits
 
 from serving import logs, metrics
 from serving.config import ServingSettings
@@ -52,6 +53,9 @@ def _jsonable(v: object) -> object:
 def create_app(settings: ServingSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One request scores a handful of rows: OpenMP thread fan-out only adds latency, and
+        # replicas/workers, not threads, are how the scorer scales.
+        threadpool_limits(1)
         scorer = load_scorer(settings)
         app.state.scorer = scorer
         metrics.MODEL_INFO.labels(scorer.artifact.version, scorer.artifact.feature_service).set(1)
@@ -68,7 +72,6 @@ def create_app(settings: ServingSettings) -> FastAPI:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         token = logs.request_id.set(rid)
         t0 = time.perf_counter()
-        route = request.url.path
         try:
             length = int(request.headers.get("content-length") or 0)
         except ValueError:
@@ -85,10 +88,12 @@ def create_app(settings: ServingSettings) -> FastAPI:
                 response = JSONResponse({"detail": "internal error"}, 500)
         response.headers["x-request-id"] = rid
         dt = time.perf_counter() - t0
+        matched = request.scope.get("route")
+        route = getattr(matched, "path", "unmatched")  # templates only: bounded label values
         metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
         metrics.REQUEST_LATENCY.labels(route).observe(dt)
         if settings.access_log:
-            log.info("request", extra={"fields": {"path": route, "status": response.status_code,
+            log.info("request", extra={"fields": {"path": request.url.path, "status": response.status_code,
                                                   "ms": round(dt * 1000, 3)}})
         logs.request_id.reset(token)
         return response

@@ -103,8 +103,12 @@ class OnlineFeatures:
 
     def fetch(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
         """Stored rows per view (blocking)."""
+        # Feast appends its `_ts:<view>` key to the list it is given: pass a copy, or the
+        # list grows by one name per request.
         return [
-            self._online.online_read(self._config, r.view, self._entity_keys(r, rows), r.features)
+            self._online.online_read(
+                self._config, r.view, self._entity_keys(r, rows), list(r.features)
+            )
             for r in self._reads
         ]
 
@@ -113,8 +117,8 @@ class OnlineFeatures:
         return list(
             await asyncio.gather(
                 *(
-                    self._online.online_read_async(
-                        self._config, r.view, self._entity_keys(r, rows), r.features
+                    self._online.online_read_async(  # a copy: see `fetch`
+                        self._config, r.view, self._entity_keys(r, rows), list(r.features)
                     )
                     for r in self._reads
                 )

@@ -71,7 +71,7 @@ def feature_data(data_root: Path) -> Path:
 def store(feature_data: Path, redis_client):  # type: ignore[no-untyped-def]
     """A FeatureStore with the repo applied to the test registry."""
     subprocess.run(
-        [sys.executable, "-m", "feast", "-c", "feature_repo", "apply"],
+        [str(Path(sys.executable).parent / "feast"), "-c", "feature_repo", "apply"],
         cwd=PROJECT, check=True, capture_output=True, timeout=300,
     )
     from training.retrieval import open_store
