@@ -13,6 +13,7 @@ connection settings differ:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Literal
 
@@ -43,6 +44,22 @@ class FraudRedisOnlineStoreConfig(RedisOnlineStoreConfig):
             self.connection_string += (
                 f",socket_timeout={t},socket_connect_timeout={t},health_check_interval=10"
             )
+
+
+    def client_kwargs(self) -> dict[str, object]:
+        """redis-py keyword arguments for this connection string (single-node Redis only)."""
+        kwargs: dict[str, object] = {}
+        for part in self.connection_string.split(","):
+            if "=" in part:
+                key, raw = part.split("=", 1)
+                try:
+                    kwargs[key] = json.loads(raw)
+                except json.JSONDecodeError:
+                    kwargs[key] = raw
+            elif "host" not in kwargs:
+                host, _, port = part.partition(":")
+                kwargs["host"], kwargs["port"] = host, int(port or 6379)
+        return kwargs
 
 
 class FraudRedisOnlineStore(RedisOnlineStore):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults
@@ -17,7 +18,10 @@ class ServingSettings(BaseSettings):
     port: int = 8000
     workers: int = 1
     model_dir: Path = PROJECT_DIR / "artifacts" / "models"
-    model_version: str | None = None  # default: the newest version in model_dir
+    model_version: str | None = None  # pins a version; default: the registry's champion
+    reload_interval_s: float = 5.0  # poll registry.json for changes; 0 disables
+    api_key: SecretStr | None = None  # if set, /v1/score* require it in X-API-Key
+    admin_api_key: SecretStr | None = None  # /admin/* require it; unset: admin API disabled
     feature_repo: Path = REPO_DIR
     review_threshold: float | None = None  # default: from the model metadata
     decline_threshold: float | None = None

@@ -19,6 +19,7 @@ not acknowledged by the broker by the end of `--flush-timeout-s` (see Transactio
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import sys
@@ -159,10 +160,16 @@ def live(
     rate: float,
     progress: _Progress,
 ) -> None:
-    """Send the i-th event at start + i/rate seconds (catching up without sleeping if late)."""
+    """Send the i-th event at start + i/rate seconds (catching up without sleeping if late).
+
+    Each event is generated only when it is due, so its `event_timestamp` is its send time.
+    """
     start = time.monotonic()
-    for i, event in enumerate(events):
+    for i in itertools.count():
         _wait_until(start + i / rate, producer, progress)
+        event = next(events, None)
+        if event is None:
+            return
         producer.send(event)
         progress.tick()
 

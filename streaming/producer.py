@@ -5,7 +5,8 @@ from streaming.producer import TransactionProducer
 
 with TransactionProducer("127.0.0.1:9092") as producer:
     producer.send(event)  # a feature_repo.contract.TransactionEvent
-# leaving the block flushes; or call `failures = producer.flush()` yourself
+# leaving the block flushes and raises RuntimeError if any event was not delivered;
+# without the block, call `failures = producer.flush()` yourself
 ```
 
 Wire format (see docs/events.md): key = `user_id` (UTF-8), so all events of a user go to one
@@ -17,14 +18,14 @@ Delivery guarantee: at-least-once *if the caller acts on `flush()`*.  The produc
 `streaming.kafka_conf.producer_conf` (acks=all, idempotent, retries for 30 s); every record
 ends with a delivery report, and `flush()` returns how many records failed or were still
 undelivered when its timeout ran out.  A non-zero result means those events may be lost: resend
-them with a new producer or report the failure.  Consumers must tolerate duplicates (the
-feature dataflow ignores a repeated `transaction_id`).
+them with a new producer or report the failure (an idempotent producer that outlived a
+restart of Tansu's in-memory broker keeps failing: replace it).  Consumers must tolerate
+duplicates (the feature dataflow ignores a repeated `transaction_id`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from types import TracebackType
 from typing import Any
 
@@ -96,10 +97,7 @@ class TransactionProducer:
         Failures = records whose report carried an error + records still unacknowledged when
         the timeout ran out (they may or may not reach the broker later).
         """
-        deadline = time.monotonic() + timeout_s
-        remaining = self._producer.flush(timeout_s)
-        while remaining and time.monotonic() < deadline:
-            remaining = self._producer.flush(max(0.0, deadline - time.monotonic()))
+        remaining = int(self._producer.flush(timeout_s))
         return self.failed + remaining
 
     def _report(self, err: KafkaError | None, msg: Message) -> None:

@@ -134,11 +134,10 @@ def events_total(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], outcom
 class Worker:
     """`python -m streaming.features` as a subprocess on `bootstrap` with `recovery_dir`."""
 
-    def __init__(self, bootstrap: str, recovery_dir: Path, log_path: Path, **env: str) -> None:
+    def __init__(self, bootstrap: str, recovery_dir: Path, log_path: Path) -> None:
         self.bootstrap = bootstrap
         self.recovery_dir = recovery_dir
         self.log_path = log_path
-        self.env = env
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -150,7 +149,6 @@ class Worker:
             "STREAMING_RECOVERY_DIR": str(self.recovery_dir),
             "STREAMING_METRICS_PORT": str(self.port),
             "STREAMING_SNAPSHOT_INTERVAL_S": SNAPSHOT_S,
-            **self.env,
         }
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -177,10 +175,10 @@ class Worker:
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
-def start_ready(worker: Worker, store: Any, tag: str) -> None:
+def start_ready(worker: Worker, store: Any, name: str) -> None:
     """Start `worker` and wait until a warm-up event reached the online store."""
     worker.start()
-    user = f"warm-{tag}"
+    user = f"warm-{name}"
     produce(worker.bootstrap, [event(f"{user}-0", user, datetime.now(UTC), 1.0, "m-warm")])
 
     def ready() -> bool:

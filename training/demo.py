@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import socket
@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     print("    " + "\n    ".join(summary["materialized"]))
     step("train the model from point-in-time features (get_historical_features)")
     run(py, "-m", "training.train")
+    from serving.artifact import load_artifact
     from serving.config import get_settings
     from serving.loader import resolve_model_path
-    from serving.artifact import load_artifact
 
     art = load_artifact(resolve_model_path(get_settings()))
     summary["model"] = art.metadata

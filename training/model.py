@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer
-
-
-def _as_float(x: Any) -> Any:
-    return np.asarray(x, dtype="float64")
 
 
 def make_pipeline(seed: int) -> Pipeline:
-    """Float coercion + gradient boosting, which routes missing values (NaN) natively."""
+    """Gradient-boosted trees on float inputs in the feature service's order.
+
+    Missing values (NaN) are part of the model: each split learns which side missing values
+    go to, so training and serving impute identically with no separate imputer to keep in sync.
+    Early stopping keeps the ensemble small, which keeps single-row latency low.
+    """
     return Pipeline(
         [
-            ("to_float", FunctionTransformer(_as_float)),
             (
                 "model",
                 HistGradientBoostingClassifier(
-                    max_iter=300, learning_rate=0.05, max_leaf_nodes=31,
+                    max_iter=200, learning_rate=0.1, max_leaf_nodes=31,
                     l2_regularization=1.0, class_weight="balanced", random_state=seed,
+                    early_stopping=True, validation_fraction=0.1, n_iter_no_change=20,
                 ),
             ),
         ]

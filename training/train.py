@@ -5,7 +5,8 @@ labelled transaction, splits by time (the most recent `test_fraction` is held ou
 scikit-learn pipeline (missing values are handled inside it, so serving imputes exactly as
 training did), reports ROC-AUC, PR-AUC and recall at a fixed low false-positive rate with and
 without the velocity features, saves ROC/PR plots, and writes
-`artifacts/models/<version>/{model.joblib,metadata.json,roc_pr.png}`.
+`artifacts/models/<version>/{model.joblib,metadata.json,roc_pr.png}` and registers the version in
+the model registry (the first version becomes champion; later ones wait for `promote`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from serving.artifact import save_artifact, service_feature_names
 from training.config import TrainingSettings, get_settings
 from training.model import make_pipeline
+from training.registry import Registry
 from training.retrieval import labelled_entity_frame, open_store, training_frame
 
 LIBRARIES = ("feast", "scikit-learn", "pandas", "numpy", "pyarrow", "joblib")
@@ -99,8 +101,8 @@ def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path
     model = None
     for name, cols in (("with_velocity", features), ("without_velocity", ablation)):
         pipe = make_pipeline(settings.seed)
-        pipe.fit(frame.loc[~test, cols], y[~test])
-        score = pipe.predict_proba(frame.loc[test, cols])[:, 1]
+        pipe.fit(frame.loc[~test, cols].to_numpy("float64"), y[~test])
+        score = pipe.predict_proba(frame.loc[test, cols].to_numpy("float64"))[:, 1]
         results[name] = evaluate(y[test], score, settings.max_fpr)
         curves[name] = (y[test], score)
         if name == "with_velocity":
@@ -135,6 +137,7 @@ def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path
     }
     save_artifact(out, model, meta)
     plot_curves(curves, out / "roc_pr.png")
+    Registry(settings.model_dir).register(out)
     return out
 
 
@@ -155,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{meta['training_window']['split'][:10]}:")
     print("\n".join(rows))
     print(f"  artifact: {out}  plots: {out / 'roc_pr.png'}")
+    champion = Registry(settings.model_dir).state()["champion"]
+    if champion != meta["version"]:
+        print(f"  champion stays {champion}: python -m training.registry promote {meta['version']}")
 
 
 if __name__ == "__main__":

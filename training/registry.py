@@ -1,0 +1,320 @@
+"""Local model registry: which artifact versions exist, which one serves, which one is tried.
+
+`<model_dir>/registry.json` records every registered version (path, sha256 pinned at
+registration, created_at, feature service, metrics), the champion the scorer serves, an
+optional challenger (`shadow`: scored on the same traffic, never returned; `canary`: serves a
+deterministic share of users) and the promotion history.  The champion is derived from that
+history (promotions push, rollbacks pop), so `rollback` always returns to the champion that
+preceded the current one.
+
+Guarantees: writers serialise on an `fcntl` lock (`registry.json.lock`) and replace the file
+atomically (temp file + `os.replace`), so readers never see a partial file and concurrent
+writers never lose an update.  `promote` and `challenger` unpickle nothing they have not
+verified: the artifact's sha256 must match both its metadata and the registered hash.
+
+CLI: `python -m training.registry list|show [VERSION]|register DIR|promote VERSION|rollback|
+challenger VERSION --mode shadow|canary [--share S]|challenger --clear`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from serving.artifact import ArtifactError, load_artifact, read_metadata, sha256_file
+from training.config import get_settings
+
+REGISTRY_FILE = "registry.json"
+Mode = Literal["shadow", "canary"]
+MODES: tuple[Mode, ...] = ("shadow", "canary")
+
+
+class RegistryError(RuntimeError):
+    """The registry file is invalid or the requested change is not allowed."""
+
+
+@dataclass(frozen=True)
+class ChallengerSpec:
+    version: str
+    mode: Mode
+    share: float  # canary: fraction of users (by user_id hash) served by the challenger
+
+
+def registry_file(model_dir: Path) -> Path:
+    return model_dir / REGISTRY_FILE
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _empty() -> dict[str, Any]:
+    return {"champion": None, "challenger": None, "versions": {}, "history": []}
+
+
+def lineage(state: dict[str, Any]) -> list[str]:
+    """Champions in promotion order, replayed from the history; the last one serves."""
+    stack: list[str] = []
+    for event in state["history"]:
+        if event["action"] in ("register", "promote"):
+            stack.append(event["version"])
+        elif event["action"] == "rollback" and stack:
+            stack.pop()
+    return stack
+
+
+class Registry:
+    """Read and change `<model_dir>/registry.json`; every change is one locked transaction."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.path = registry_file(model_dir)
+
+    # --- reading --------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def state(self) -> dict[str, Any]:
+        """The current registry (an empty one if the file does not exist)."""
+        try:
+            state = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return _empty()
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{self.path} is not valid JSON: {exc}") from exc
+        if not isinstance(state, dict) or not {"versions", "history"} <= state.keys():
+            raise RegistryError(f"{self.path} is not a model registry")
+        return {**_empty(), **state}
+
+    def path_of(self, version: str, state: dict[str, Any] | None = None) -> Path:
+        """Artifact directory of a registered version (recorded relative to model_dir)."""
+        entry = self.entry(version, state)
+        return self.model_dir / entry["path"]
+
+    def challenger(self, state: dict[str, Any] | None = None) -> ChallengerSpec | None:
+        c = (self.state() if state is None else state)["challenger"]
+        return None if c is None else ChallengerSpec(c["version"], c["mode"], float(c["share"]))
+
+    def entry(self, version: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The registration record of `version`."""
+        state = self.state() if state is None else state
+        try:
+            return cast(dict[str, Any], state["versions"][version])
+        except KeyError:
+            raise RegistryError(f"version {version!r} is not registered") from None
+
+    # --- writing --------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[dict[str, Any]]:
+        """Lock, read, let the caller change the state, write it atomically on success."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(REGISTRY_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                state = self.state()
+                yield state
+                chain = lineage(state)
+                state["champion"] = chain[-1] if chain else None
+                self._write(state)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, state: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.model_dir, prefix=".registry-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def register(self, directory: Path) -> str:
+        """Record an artifact (hash checked, nothing unpickled); return its version.
+
+        The first version registered becomes the champion.
+
+        Idempotent for the same version and hash; a different hash under a registered version
+        is refused (versions are immutable).
+        """
+        directory = directory.resolve()
+        meta = read_metadata(directory)
+        actual = sha256_file(directory / meta.get("model_file", "model.joblib"))
+        if actual != meta["sha256"]:
+            raise ArtifactError(f"{directory}: model file does not match its metadata sha256")
+        version = str(meta["version"])
+        root = self.model_dir.resolve()
+        entry = {
+            "path": str(directory.relative_to(root) if directory.is_relative_to(root) else directory),
+            "sha256": actual,
+            "created_at": meta.get("created_at"),
+            "registered_at": _now(),
+            "feature_service": meta["feature_service"],
+            "metrics": meta.get("metrics", {}),
+        }
+        with self._transaction() as state:
+            old = state["versions"].get(version)
+            if old is not None:
+                if old["sha256"] != actual:
+                    raise RegistryError(f"version {version} is already registered with another hash")
+                return version
+            state["versions"][version] = entry
+            if not lineage(state):
+                state["history"].append({"at": _now(), "action": "register", "version": version,
+                                         "previous": None})
+        return version
+
+    def verify(self, version: str, state: dict[str, Any] | None = None) -> Path:
+        """Load the artifact (sha256 vs metadata and vs registration); return its directory."""
+        entry = self.entry(version, state)
+        path = self.model_dir / entry["path"]
+        artifact = load_artifact(path)
+        if artifact.metadata["sha256"] != entry["sha256"] or artifact.version != version:
+            raise ArtifactError(f"artifact at {path} is not the registered version {version}")
+        return path
+
+    def promote(self, version: str) -> str | None:
+        """Make a verified version the champion; return the previous champion."""
+        self.verify(version)
+        with self._transaction() as state:
+            self.entry(version, state)
+            previous = state["champion"]
+            if previous == version:
+                raise RegistryError(f"{version} is already the champion")
+            state["history"].append({"at": _now(), "action": "promote", "version": version,
+                                     "previous": previous})
+            if state["challenger"] and state["challenger"]["version"] == version:
+                state["challenger"] = None  # the challenger won
+        return cast(str | None, previous)
+
+    def rollback(self) -> str:
+        """Return to the champion before the current one; return it."""
+        with self._transaction() as state:
+            chain = lineage(state)
+            if len(chain) < 2:
+                raise RegistryError("no previous champion to roll back to")
+            current, target = chain[-1], chain[-2]
+            state["history"].append({"at": _now(), "action": "rollback", "version": target,
+                                     "previous": current})
+            if state["challenger"] and state["challenger"]["version"] == target:
+                state["challenger"] = None
+        return target
+
+    def set_challenger(self, version: str, mode: Mode, share: float = 0.0) -> None:
+        """Try a verified version next to the champion (`shadow`, or `canary` for `share`)."""
+        if mode not in MODES:
+            raise RegistryError(f"mode must be one of {MODES}, not {mode!r}")
+        if mode == "canary" and not 0.0 < share <= 1.0:
+            raise RegistryError("a canary share must lie in (0, 1]")
+        self.verify(version)
+        with self._transaction() as state:
+            self.entry(version, state)
+            if state["champion"] == version:
+                raise RegistryError(f"{version} is the champion")
+            state["challenger"] = {"version": version, "mode": mode,
+                                   "share": share if mode == "canary" else 0.0}
+
+    def clear_challenger(self) -> None:
+        with self._transaction() as state:
+            state["challenger"] = None
+
+
+# --- CLI ------------------------------------------------------------------------------------
+def _role(state: dict[str, Any], version: str) -> str:
+    if state["champion"] == version:
+        return "champion"
+    c = state["challenger"]
+    if c and c["version"] == version:
+        return f"{c['mode']} {c['share']:.0%}" if c["mode"] == "canary" else c["mode"]
+    return "-"
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The model's own metrics: the first group when metrics are grouped by variant."""
+    first = next(iter(metrics.values()), None)
+    return first if isinstance(first, dict) else metrics
+
+
+def _table(state: dict[str, Any]) -> str:
+    rows = [("VERSION", "ROLE", "CREATED", "FEATURE SERVICE", "ROC-AUC", "PR-AUC")]
+    for version, e in sorted(state["versions"].items()):
+        m = _headline(e.get("metrics") or {})
+        rows.append((version, _role(state, version), str(e.get("created_at") or "-")[:19],
+                     e["feature_service"], f"{m['roc_auc']:.4f}" if "roc_auc" in m else "-",
+                     f"{m['pr_auc']:.4f}" if "pr_auc" in m else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.registry",
+                                description="the local model registry")
+    p.add_argument("--model-dir", type=Path, help="default: TRAINING_MODEL_DIR")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every version and its role")
+    sub.add_parser("show", help="one version (default: the champion)").add_argument(
+        "version", nargs="?")
+    sub.add_parser("register", help="record an artifact directory").add_argument(
+        "directory", type=Path)
+    sub.add_parser("promote", help="verify and make champion").add_argument("version")
+    sub.add_parser("rollback", help="return to the previous champion")
+    ch = sub.add_parser("challenger", help="set (or --clear) the challenger")
+    ch.add_argument("version", nargs="?")
+    ch.add_argument("--mode", choices=MODES, default="shadow")
+    ch.add_argument("--share", type=float, default=0.0, help="canary share of users, (0, 1]")
+    ch.add_argument("--clear", action="store_true")
+    return p
+
+
+def _run(reg: Registry, a: argparse.Namespace) -> str:
+    if a.command == "list":
+        return _table(reg.state())
+    if a.command == "show":
+        state = reg.state()
+        version = a.version or state["champion"]
+        if version is None:
+            raise RegistryError("the registry is empty")
+        entry = {"version": version, "role": _role(state, version),
+                 **reg.entry(version, state)}
+        return json.dumps(entry, indent=2)
+    if a.command == "register":
+        version = reg.register(a.directory)
+        return f"registered {version} ({_role(reg.state(), version)})"
+    if a.command == "promote":
+        previous = reg.promote(a.version)
+        return f"champion: {a.version} (was {previous})"
+    if a.command == "rollback":
+        return f"champion: {reg.rollback()} (rolled back)"
+    if a.clear:
+        reg.clear_challenger()
+        return "challenger cleared"
+    if not a.version:
+        raise RegistryError("challenger needs a VERSION or --clear")
+    reg.set_challenger(a.version, a.mode, a.share)
+    return f"challenger: {a.version} ({_role(reg.state(), a.version)})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = _parser().parse_args(argv)
+    try:
+        print(_run(Registry(a.model_dir or get_settings().model_dir), a))
+    except (RegistryError, ArtifactError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
