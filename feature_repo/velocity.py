@@ -103,6 +103,30 @@ class UserVelocityState:
         self.last_row_ts = max(self.ts[-1], self.last_row_ts + 1)
         return self.row()
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any], row_ts_us: int) -> UserVelocityState:
+        """Continue from a stored feature row (written by the backfill or an earlier stream).
+
+        Transaction ids are not stored in rows, so an event already in the row could only be
+        re-applied if it were within the allowed lateness of the newest one; older replays are
+        rejected as late.  A merchant's last-seen time is its latest recent event, or its
+        first-seen time when that event has been evicted.
+        """
+        state = cls(
+            ts=list(row.get("recent_txn_ts") or []),
+            amounts=[float(a) for a in row.get("recent_amounts") or []],
+            merchants=list(row.get("recent_merchants") or []),
+            last_row_ts=row_ts_us,
+        )
+        state.txn_ids = [""] * len(state.ts)
+        for m, first in zip(row.get("known_merchants") or [],
+                            row.get("known_merchant_first_ts") or [], strict=True):
+            state.known[m] = [first, first]
+        for t, m in zip(state.ts, state.merchants, strict=True):
+            if m in state.known:
+                state.known[m][1] = max(state.known[m][1], t)
+        return state
+
     def _evict(self) -> None:
         cutoff = self.ts[-1] - HORIZON_US
         # keep everything >= cutoff plus the latest event before it

@@ -1,16 +1,63 @@
-"""FastAPI dependencies: the scorer loaded by the lifespan."""
+"""FastAPI dependencies: the models loaded by the lifespan, and the API-key checks."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, HTTPException, Request
+from pydantic import SecretStr
 
+from serving.config import ServingSettings
+from serving.lifecycle import ModelManager
+from serving.models import ModelSet
 from serving.scoring import Scorer
 
 
+def get_manager(request: Request) -> ModelManager:
+    return request.app.state.models  # type: ignore[no-any-return]
+
+
+def get_models(request: Request) -> ModelSet:
+    """The model set of this request: read once, so a reload mid-request does not affect it."""
+    return get_manager(request).current
+
+
 def get_scorer(request: Request) -> Scorer:
-    return request.app.state.scorer  # type: ignore[no-any-return]
+    """The champion of the current model set."""
+    return get_models(request).champion
 
 
+def _settings(request: Request) -> ServingSettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def _matches(given: str | None, key: SecretStr) -> bool:
+    return given is not None and secrets.compare_digest(
+        given.encode(), key.get_secret_value().encode())
+
+
+def require_api_key(
+    request: Request, x_api_key: Annotated[str | None, Header()] = None
+) -> None:
+    """401 unless `X-API-Key` matches SERVING_API_KEY (no check when that is unset)."""
+    key = _settings(request).api_key
+    if key is not None and not _matches(x_api_key, key):
+        raise HTTPException(401, "missing or invalid API key (X-API-Key)",
+                            headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
+
+
+def require_admin_key(
+    request: Request, x_api_key: Annotated[str | None, Header()] = None
+) -> None:
+    """403 unless `X-API-Key` matches SERVING_ADMIN_API_KEY; always 403 when that is unset."""
+    key = _settings(request).admin_api_key
+    if key is None:
+        raise HTTPException(403, "admin API disabled (SERVING_ADMIN_API_KEY is not set)")
+    if not _matches(x_api_key, key):
+        raise HTTPException(403, "missing or invalid admin API key (X-API-Key)")
+
+
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+ModelsDep = Annotated[ModelSet, Depends(get_models)]
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]

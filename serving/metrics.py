@@ -23,3 +23,28 @@ MISSING = Counter(
 )
 MODEL_INFO = Gauge("fraud_model_info", "Loaded model", ["version", "feature_service"])
 FEATURE_PSI = Gauge("fraud_feature_psi", "Population stability index vs training", ["feature"])
+
+# --- model lifecycle: challenger and reloads ---------------------------------------------------
+CHALLENGER_INFO = Gauge(
+    "fraud_challenger_info", "Loaded challenger model", ["version", "feature_service", "mode"]
+)
+SHADOW_SCORES = Counter(
+    "fraud_shadow_scores_total", "Transactions scored by the shadow model (never returned)",
+    ["version"],
+)
+SHADOW_ERRORS = Counter(
+    "fraud_shadow_errors_total", "Shadow scorings that failed (the champion still answered)",
+    ["version"],
+)
+CANARY_REQUESTS = Counter(
+    "fraud_canary_requests_total", "Transactions answered by the canary model", ["version"]
+)
+CHALLENGER_SCORE_DIFF = Histogram(
+    "fraud_challenger_score_diff", "Shadow score minus champion score on the same transaction",
+    ["version"], buckets=(-0.5, -0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+)
+MODEL_RELOADS = Counter("fraud_model_reloads_total", "Model set reloads", ["outcome"])
+PREDICTION_LOG = Counter(
+    "fraud_prediction_log_records_total", "Prediction log records by sink and outcome",
+    ["sink", "outcome"],  # outcome: written | delivered | failed | dropped
+)

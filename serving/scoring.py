@@ -68,8 +68,12 @@ class Scorer:
         self.features = features
         self.thresholds = thresholds
 
-    def _predict(self, txns: Sequence[TransactionEvent], vectors: list[FeatureVector]
-                 ) -> list[ScoreResult]:
+    def predict(self, txns: Sequence[TransactionEvent], vectors: list[FeatureVector],
+                observe: bool = True) -> list[ScoreResult]:
+        """Score assembled vectors (one per transaction); `observe=False` records no metrics
+        (a shadow model's scores must not count as decisions)."""
+        if not txns:
+            return []
         t0 = time.perf_counter()
         x = np.array(
             [[np.nan if v is None else v for v in (vec.values[f] for f in self.artifact.features)]
@@ -77,15 +81,17 @@ class Scorer:
             dtype="float64",
         )
         scores = self.artifact.model.predict_proba(x)[:, 1]
-        metrics.MODEL_LATENCY.observe(time.perf_counter() - t0)
+        if observe:
+            metrics.MODEL_LATENCY.observe(time.perf_counter() - t0)
         out = []
         for txn, vec, s in zip(txns, vectors, scores, strict=True):
             score = float(s)
             decision = self.thresholds.decide(score)
-            metrics.SCORE.observe(score)
-            metrics.DECISIONS.labels(decision).inc()
-            for name in vec.missing:
-                metrics.MISSING.labels(name, "stale" if name in vec.stale else "missing").inc()
+            if observe:
+                metrics.SCORE.observe(score)
+                metrics.DECISIONS.labels(decision).inc()
+                for name in vec.missing:
+                    metrics.MISSING.labels(name, "stale" if name in vec.stale else "missing").inc()
             out.append(ScoreResult(txn.transaction_id, score, decision, self.artifact.version,
                                    self.artifact.feature_service, vec))
         return out
@@ -96,12 +102,18 @@ class Scorer:
         t0 = time.perf_counter()
         fetched = self.features.fetch(rows)
         metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
-        return self._predict(txns, self.features.assemble(rows, fetched))
+        return self.predict(txns, self.features.assemble(rows, fetched))
 
-    async def score_async(self, txns: Sequence[TransactionEvent]) -> list[ScoreResult]:
-        """Score a batch without blocking the event loop on Redis."""
+    async def vectors_async(self, txns: Sequence[TransactionEvent]) -> list[FeatureVector]:
+        """The feature service's vectors for a batch, without blocking the event loop on Redis."""
+        if not txns:
+            return []
         rows = [entity_row(t) for t in txns]
         t0 = time.perf_counter()
         fetched = await self.features.fetch_async(rows)
         metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
-        return self._predict(txns, self.features.assemble(rows, fetched))
+        return self.features.assemble(rows, fetched)
+
+    async def score_async(self, txns: Sequence[TransactionEvent]) -> list[ScoreResult]:
+        """Score a batch without blocking the event loop on Redis."""
+        return self.predict(txns, await self.vectors_async(txns))

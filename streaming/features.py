@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
@@ -29,10 +31,10 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from feature_repo.contract import to_micros
-from feature_repo.velocity import LateEventError, UserVelocityState
+from feature_repo.velocity import ROW_FIELDS, LateEventError, UserVelocityState
 from streaming import metrics
 from streaming.events import DeadLetter, Envelope, parse
-from streaming.velocity_sink import VelocityRow
+from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,60 @@ def parse_item(item: Any) -> Envelope | DeadLetter:
             return DeadLetter(out.reason, out.original, item.key)
         return out
     return parse(item)
+
+
+Seeder = Callable[[str], UserVelocityState | None]
+
+
+class OnlineStateSeeder:
+    """First sight of a user in this flow: continue from the row in the online store.
+
+    Without it a live flow would start every user from nothing and overwrite the history the
+    backfill and `feast materialize` put online.  One online read per new user, then the state
+    lives in Bytewax (and its recovery snapshots).
+    """
+
+    def __init__(self, repo_path: Path) -> None:
+        self._repo_path = repo_path
+        self._ready = False
+
+    def _open(self) -> None:
+        from feast import FeatureStore
+        from feast.infra.online_stores.helpers import get_online_store_from_config
+
+        store = FeatureStore(repo_path=str(self._repo_path))
+        self._config = store.config
+        self._view = store.get_feature_view(VELOCITY_VIEW)
+        self._online = get_online_store_from_config(store.config.online_store)
+        self._ready = True
+
+    def __call__(self, user_id: str) -> UserVelocityState | None:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type
+
+        if not self._ready:
+            self._open()
+        key = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=user_id)])
+        ((ts, values),) = self._online.online_read(self._config, self._view, [key], list(ROW_FIELDS))
+        if ts is None or not values or ts.year < 2000:  # Feast answers 1970 for unknown keys
+            return None
+        row = {f: feast_value_type_to_python_type(values[f]) for f in ROW_FIELDS if f in values}
+        return UserVelocityState.from_row(row, to_micros(ts))
+
+
+class VelocityUpdater:
+    """The stateful step: seed a user's state on first sight, then `update_velocity`."""
+
+    def __init__(self, seed: Seeder | None = None) -> None:
+        self._seed = seed
+
+    def __call__(
+        self, state: UserVelocityState | None, env: Envelope
+    ) -> tuple[UserVelocityState, Outcome]:
+        if state is None and self._seed is not None:
+            state = self._seed(env.event.user_id)
+        return update_velocity(state, env)
 
 
 def update_velocity(
@@ -80,14 +136,19 @@ def build_flow(
     sink: Sink[tuple[str, VelocityRow]],
     dlq_sink: Sink[DeadLetter],
     flow_id: str = "user_velocity",
+    seed: Seeder | None = None,
 ) -> Dataflow:
-    """Events from `source` -> (user_id, VelocityRow) into `sink`; DeadLetters into `dlq_sink`."""
+    """Events from `source` -> (user_id, VelocityRow) into `sink`; DeadLetters into `dlq_sink`.
+
+    `seed(user_id)` gives the state a user starts from when the flow first sees it (the live
+    flow reads the online store; the backfill and tests start from nothing).
+    """
     flow = Dataflow(flow_id)
     raw = op.input("in", flow, source)
     parsed = op.map("parse", raw, parse_item)
     valid = op.branch("valid", parsed, _is_envelope)
     keyed = op.key_on("key", valid.trues, lambda env: env.event.user_id)
-    outcomes = op.stateful_map("velocity", keyed, update_velocity)
+    outcomes = op.stateful_map("velocity", keyed, VelocityUpdater(seed))
     applied = op.filter("not_duplicate", outcomes, lambda kv: kv[1] is not None)
     rows = op.branch("is_row", applied, lambda kv: isinstance(kv[1], VelocityRow))
     late = op.map("late", rows.falses, lambda kv: kv[1])
@@ -113,7 +174,8 @@ def get_flow() -> Dataflow:
         add_config={"socket.keepalive.enable": "true"},
     )
     sink = VelocitySink(s.feature_repo, velocity_history_dir(), prefix="stream")
-    return build_flow(source, sink, KafkaDeadLetterSink(s.bootstrap_servers, TRANSACTIONS_DLQ))
+    return build_flow(source, sink, KafkaDeadLetterSink(s.bootstrap_servers, TRANSACTIONS_DLQ),
+                      seed=OnlineStateSeeder(s.feature_repo))
 
 
 def main() -> None:

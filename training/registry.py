@@ -43,6 +43,10 @@ class RegistryError(RuntimeError):
     """The registry file is invalid or the requested change is not allowed."""
 
 
+class UnknownVersion(RegistryError):
+    """The version is not registered."""
+
+
 @dataclass(frozen=True)
 class ChallengerSpec:
     version: str
@@ -111,7 +115,7 @@ class Registry:
         try:
             return cast(dict[str, Any], state["versions"][version])
         except KeyError:
-            raise RegistryError(f"version {version!r} is not registered") from None
+            raise UnknownVersion(f"version {version!r} is not registered") from None
 
     # --- writing --------------------------------------------------------------------------
     @contextmanager

@@ -1,0 +1,137 @@
+"""Swapping the served models without a restart.
+
+`ModelManager.current` is the one reference handlers read.  A reload (the admin API, or the
+poller noticing that `registry.json` changed) builds and verifies a complete new `ModelSet` in a
+worker thread, then replaces `current` in one assignment on the event loop.
+
+Guarantees: a request that has read `current` finishes on that model set; a model set that fails
+verification (hash, registration, feature service) is refused and the old one keeps serving;
+reloads are serialised, so two admin calls never interleave.  The poller retries a refused
+registry state only once the file changes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from feast import FeatureStore
+
+from serving import metrics
+from serving.config import ServingSettings
+from serving.loader import build_model_set, open_store
+from serving.models import ModelSet
+from training.registry import Registry, registry_file
+
+log = logging.getLogger("serving.lifecycle")
+Signature = tuple[int, int, int] | None
+
+
+class ModelManager:
+    def __init__(self, settings: ServingSettings, store: FeatureStore, models: ModelSet) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = Registry(settings.model_dir)
+        self.current = models
+        self.loaded_at = datetime.now(UTC)
+        self.last_error: str | None = None
+        self._seen = self._signature()
+        self._lock = asyncio.Lock()
+        self._publish(None, models)
+
+    @classmethod
+    def start(cls, settings: ServingSettings) -> ModelManager:
+        """Open the feature store and load the first model set (blocking, at start-up)."""
+        store = open_store(settings)
+        return cls(settings, store, build_model_set(settings, store))
+
+    def _signature(self) -> Signature:
+        try:
+            st = os.stat(registry_file(self.settings.model_dir))
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)  # os.replace gives a new inode
+
+    async def reload(self, only_if_changed: bool = False) -> ModelSet:
+        """Build, verify and swap in the model set the registry now describes.
+
+        Raises ArtifactError (the old set keeps serving) if it must not serve.
+        """
+        async with self._lock:
+            seen = await asyncio.to_thread(self._signature)
+            if only_if_changed and seen == self._seen:
+                return self.current
+            try:
+                new = await asyncio.to_thread(build_model_set, self.settings, self.store)
+            except Exception as exc:
+                self._seen, self.last_error = seen, str(exc)
+                metrics.MODEL_RELOADS.labels("refused").inc()
+                log.error("model reload refused, keeping %s: %s",
+                          self.current.champion.artifact.version, exc)
+                raise
+            old, self.current = self.current, new
+            self._seen, self.last_error = seen, None
+            self.loaded_at = datetime.now(UTC)
+            self._publish(old, new)
+            metrics.MODEL_RELOADS.labels("ok").inc()
+            log.info("models reloaded", extra={"fields": new.describe()})
+            return new
+
+    async def promote(self, version: str) -> ModelSet:
+        """Verify and promote `version` in the registry, then reload."""
+        await asyncio.to_thread(self.registry.promote, version)
+        return await self.reload()
+
+    async def rollback(self) -> ModelSet:
+        """Return the registry to the previous champion, then reload."""
+        await asyncio.to_thread(self.registry.rollback)
+        return await self.reload()
+
+    async def poll(self) -> None:
+        """Reload whenever registry.json changes; every `reload_interval_s` seconds, forever."""
+        while True:
+            await asyncio.sleep(self.settings.reload_interval_s)
+            if await asyncio.to_thread(self._signature) == self._seen:
+                continue
+            with contextlib.suppress(Exception):  # logged by reload; keep polling
+                await self.reload(only_if_changed=True)
+
+    async def status(self) -> dict[str, Any]:
+        registry = await asyncio.to_thread(self.registry.state) if self.registry.exists() else None
+        return {
+            "serving": self.current.describe(),
+            "loaded_at": self.loaded_at.isoformat(),
+            "last_error": self.last_error,
+            "reload_interval_s": self.settings.reload_interval_s,
+            "registry": registry,
+        }
+
+    @staticmethod
+    def _publish(old: ModelSet | None, new: ModelSet) -> None:
+        """Point the info gauges at the new set."""
+        if old is not None:
+            _info(old, present=False)
+        _info(new, present=True)
+
+    def close(self) -> None:
+        """Remove this process's info series (at shutdown)."""
+        _info(self.current, present=False)
+
+
+def _info(models: ModelSet, present: bool) -> None:
+    series = [(metrics.MODEL_INFO, (models.champion.artifact.version,
+                                    models.champion.artifact.feature_service))]
+    if models.challenger is not None:
+        a = models.challenger.scorer.artifact
+        series.append((metrics.CHALLENGER_INFO, (a.version, a.feature_service,
+                                                 models.challenger.mode)))
+    for gauge, labels in series:
+        if present:
+            gauge.labels(*labels).set(1)
+        else:
+            with contextlib.suppress(KeyError):  # another app in this process removed it
+                gauge.remove(*labels)
