@@ -140,6 +140,13 @@ class UserVelocityState:
             for merchant, _ in by_recency[: len(self.known) - MAX_KNOWN_MERCHANTS]:
                 del self.known[merchant]
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> UserVelocityState:
+        # Bytewax copies every changed state at each snapshot: flat list copies, not a walk
+        return UserVelocityState(
+            list(self.ts), list(self.amounts), list(self.merchants), list(self.txn_ids),
+            {m: list(v) for m, v in self.known.items()}, self.last_row_ts,
+        )
+
     def row(self) -> dict[str, Any]:
         """The feature-view row for the current state (event time = `last_row_ts`)."""
         merchants = sorted(self.known)

@@ -1,13 +1,18 @@
 """`create_app(settings)`: the FastAPI scorer.
 
-The lifespan loads and verifies the model artifact and opens the feature store once; handlers
-get the scorer through the `ScorerDep` dependency.  Errors: 422 naming the field for invalid
-input, 413 for oversized bodies, 503 with Retry-After when Redis is unavailable (bounded by the
-online store's socket timeout), never a 500 with a traceback.
+The lifespan opens the feature store once and loads the verified models (champion, optional
+shadow/canary challenger, see `serving.models`); handlers get the current model set through
+`ModelsDep`, and `/admin` (`serving.admin`) reloads, promotes and rolls back without a restart
+(`serving.lifecycle`).  With SERVING_API_KEY set, scoring needs it in `X-API-Key` (401).
+Errors: 422 naming the field for invalid input, 413 for oversized bodies, 503 with Retry-After
+when Redis is unavailable (bounded by the online store's socket timeout), never a 500 with a
+traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -17,18 +22,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import redis.exceptions
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from threadpoolctl import threadpool_limits
 
 from serving import logs, metrics
+from serving.admin import router as admin_router
 from serving.config import ServingSettings
-from serving.deps import ScorerDep
-from serving.loader import load_scorer
+from serving.deps import ModelsDep, require_api_key
+from serving.lifecycle import ModelManager
+from serving.models import ModelSet
+from serving.prediction_log import PredictionLog
 from serving.schemas import BatchIn, BatchOut, FeatureValue, ScoreOut, TransactionIn
-from serving.scoring import Scorer, ScoreResult
+from serving.scoring import ScoreResult
 
 log = logging.getLogger("serving")
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -56,12 +64,22 @@ def create_app(settings: ServingSettings) -> FastAPI:
         # One request scores a handful of rows: OpenMP thread fan-out only adds latency, and
         # replicas/workers, not threads, are how the scorer scales.
         threadpool_limits(1)
-        scorer = load_scorer(settings)
-        app.state.scorer = scorer
-        metrics.MODEL_INFO.labels(scorer.artifact.version, scorer.artifact.feature_service).set(1)
-        log.info("model loaded", extra={"fields": {"model_version": scorer.artifact.version}})
+        manager = ModelManager.start(settings)
+        app.state.settings, app.state.models = settings, manager
+        log.info("models loaded", extra={"fields": manager.current.describe()})
+        # every scored request, with its vector (serving/prediction_log.py); drift vs training
+        app.state.prediction_log = PredictionLog.from_settings(
+            settings, manager.current.champion.artifact.path)
+        poller = None
+        if settings.reload_interval_s > 0 and manager.current.source != "pinned":
+            poller = asyncio.create_task(manager.poll())
         yield
-        metrics.MODEL_INFO.remove(scorer.artifact.version, scorer.artifact.feature_service)
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+        manager.close()
+        app.state.prediction_log.close()
 
     app = FastAPI(title="fraudstream scorer", version="1", lifespan=lifespan)
 
@@ -122,27 +140,32 @@ def create_app(settings: ServingSettings) -> FastAPI:
                                            "message": "event_timestamp lies more than "
                                            f"{settings.max_future_seconds:.0f}s in the future"}])
 
-    async def _score(scorer: Scorer, txns: list[TransactionIn]) -> list[ScoreResult]:
+    async def _score(models: ModelSet, txns: list[TransactionIn]) -> list[ScoreResult]:
         _check_time(txns)
+        events = [t.to_event() for t in txns]
         try:
-            return await scorer.score_async([t.to_event() for t in txns])
+            results = (await models.score_async(events)).results
         except REDIS_ERRORS as exc:
             raise redis.exceptions.ConnectionError(str(exc)) from exc
+        app.state.prediction_log.record(results, events)
+        return results
 
-    @app.post("/v1/score", response_model=ScoreOut)
+    keyed = [Depends(require_api_key)]
+
+    @app.post("/v1/score", response_model=ScoreOut, dependencies=keyed)
     async def score(
-        txn: TransactionIn, scorer: ScorerDep,
+        txn: TransactionIn, models: ModelsDep,
         explain: Annotated[bool, Query(description="return every model input")] = False,
     ) -> ScoreOut:
         """Score one transaction as of its `event_timestamp` (default now)."""
-        return _out((await _score(scorer, [txn]))[0], explain)
+        return _out((await _score(models, [txn]))[0], explain)
 
-    @app.post("/v1/score/batch", response_model=BatchOut)
+    @app.post("/v1/score/batch", response_model=BatchOut, dependencies=keyed)
     async def score_batch(
-        body: BatchIn, scorer: ScorerDep, explain: Annotated[bool, Query()] = False
+        body: BatchIn, models: ModelsDep, explain: Annotated[bool, Query()] = False
     ) -> BatchOut:
         """Score up to 1,000 transactions with one online lookup per feature view."""
-        return BatchOut(results=[_out(r, explain) for r in await _score(scorer, body.transactions)])
+        return BatchOut(results=[_out(r, explain) for r in await _score(models, body.transactions)])
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -152,7 +175,8 @@ def create_app(settings: ServingSettings) -> FastAPI:
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
         """Model loaded, Redis and the registry reachable; 503 otherwise."""
-        scorer: Scorer | None = getattr(request.app.state, "scorer", None)
+        manager: ModelManager | None = getattr(request.app.state, "models", None)
+        scorer = None if manager is None else manager.current.champion
         checks = {"model": scorer is not None, "redis": False, "registry": False}
         if scorer is not None:
             try:
@@ -175,4 +199,5 @@ def create_app(settings: ServingSettings) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(admin_router)
     return app

@@ -111,7 +111,7 @@ class OnlineFeatures:
         # list grows by one name per request.
         return [
             self._online.online_read(
-                self._config, r.view, self._entity_keys(r, rows), list(r.features)
+                self._config, r.view, self._entity_keys(r, rows), r.features
             )
             for r in self._reads
         ]
@@ -124,7 +124,7 @@ class OnlineFeatures:
             await asyncio.gather(
                 *(
                     self._online.online_read_async(  # a copy: see `fetch`
-                        self._config, r.view, self._entity_keys(r, rows), list(r.features)
+                        self._config, r.view, self._entity_keys(r, rows), r.features
                     )
                     for r in self._reads
                 )
@@ -147,7 +147,7 @@ class OnlineFeatures:
                 if ts is None or not values:
                     continue
                 row_us = _micros(ts)
-                if row_us > t or (read.ttl_us is not None and row_us < t - read.ttl_us):
+                if row_us > t or (read.ttl_us is not None and row_us < t - read.ttl_us - 1):
                     if row_us > 0:  # Feast returns 1970 for keys it never saw
                         stale[i].extend(read.features)
                     continue

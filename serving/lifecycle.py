@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import warnings
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +26,7 @@ from serving import metrics
 from serving.config import ServingSettings
 from serving.loader import build_model_set, open_store
 from serving.models import ModelSet
-from training.registry import Registry, registry_file
+from training.registry import Registry, RegistryError, registry_file
 
 log = logging.getLogger("serving.lifecycle")
 Signature = tuple[int, int, int] | None
@@ -101,7 +102,12 @@ class ModelManager:
                 await self.reload(only_if_changed=True)
 
     async def status(self) -> dict[str, Any]:
-        registry = await asyncio.to_thread(self.registry.state) if self.registry.exists() else None
+        registry: dict[str, Any] | None = None
+        if self.registry.exists():
+            try:
+                registry = await asyncio.to_thread(self.registry.state)
+            except RegistryError as exc:
+                registry = {"error": str(exc)}
         return {
             "serving": self.current.describe(),
             "loaded_at": self.loaded_at.isoformat(),
@@ -133,5 +139,7 @@ def _info(models: ModelSet, present: bool) -> None:
         if present:
             gauge.labels(*labels).set(1)
         else:
-            with contextlib.suppress(KeyError):  # another app in this process removed it
+            # Importing Feast sets PROMETHEUS_MULTIPROC_DIR, which only makes remove() warn.
+            with warnings.catch_warnings(), contextlib.suppress(KeyError):  # KeyError: removed
+                warnings.filterwarnings("ignore", "Removal of labels", UserWarning)
                 gauge.remove(*labels)

@@ -33,10 +33,10 @@ class TransactionIn(BaseModel):
     transaction_id: Identifier
     user_id: Identifier
     merchant_id: Identifier
-    amount: Annotated[Amount, Strict()]  # a JSON number: no "12.5" strings, no true -> 1.0
+    amount: Amount  # a JSON number: no "12.5" strings, no true -> 1.0
     currency: Currency
     channel: Channel
-    event_timestamp: Annotated[AwareDatetime | None, BeforeValidator(_timestamp_text)] = None
+    event_timestamp: AwareDatetime | None = None
 
     def to_event(self) -> TransactionEvent:
         return TransactionEvent(

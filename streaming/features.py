@@ -39,6 +39,9 @@ from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow
 log = logging.getLogger(__name__)
 
 Outcome = VelocityRow | DeadLetter | None
+APPLIED, DUPLICATE, LATE, INVALID = (
+    metrics.EVENTS.labels(o) for o in ("applied", "duplicate", "late", "invalid")
+)
 
 
 def parse_item(item: Any) -> Envelope | DeadLetter:
@@ -115,18 +118,18 @@ def update_velocity(
     try:
         row = state.apply(e.transaction_id, to_micros(e.event_timestamp), e.amount, e.merchant_id)
     except LateEventError as exc:
-        metrics.EVENTS.labels("late").inc()
+        LATE.inc()
         return state, DeadLetter(f"late: {exc}", e.model_dump_json().encode(), e.user_id.encode())
     if row is None:
-        metrics.EVENTS.labels("duplicate").inc()
+        DUPLICATE.inc()
         return state, None
-    metrics.EVENTS.labels("applied").inc()
+    APPLIED.inc()
     return state, VelocityRow(e.user_id, row, env.produced_at)
 
 
 def _is_envelope(x: Envelope | DeadLetter) -> bool:
     if isinstance(x, DeadLetter):
-        metrics.EVENTS.labels("invalid").inc()
+        INVALID.inc()
         return False
     return True
 

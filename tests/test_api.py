@@ -546,21 +546,6 @@ def test_request_id_is_echoed_and_logged(client: TestClient, known: dict[str, An
     assert all(rec["ms"] >= 0 for rec in by_id.values())
 
 
-def test_repeated_requests_keep_the_online_read_fixed(client: TestClient,
-                                                      known: dict[str, Any]) -> None:
-    """Feast's Redis store appends `_ts:<view>` to the feature-name list it is handed; the
-    scorer must not hand it its own list, or every request reads one more hash field."""
-    reads = client.app.state.scorer.features._reads  # type: ignore[attr-defined]
-    before = {r.view.name: list(r.features) for r in reads}
-    body = txn(known["user_id"], known["merchant_id"])
-    first = client.post("/v1/score?explain=true", json=body).json()
-    for _ in range(20):
-        assert client.post("/v1/score", json=body).status_code == 200
-    assert {r.view.name: list(r.features) for r in reads} == before
-    assert not any(name.startswith("_ts:") for names in before.values() for name in names)
-    assert client.post("/v1/score?explain=true", json=body).json() == first
-
-
 # --- Redis unavailable --------------------------------------------------------------------------
 
 

@@ -586,3 +586,121 @@ def test_profile_snapshots_never_at_or_before_first_transaction(tmp_path: Path) 
                                               + 2 * DAY]
     assert up["user_txn_count_30d"].tolist() == [1, 2]
     assert to_micros(start) % (24 * HOUR_US) == 0
+
+
+# --- the ASOF offline store's join itself, on adversarial synthetic tables ------------------
+
+
+def _view(tmp_path: Path, name: str, key: str, table: pd.DataFrame, ttl: timedelta,
+          created: bool) -> Any:
+    """A FeatureView over a private parquet file (no registry needed for the join)."""
+    from feast import Entity, FeatureView, Field, FileSource, ValueType
+    from feast.types import Float64, String
+
+    path = tmp_path / f"{name}.parquet"
+    table.to_parquet(path, index=False)
+    source = FileSource(
+        name=f"{name}_source", path=str(path), timestamp_field="event_timestamp",
+        created_timestamp_column="created_timestamp" if created else "",
+    )
+    return FeatureView(
+        name=name,
+        entities=[Entity(name=key, join_keys=[key], value_type=ValueType.STRING)],
+        ttl=ttl,
+        schema=[Field(name=key, dtype=String), Field(name=f"{name}_v", dtype=Float64)],
+        source=source,
+    )
+
+
+def _ts(*values: Any) -> pd.Series:
+    return pd.Series(pd.to_datetime(list(values), utc=True)).astype("datetime64[us, UTC]")
+
+
+def test_asof_join_edge_cases(tmp_path: Path) -> None:
+    from feature_repo.offline_store import asof_join
+
+    h = pd.Timestamp("2026-10-20 10:00", tz="UTC")
+    m = pd.Timedelta(minutes=1)
+    table = pd.DataFrame(
+        {
+            "k": ["a", "a", "a", "a", "a", "b"],
+            "event_timestamp": _ts(h, h, h + 60 * m, h + 120 * m, h + 240 * m, h + 30 * m),
+            # two rows at the same instant: the later-created one wins
+            "created_timestamp": _ts(h, h + 5 * m, h + 60 * m, h + 120 * m, h + 240 * m,
+                                     h + 30 * m),
+            "fa_v": [1.0, 2.0, 3.0, None, 5.0, 7.0],
+        }
+    )
+    fv = _view(tmp_path, "fa", "k", table, timedelta(hours=1), created=True)
+    cases = [  # (key, t, expected)
+        ("a", h - US, None),  # before any row
+        ("a", h, 2.0),  # tie with the feature row; newest created wins
+        ("a", h + 60 * m - US, 2.0),
+        ("a", h + 60 * m, 3.0),
+        ("a", h + 150 * m, None),  # the latest row holds a null: null, not an older value
+        ("a", h + 300 * m, 5.0),  # exactly ttl after the row: still fresh
+        ("a", h + 300 * m + US, None),  # 1 us past the ttl: stale
+        ("b", h + 90 * m, 7.0),
+        ("b", h + 90 * m + US, None),
+        ("zz", h, None),  # unknown key
+        ("a", h, 2.0),  # duplicate entity rows are kept, each joined
+        ("a", h, 2.0),
+    ]
+    entities = pd.DataFrame(
+        {
+            "k": [c[0] for c in cases],
+            "event_timestamp": _ts(*[c[1] for c in cases]),
+            "txn": [f"x{i}" for i in range(len(cases))],
+        }
+    )
+    out = asof_join(entities, [fv], ["fa:fa_v"], full_feature_names=False).to_pandas()
+    assert out["txn"].tolist() == entities["txn"].tolist()  # one row each, input order
+    got = [None if pd.isna(v) else v for v in out["fa_v"]]
+    assert got == [c[2] for c in cases]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_asof_join_matches_brute_force_on_random_tables(tmp_path: Path, seed: int) -> None:
+    """Two views (one with created timestamps and ttl, one without ttl) vs the oracle."""
+    from feature_repo.offline_store import asof_join
+
+    rng = np.random.default_rng(seed)
+    base = pd.Timestamp("2026-10-01", tz="UTC")
+    grid = [base + pd.Timedelta(minutes=int(x)) for x in range(0, 600, 7)]  # coarse: many ties
+
+    def table(key: str, name: str, n: int, keys: list[str], created: bool) -> pd.DataFrame:
+        t = pd.DataFrame({key: rng.choice(keys, n), "event_timestamp": _ts(*rng.choice(grid, n)),
+                          f"{name}_v": np.round(rng.normal(size=n), 6)})
+        t.loc[rng.random(n) < 0.1, f"{name}_v"] = np.nan
+        if created:  # distinct created times, so "newest created" is well defined
+            t["created_timestamp"] = t["event_timestamp"] + pd.to_timedelta(
+                rng.permutation(n), unit="s")
+        else:
+            t = t.drop_duplicates([key, "event_timestamp"])
+        return t
+
+    users = [f"u{i}" for i in range(8)]
+    shops = [f"s{i}" for i in range(5)]
+    t1 = table("user_id", "fu", 400, users, created=True)
+    t2 = table("shop_id", "fs", 150, shops, created=False)
+    fv1 = _view(tmp_path, "fu", "user_id", t1, timedelta(minutes=45), created=True)
+    fv2 = _view(tmp_path, "fs", "shop_id", t2, timedelta(0), created=False)  # 0 = no expiry
+    n = 600
+    ts = [*rng.choice(grid, n // 2),  # exact ties with feature rows
+          *(base + pd.to_timedelta(rng.integers(-60, 700 * 60, n - n // 2), unit="s"))]
+    entities = pd.DataFrame(
+        {
+            "user_id": rng.choice([*users, "u-none"], n),
+            "shop_id": rng.choice([*shops, "s-none"], n),
+            "event_timestamp": _ts(*ts),
+            "row": np.arange(n),
+        }
+    )
+    out = asof_join(entities, [fv1, fv2], ["fu:fu_v", "fs:fs_v"], False).to_pandas()
+    assert out["row"].tolist() == list(range(n))
+    for col, tbl, key, ttl in (("fu_v", t1, "user_id", timedelta(minutes=45)),
+                               ("fs_v", t2, "shop_id", timedelta(days=10_000))):
+        want = np.array([_value(r, col) for r in as_of(tbl, key, entities, ttl)])
+        got = out[col].astype(float).to_numpy()
+        assert np.array_equal(got, want, equal_nan=True), col
+        assert np.isnan(want).any() and (~np.isnan(want)).sum() > n // 4

@@ -15,8 +15,9 @@ all at t >= SIM_END:
 * unknown users and merchants.
 
 Offline: `training.retrieval.training_frame(store, "fraud_model_v1", entity_frame(...))`, the
-very function training uses.  Online: `Scorer.score` (blocking reads, as the stream scorer
-uses it) and `POST /v1/score/batch?explain=true` (async reads, JSON on the wire).
+very function training uses.  Online, both read paths: `Scorer.score` (blocking, through
+Feast's `online_read`, as the stream scorer uses it) and `POST /v1/score/batch?explain=true`
+(async, through the scorer's one-round-trip Redis reader, JSON on the wire).
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
 from serving.app import create_app
 from serving.config import ServingSettings
 from serving.loader import load_scorer
-from serving.scoring import Scorer
+from serving.scoring import Scorer, ScoreResult
 from tests.conftest import SIM_END
 from training.paths import velocity_history_dir
-from training.retrieval import entity_frame, labelled_entity_frame, training_frame
+from training.retrieval import (
+    entity_frame,
+    labelled_entity_frame,
+    read_transactions,
+    training_frame,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -84,8 +90,11 @@ def streamed_users(root: Path) -> set[str]:
 def cases(feature_data: Path) -> pd.DataFrame:
     """Transactions to score: transaction_id, user_id, merchant_id, amount, currency, channel,
     event_timestamp, kind."""
+    streamed = streamed_users(feature_data)
     labelled = labelled_entity_frame(feature_data)
-    labelled = labelled[~labelled["user_id"].isin(streamed_users(feature_data))]
+    labelled = labelled[~labelled["user_id"].isin(streamed)]
+    log = read_transactions(feature_data)
+    log = log[~log["user_id"].isin(streamed)]
     last_day = labelled[labelled["event_timestamp"] >= pd.Timestamp(END - timedelta(days=1))]
     # every fraud, the last few transactions (their users' 1-hour windows are not empty at
     # T_S), then a random draw
@@ -105,9 +114,9 @@ def cases(feature_data: Path) -> pd.DataFrame:
         add("last_day", r.user_id, r.merchant_id, r.txn_amount, r.txn_channel,
             T_S + timedelta(seconds=i))
 
-    last_seen = labelled.sort_values("event_timestamp").groupby("user_id").tail(1)
+    last_seen = log.sort_values("event_timestamp").groupby("user_id").tail(1)
     quiet = last_seen.head(QUIET_USERS)
-    busy_merchant = labelled["merchant_id"].value_counts().index[0]
+    busy_merchant = log["merchant_id"].value_counts().index[0]
     # an hour after the last of the quiet users' velocity rows expired
     velocity_gone = quiet["event_timestamp"].max().to_pydatetime() + VELOCITY_TTL + HOUR
     for j, r in enumerate(quiet.itertuples()):
@@ -130,6 +139,17 @@ def cases(feature_data: Path) -> pd.DataFrame:
     return frame
 
 
+def events_of(cases: pd.DataFrame) -> list[TransactionEvent]:
+    return [TransactionEvent(**{k: v for k, v in r.items() if k != "kind"})
+            for r in cases.to_dict("records")]
+
+
+def wire_of(cases: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{**{k: v for k, v in r.items() if k != "kind"},
+             "event_timestamp": r["event_timestamp"].isoformat()}
+            for r in cases.to_dict("records")]
+
+
 @pytest.fixture(scope="module")
 def scorer(trained_artifact: Path) -> Scorer:
     return load_scorer(ServingSettings(model_dir=trained_artifact.parent,
@@ -145,10 +165,14 @@ def offline(materialized_store: Any, cases: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def online_sync(scorer: Scorer, cases: pd.DataFrame) -> list[dict[str, Any]]:
-    events = [TransactionEvent(**{k: v for k, v in r.items() if k != "kind"})
-              for r in cases.to_dict("records")]
-    return [r.vector.values for r in scorer.score(events)]
+def scored_sync(scorer: Scorer, cases: pd.DataFrame) -> list[ScoreResult]:
+    """`Scorer.score`: blocking reads through Feast's `online_read` (the stream scorer's path)."""
+    return scorer.score(events_of(cases))
+
+
+@pytest.fixture(scope="module")
+def online_sync(scored_sync: list[ScoreResult]) -> list[dict[str, Any]]:
+    return [r.vector.values for r in scored_sync]
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +184,16 @@ def client(trained_artifact: Path) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
-def online_http(client: TestClient, cases: pd.DataFrame) -> list[dict[str, Any]]:
-    body = [{**{k: v for k, v in r.items() if k != "kind"},
-             "event_timestamp": r["event_timestamp"].isoformat()}
-            for r in cases.to_dict("records")]
-    resp = client.post("/v1/score/batch?explain=true", json={"transactions": body})
+def scored_http(client: TestClient, cases: pd.DataFrame) -> list[dict[str, Any]]:
+    """`POST /v1/score/batch?explain=true`: async reads (the scorer's one-round-trip reader)."""
+    resp = client.post("/v1/score/batch?explain=true", json={"transactions": wire_of(cases)})
     assert resp.status_code == 200, resp.text
-    return [{k: fv["value"] for k, fv in r["features"].items()}
-            for r in resp.json()["results"]]
+    return resp.json()["results"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def online_http(scored_http: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: fv["value"] for k, fv in r["features"].items()} for r in scored_http]
 
 
 def mismatches(cases: pd.DataFrame, offline: pd.DataFrame, online: list[dict[str, Any]],
@@ -203,9 +229,7 @@ def test_model_scores_the_training_row_as_the_scorer_does(
     model = joblib.load(trained_artifact / "model.joblib")
     x = offline[scorer.artifact.features].astype("float64").to_numpy()
     want = model.predict_proba(x)[:, 1]
-    events = [TransactionEvent(**{k: v for k, v in r.items() if k != "kind"})
-              for r in cases.to_dict("records")]
-    got = np.array([r.score for r in scorer.score(events)])
+    got = np.array([r.score for r in scorer.score(events_of(cases))])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
@@ -260,3 +284,36 @@ def test_cases_cover_every_ttl_branch(cases: pd.DataFrame,
     assert absent("unknown_merchant", MERCHANT_PROFILE)
     assert present("unknown_merchant", profiles[:4] + [since])
     assert absent("unknown_both", USER_PROFILE + MERCHANT_PROFILE + [since])
+
+
+# --- the two online read paths --------------------------------------------------------------
+
+
+def test_blocking_and_async_reads_give_the_same_vectors(
+    scored_sync: list[ScoreResult], scored_http: list[dict[str, Any]]
+) -> None:
+    """Feast's `online_read` and the scorer's own reader: same values, ages, missing features
+    and scores."""
+    for s, h in zip(scored_sync, scored_http, strict=True):
+        assert h["transaction_id"] == s.transaction_id
+        assert h["missing_features"] == s.vector.missing, s.transaction_id
+        assert h["score"] == pytest.approx(s.score, abs=1e-12)
+        for name, fv in h["features"].items():
+            assert same(fv["value"], s.vector.values[name]), (s.transaction_id, name)
+            assert fv["age_seconds"] == s.vector.ages.get(name), (s.transaction_id, name)
+
+
+def test_repeated_reads_keep_the_requested_features_fixed(scorer: Scorer,
+                                                          cases: pd.DataFrame) -> None:
+    """Feast's Redis store appends `_ts:<view>` to the feature-name list it is handed; the
+    scorer must hand it a copy, or every request reads one more hash field than the last."""
+    events = events_of(cases.head(3))
+    reads = scorer.features._reads
+    before = [list(r.features) for r in reads]
+    first = [r.vector.values for r in scorer.score(events)]
+    for _ in range(10):
+        scorer.score(events)
+    assert [list(r.features) for r in reads] == before
+    assert not any(f.startswith("_ts:") for names in before for f in names)
+    again = [r.vector.values for r in scorer.score(events)]
+    assert all(same(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             from training.demo_stream import stream_part
 
             stream_part(env, client, base, u0, lambda txn, label: show(
-                client, base, txn, label, art.model, art.features), summary)
+                client, base, txn, label, art.model, art.features), summary, step)
 
     _summary(summary, time.perf_counter() - t_start)
 

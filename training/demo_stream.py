@@ -36,11 +36,12 @@ def _consume_count(bootstrap: str, topic: str, seconds: float) -> int:
 
 
 def stream_part(env: dict[str, str], client: httpx.Client, base: str, user: dict[str, Any],
-                show: Callable[[dict[str, Any], str], float], summary: dict[str, Any]) -> None:
+                show: Callable[[dict[str, Any], str], float], summary: dict[str, Any],
+                step: Callable[[str], None]) -> None:
     from streaming.broker import TansuBroker, kafka_answers
     from streaming.producer import TransactionProducer
     from streaming.topics import FRAUD_ALERTS, PREDICTIONS, ensure_topics
-    from training.demo import background, free_port, step
+    from training.demo import background, free_port, wait_http
 
     bootstrap = env.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     broker = None
@@ -61,7 +62,9 @@ def stream_part(env: dict[str, str], client: httpx.Client, base: str, user: dict
                         PROJECT_DIR / ".run" / "demo-features.log"), \
              background([py, "-m", "streaming.score"], wenv,
                         PROJECT_DIR / ".run" / "demo-stream-scorer.log"):
-            time.sleep(8)  # workers start and assign their partitions
+            for port in (wenv["STREAMING_METRICS_PORT"], wenv["STREAMING_SCORE_METRICS_PORT"]):
+                wait_http(f"http://127.0.0.1:{port}/metrics", timeout=120)
+            time.sleep(3)  # metrics answer just before the flows assign their partitions
             now = datetime.now(UTC)
             burst = [
                 TransactionEvent(

@@ -204,11 +204,14 @@ class Registry:
         return cast(str | None, previous)
 
     def rollback(self) -> str:
-        """Return to the champion before the current one; return it."""
+        """Return to the (verified) champion before the current one; return it."""
+        chain = lineage(self.state())
+        if len(chain) < 2:
+            raise RegistryError("no previous champion to roll back to")
+        self.verify(chain[-2])
         with self._transaction() as state:
-            chain = lineage(state)
-            if len(chain) < 2:
-                raise RegistryError("no previous champion to roll back to")
+            if lineage(state) != chain:
+                raise RegistryError("the registry changed during the rollback: retry")
             current, target = chain[-1], chain[-2]
             state["history"].append({"at": _now(), "action": "rollback", "version": target,
                                      "previous": current})

@@ -5,7 +5,8 @@ labelled transaction, splits by time (the most recent `test_fraction` is held ou
 scikit-learn pipeline (missing values are handled inside it, so serving imputes exactly as
 training did), reports ROC-AUC, PR-AUC and recall at a fixed low false-positive rate with and
 without the velocity features, saves ROC/PR plots, and writes
-`artifacts/models/<version>/{model.joblib,metadata.json,roc_pr.png}` and registers the version in
+`artifacts/models/<version>/{model.joblib,metadata.json,reference.json,roc_pr.png}`
+(reference.json: the training distribution of each input, for drift) and registers the version in
 the model registry (the first version becomes champion; later ones wait for `promote`).
 """
 
@@ -24,6 +25,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from serving.artifact import save_artifact, service_feature_names
+from serving.drift import write_reference
 from training.config import TrainingSettings, get_settings
 from training.model import make_pipeline
 from training.registry import Registry
@@ -136,6 +138,8 @@ def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path
         "retrieval_seconds": round(t_ret, 2),
     }
     save_artifact(out, model, meta)
+    # training distribution of every input: the drift reference (serving/drift.py)
+    write_reference(out, {f: frame.loc[~test, f] for f in features})
     plot_curves(curves, out / "roc_pr.png")
     Registry(settings.model_dir).register(out)
     return out

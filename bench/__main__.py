@@ -1,0 +1,171 @@
+"""`python -m bench [BENCHMARK ...] [--quick]`: run benchmarks, print a table, write a report.
+
+    python -m bench                 # all of them at realistic sizes -> reports/bench.{md,json}
+    python -m bench --quick         # smoke sizes -> reports/bench-quick.{md,json}
+    python -m bench scoring stream  # some of them -> reports/bench-scoring-stream.{md,json}
+
+Benchmarks: scoring, materialize, stream, retrieval, batch_score (see docs/benchmarks.md).
+Each one runs its own servers, brokers and workers, bounded in time, and stops them all when it
+ends, fails or is interrupted.  Nothing is asserted: missed targets are reported with the size
+of the miss and a profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from bench import report
+from bench.config import Sizes, get_settings
+from bench.procs import BenchError, python, run_json
+from bench.report import Measure, Section
+
+# name -> (title, "module:function" taking (sizes, section))
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "scoring": ("scoring latency and throughput", "bench.scoring:run"),
+    "materialize": ("materialization into the online store", ":materialize"),  # defined below
+    "stream": ("stream throughput and freshness", "bench.stream:run"),
+    "retrieval": ("training retrieval (point-in-time join)", "bench.retrieval:run"),
+    "batch_score": ("batch scoring", "bench.batch_score:run"),
+}
+
+
+def materialize(sizes: Sizes, section: Section) -> None:
+    """bench.materialize.run(entities), written separately, run in a bounded child process."""
+    if importlib.util.find_spec("bench.materialize") is None:
+        raise BenchError("bench.materialize is not available (module missing)")
+    code = ("import json, sys; from bench.materialize import run; "
+            "print(json.dumps(run(int(sys.argv[1])), default=str))")
+    s = get_settings()
+    timeout = 3600.0 if sizes.label == "full" else 600.0
+    result = run_json("materialize", python("-c", code, str(sizes.materialize_entities)),
+                      dict(os.environ, PYTHONUNBUFFERED="1"), s.run_dir / "logs" /
+                      "materialize.log", timeout)
+    section.details = result
+    section.ours_label = str(result.get("ours_label", "ours"))
+    section.stock_label = str(result.get("stock_label", "stock"))
+    section.notes.append(f"bench.materialize.run({sizes.materialize_entities:,})")
+    section.measures += _measures_from(result)
+    if not section.measures:
+        section.notes.append("bench.materialize returned no ours/stock pairs; raw result below.")
+
+
+def _measures_from(result: dict[str, object]) -> list[Measure]:
+    """Measures from a result dict: entries {"ours": x, "stock": y, ["unit", "better"]}."""
+    out = []
+    items = result.get("measures", result)
+    if isinstance(items, list):
+        items = {str(m.get("metric", i)): m for i, m in enumerate(items) if isinstance(m, dict)}
+    if not isinstance(items, dict):
+        return out
+    for name, v in items.items():
+        if isinstance(v, dict) and "ours" in v and "stock" in v:
+            try:
+                ours = None if v["ours"] is None else float(v["ours"])
+                stock = None if v["stock"] is None else float(v["stock"])
+            except (TypeError, ValueError):
+                continue
+            unit = str(v.get("unit", ""))
+            better = v.get("better") or ("higher" if unit.endswith("/s") else "lower")
+            out.append(Measure(str(name), unit, ours, stock, better))  # type: ignore[arg-type]
+    return out
+
+
+def _resolve(spec: str) -> Callable[[Sizes, Section], None]:
+    module, func = spec.split(":")
+    owner = importlib.import_module(module) if module else sys.modules[__name__]
+    return getattr(owner, func)  # type: ignore[no-any-return]
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every `finally`
+
+
+def run_one(name: str, sizes: Sizes) -> Section:
+    title, spec = BENCHMARKS[name]
+    section = Section(name, title)
+    section.load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    try:
+        _resolve(spec)(sizes, section)
+    except KeyboardInterrupt:
+        section.error = "interrupted"
+        raise
+    except BenchError as exc:
+        section.error = str(exc)
+    except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others
+        section.error = traceback.format_exc()
+    finally:
+        section.seconds = time.perf_counter() - t0
+        section.load_after = os.getloadavg()
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
+                   help=f"any of: {', '.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="small sizes, to validate the harness")
+    p.add_argument("--workers", type=int, default=None,
+                   help="server processes for scoring (ours and feast serve alike)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report path without suffix (default reports/bench[-quick][-names])")
+    a = p.parse_args(argv)
+    unknown = [b for b in a.benchmarks if b not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    if a.workers is not None:
+        os.environ["BENCH_WORKERS"] = str(a.workers)
+        get_settings.cache_clear()
+    signal.signal(signal.SIGTERM, _terminate)
+    names = a.benchmarks or list(BENCHMARKS)
+    sizes = Sizes.quick() if a.quick else Sizes.full()
+    s = get_settings()
+    stem = a.out or s.reports_dir / "-".join(
+        ["bench"] + (["quick"] if a.quick else []) + (a.benchmarks or []))
+    machine = report.machine_facts()
+    run = {"sizes": sizes.label, "command": report.command_line(), "started": report.now_iso(),
+           "benchmarks": names, "workers": s.workers, "sizes_detail": sizes.__dict__}
+    t0 = time.perf_counter()
+    sections: list[Section] = []
+    try:
+        for name in names:
+            print(f"== {name} ({sizes.label}), load average {_load()}", flush=True)
+            section = run_one(name, sizes)
+            sections.append(section)
+            print(report.summary_table([section]), flush=True)
+            if section.error:
+                print(f"   {name} not run: {section.error.strip().splitlines()[-1]}", flush=True)
+            _write(sections, run, machine, stem, t0)
+    except KeyboardInterrupt:
+        print("interrupted: children stopped; partial report written", file=sys.stderr)
+        _write(sections, run, machine, stem, t0)
+        return 130
+    md, js = _write(sections, run, machine, stem, t0)
+    print("\n" + report.summary_table(sections))
+    print(f"\nreport: {md} and {js}")
+    return 0
+
+
+def _write(sections: list[Section], run: dict[str, object], machine: dict[str, object],
+           stem: Path, t0: float) -> tuple[Path, Path]:
+    run = dict(run, finished=report.now_iso(), seconds=time.perf_counter() - t0)
+    machine = dict(machine, load_average_at_end=os.getloadavg())
+    return report.write(sections, run, machine, stem)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

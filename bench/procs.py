@@ -1,0 +1,173 @@
+"""Child processes of the benchmarks: own session, bounded in time, always stopped.
+
+Every child is started with `start_new_session=True`, so stopping it signals its whole process
+group (a server's workers, a broker's helpers) by the id we started, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from feature_repo.config import PROJECT_DIR
+from streaming.localproc import free_port
+
+__all__ = ["BenchError", "Child", "free_port", "log_tail", "python", "run_json", "running",
+           "wait_http"]
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not be run (set-up failed, a child died or timed out)."""
+
+
+def python(*args: str) -> list[str]:
+    """`python <args>` with the interpreter running the benchmark (the venv's)."""
+    return [sys.executable, *args]
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Child:
+    """One child process with its output appended to `log_path`."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path):
+        self.name = name
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError(f"{self.name} is not started")
+        return self.proc.pid
+
+    def start(self) -> Child:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            log.write(f"\n$ {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.argv, cwd=PROJECT_DIR, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the child's process group, SIGKILL it after `timeout_s`. Idempotent."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)  # the group we created: the child and its workers
+            try:
+                proc.wait(wait_s)
+                if sig == signal.SIGTERM:
+                    # workers may outlive their parent for a moment
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@contextlib.contextmanager
+def running(
+    name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path
+) -> Iterator[Child]:
+    """Start a child for the duration of the block; it is stopped in `finally`."""
+    child = Child(name, argv, env, log_path).start()
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+def wait_http(url: str, child: Child, timeout_s: float) -> None:
+    """Block until GET `url` answers 200; fail fast if `child` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise BenchError(f"{child.name} exited during start-up:\n{log_tail(child.log_path)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise BenchError(f"{child.name} not ready at {url} within {timeout_s:.0f}s:\n"
+                     f"{log_tail(child.log_path)}")
+
+
+def run_json(
+    name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path, timeout_s: float
+) -> dict[str, Any]:
+    """Run a child to completion (killed after `timeout_s`); return the JSON of its last line.
+
+    The child writes its diagnostics to stderr (appended to `log_path`) and one JSON object
+    as the last line of stdout.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"\n$ {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(list(argv), cwd=PROJECT_DIR, env=dict(env), stdout=subprocess.PIPE,
+                                stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        child = Child(name, argv, env, log_path)
+        child.proc = proc
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"{name} did not finish within {timeout_s:.0f}s (killed)") from exc
+        finally:
+            child.stop(timeout_s=5)
+    text = out.decode(errors="replace").strip()
+    if proc.returncode:
+        raise BenchError(f"{name} failed (exit {proc.returncode}):\n{log_tail(log_path)}")
+    try:
+        result: dict[str, Any] = json.loads(text.splitlines()[-1])
+    except (IndexError, json.JSONDecodeError) as exc:
+        raise BenchError(f"{name} printed no JSON result:\n{text[-2000:]}") from exc
+    return result
+
+
+def run_step(name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
+             timeout_s: float) -> float:
+    """Run a preparation step to completion; return its wall time in seconds."""
+    t0 = time.perf_counter()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"\n$ {' '.join(argv)}\n".encode())
+        log.flush()
+        child = Child(name, argv, env, log_path)
+        child.proc = subprocess.Popen(list(argv), cwd=PROJECT_DIR, env=dict(env), stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        try:
+            rc = child.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"{name} did not finish within {timeout_s:.0f}s (killed)") from exc
+        finally:
+            child.stop(timeout_s=5)
+    if rc:
+        raise BenchError(f"{name} failed (exit {rc}):\n{log_tail(log_path)}")
+    return time.perf_counter() - t0

@@ -1,0 +1,317 @@
+"""Scoring latency and throughput: our `POST /v1/score` vs `feast serve` on the same features.
+
+*Ours*: `python -m serving` (feature service lookup in Redis + on-demand views + model).
+*Stock*: `feast serve` (gunicorn + uvicorn workers, same worker count, no access log, no worker
+recycling) answering `POST /get-online-features` for the model's feature service with the same
+entity keys and request data: the lookup and the on-demand views, without a model.
+
+Per server, one at a time on the same machine: a warm-up, then `rate` requests/s open loop
+for `duration` seconds (bench.loadgen: latency from the scheduled send time), then the peak
+closed-loop throughput (wrk if installed, else bench.loadgen's closed loop).  Requests use
+(user, merchant, amount, channel) of recent transactions of the data set, with
+`event_timestamp` = now.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from bench import loadgen, profile
+from bench.config import Sizes, get_settings
+from bench.data import Dataset, scoring_dataset
+from bench.procs import BenchError, Child, free_port, python, run_step, running, wait_http
+from bench.report import Measure, Section, Target
+
+HOST = "127.0.0.1"
+P99_TARGET_MS = 5.0
+PEAK_RATIO_TARGET = 5.0
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server under test: how to start it and what to send it."""
+
+    name: str
+    argv: list[str]
+    ready_path: str
+    path: str
+    # (request index, wall-clock epoch seconds) -> JSON body
+    body: Callable[[int, float], bytes]
+    wrk_bodies: list[str]  # bodies with "__TS__" where the time goes
+    wrk_ts_lua: str
+
+
+def _iso(wall: float) -> str:
+    micros = int(round((wall % 1) * 1e6)) % 1_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{micros:06d}+00:00"
+
+
+def request_pool(dataset: Dataset, k: int = 5000, seed: int = 7) -> list[dict[str, Any]]:
+    """(user, merchant, amount, channel) of up to `k` recent transactions of the data set."""
+    from training.retrieval import read_transactions
+
+    tx = read_transactions(dataset.root, start=datetime.now(UTC) - timedelta(days=3))
+    if len(tx) < 100:
+        tx = read_transactions(dataset.root)
+    tx = tx[["user_id", "merchant_id", "amount", "channel"]]
+    rows: list[dict[str, Any]] = tx.sample(min(k, len(tx)), random_state=seed).to_dict("records")
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def feature_service_of(dataset: Dataset) -> str:
+    """The feature service recorded by the newest model artifact (what ours serves)."""
+    metas = sorted(dataset.model_dir.glob("*/metadata.json"))
+    if not metas:
+        raise BenchError(f"no model under {dataset.model_dir}")
+    return str(json.loads(metas[-1].read_text())["feature_service"])
+
+
+def ours_server(pool: list[dict[str, Any]], port: int, workers: int) -> Server:
+    parts = []
+    for r in pool:
+        head = {k: r[k] for k in ("user_id", "merchant_id")}
+        head.update(amount=round(float(r["amount"]), 2), currency="EUR", channel=r["channel"])
+        parts.append((json.dumps(head)[1:-1] + ',"event_timestamp":"').encode())
+
+    def body(i: int, wall: float) -> bytes:
+        return (b'{"transaction_id":"b%d",' % i + parts[i % len(parts)] + _iso(wall).encode()
+                + b'"}')
+
+    wrk = [b'{"transaction_id":"w",'.decode() + p.decode() + '__TS__"}' for p in parts[:2000]]
+    return Server("ours", python("-m", "serving", "--host", HOST, "--port", str(port),
+                                 "--workers", str(workers)),
+                  "/ready", "/v1/score", body, wrk, 'os.date("!%Y-%m-%dT%H:%M:%S+00:00")')
+
+
+def stock_server(pool: list[dict[str, Any]], port: int, workers: int, service: str) -> Server:
+    parts = []
+    for r in pool:
+        m, a = json.dumps(r["merchant_id"]), round(float(r["amount"]), 2)
+        parts.append((
+            f'{{"feature_service":{json.dumps(service)},"entities":{{"user_id":'
+            f'[{json.dumps(r["user_id"])}],"merchant_id":[{m}],"txn_amount":[{a}],'
+            f'"txn_merchant_id":[{m}],"txn_channel":[{json.dumps(r["channel"])}],'
+            f'"request_ts_us":['
+        ).encode())
+
+    def body(i: int, wall: float) -> bytes:
+        return parts[i % len(parts)] + str(int(wall * 1e6)).encode() + b"]}}"
+
+    wrk = [p.decode() + "__TS__]}}" for p in parts[:2000]]
+    feast = [str(Path(sys.executable).parent / "feast"), "--log-level", "WARNING",
+             "-c", "feature_repo"]
+    return Server("stock", [*feast, "serve", "-h", HOST, "-p", str(port), "-w", str(workers),
+                            "--no-access-log", "--max-requests", "0", "--max-requests-jitter",
+                            "0", "--keep-alive-timeout", "30"],
+                  "/health", "/get-online-features", body, wrk,
+                  'string.format("%d", os.time() * 1000000)')
+
+
+def _factory(server: Server, port: int) -> loadgen.RequestFactory:
+    head = (f"POST {server.path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: ").encode()
+
+    def make(i: int, wall: float) -> bytes:
+        b = server.body(i, wall)
+        return head + str(len(b)).encode() + b"\r\n\r\n" + b
+
+    return make
+
+
+def _validate(server: Server, port: int, n: int = 20) -> dict[str, Any]:
+    """A few requests before the load: status codes and how complete the features are."""
+    out: dict[str, Any] = {"statuses": {}, "requests": n}
+    incomplete = 0
+    with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=10) as client:
+        for i in range(n):
+            r = client.post(server.path, content=server.body(i, time.time()),
+                            headers={"content-type": "application/json"})
+            out["statuses"][r.status_code] = out["statuses"].get(r.status_code, 0) + 1
+            if r.status_code != 200:
+                out.setdefault("example_error", r.text[:300])
+                continue
+            body = r.json()
+            if server.name == "ours":
+                incomplete += bool(body["missing_features"])
+            else:
+                incomplete += any(s != "PRESENT" for res in body["results"]
+                                  for s in res["statuses"])
+    out["with_missing_features"] = incomplete
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _measure(server: Server, child: Child, port: int, sizes: Sizes) -> dict[str, Any]:
+    make = _factory(server, port)
+    res: dict[str, Any] = {"validation": _validate(server, port)}
+    loadgen.open_loop(HOST, port, make, sizes.score_rate, sizes.score_warmup_s,
+                      sizes.score_connections, drain_s=2)
+    cpu0 = _cpu_seconds(child.pid)
+    run = loadgen.open_loop(HOST, port, make, sizes.score_rate, sizes.score_duration_s,
+                            sizes.score_connections, drain_s=5)
+    cpu = _cpu_seconds(child.pid) - cpu0
+    res["open_loop"] = run.summary()
+    res["server_cpu_ms_per_request"] = cpu * 1000 / max(run.completed, 1)
+    if loadgen.wrk_available():
+        peak = loadgen.wrk_closed_loop(
+            HOST, port, server.path, loadgen.wrk_script(server.wrk_bodies, server.wrk_ts_lua),
+            sizes.score_peak_duration_s, sizes.score_connections)
+        res["peak"] = peak.summary()
+    else:
+        closed = loadgen.closed_loop(HOST, port, make, sizes.score_peak_duration_s,
+                                     sizes.score_connections)
+        res["peak"] = {"tool": "bench.loadgen closed loop", **closed.summary()}
+    return res
+
+
+def _serve_and_measure(server: Server, dataset: Dataset, sizes: Sizes, log_dir: Path
+                       ) -> dict[str, Any]:
+    port = _port(server)
+    env = dataset.env(SERVING_LOG_LEVEL="WARNING")
+    with running(server.name, server.argv, env, log_dir / f"{server.name}-server.log") as child:
+        t0 = time.perf_counter()
+        wait_http(f"http://{HOST}:{port}{server.ready_path}", child,
+                  get_settings().server_start_timeout_s)
+        started = time.perf_counter() - t0
+        res = _measure(server, child, port, sizes)
+        res["startup_s"] = started
+        return res
+
+
+def run(sizes: Sizes, section: Section) -> None:
+    s = get_settings()
+    log_dir = s.run_dir / "logs"
+    dataset = scoring_dataset()
+    pool = request_pool(dataset)
+    service = feature_service_of(dataset)
+    section.ours_label = f"`python -m serving --workers {s.workers}` POST /v1/score"
+    section.stock_label = (f"`feast serve -w {s.workers} --no-access-log --max-requests 0` "
+                           f"POST /get-online-features (feature service {service})")
+    section.notes += [
+        f"Open loop: {sizes.score_rate:,.0f} requests/s for {sizes.score_duration_s:.0f} s over "
+        f"{sizes.score_connections} keep-alive connections (bench.loadgen, latency from the "
+        f"scheduled send time, after a {sizes.score_warmup_s:.0f} s warm-up); peak: closed "
+        f"loop for {sizes.score_peak_duration_s:.0f} s, {sizes.score_connections} connections "
+        f"({'wrk, 1 thread' if loadgen.wrk_available() else 'bench.loadgen closed loop'}). "
+        "Client and server share the machine's cores; the servers run one at a time.",
+    ]
+    ours = ours_server(pool, free_port(), s.workers)
+    try:
+        ours_res = _serve_and_measure(ours, dataset, sizes, log_dir)
+    except BenchError as exc:
+        if dataset.name != "demo" or "start-up" not in str(exc):
+            raise
+        # The demo's model may predate the current training code: train one on the same data.
+        dataset = _retrained(dataset, log_dir)
+        section.notes.append("The demo model did not load with the current code (see "
+                             ".run/bench/logs/ours-server.log); the benchmark trained a model "
+                             f"on the demo data into {dataset.model_dir}.")
+        ours_res = _serve_and_measure(ours, dataset, sizes, log_dir)
+    section.notes.insert(0, f"Data: {dataset.describe()}; {len(pool):,} request templates "
+                            "from its last 3 days of transactions, event_timestamp = now.")
+    stock = stock_server(pool, free_port(), s.workers, service)
+    stock_res = _serve_and_measure(stock, dataset, sizes, log_dir)
+    section.details = {"ours": ours_res, "stock": stock_res, "feature_service": service}
+    _measures(section, ours_res, stock_res, sizes)
+    if section.missed():
+        section.profiles["ours server under the open-loop load (py-spy)"] = _profile(
+            ours, dataset, sizes, log_dir)
+
+
+def _retrained(dataset: Dataset, log_dir: Path) -> Dataset:
+    import dataclasses
+
+    model_dir = get_settings().run_dir / f"models-{dataset.name}"
+    if not any(model_dir.glob("*/metadata.json")):
+        run_step("train", python("-m", "training.train"),
+                 dataset.env(TRAINING_MODEL_DIR=str(model_dir)), log_dir / "train.log", 1800)
+    return dataclasses.replace(dataset, model_dir=model_dir,
+                               origin=dataset.origin + " with a model trained by the benchmark")
+
+
+def _profile(server: Server, dataset: Dataset, sizes: Sizes, log_dir: Path) -> str:
+    """py-spy samples of the server while it answers the same open-loop load."""
+    import threading
+
+    s = get_settings()
+    port = _port(server)
+    with running(server.name, server.argv, dataset.env(SERVING_LOG_LEVEL="WARNING"),
+                 log_dir / f"{server.name}-server.log") as child:
+        wait_http(f"http://{HOST}:{port}{server.ready_path}", child, s.server_start_timeout_s)
+        make = _factory(server, port)
+        loadgen.open_loop(HOST, port, make, sizes.score_rate, sizes.score_warmup_s,
+                          sizes.score_connections, drain_s=2)
+        holder: dict[str, str] = {}
+        t = threading.Thread(target=lambda: holder.update(text=profile.record(
+            child.pid, s.profile_seconds, log_dir / f"pyspy-{server.name}.txt")))
+        t.start()
+        loadgen.open_loop(HOST, port, make, sizes.score_rate, s.profile_seconds + 2,
+                          sizes.score_connections, drain_s=2)
+        t.join(s.profile_seconds + 90)
+    return holder.get("text", "profiler did not finish")
+
+
+def _port(server: Server) -> int:
+    flag = "--port" if "--port" in server.argv else "-p"
+    return int(server.argv[server.argv.index(flag) + 1])
+
+
+def _measures(section: Section, ours: dict[str, Any], stock: dict[str, Any],
+              sizes: Sizes) -> None:
+    ol, sl = ours["open_loop"], stock["open_loop"]
+    rate = f"@{sizes.score_rate:,.0f}/s"
+    for q in ("p50", "p90", "p99", "max"):
+        target = Target("<=", P99_TARGET_MS) if q == "p99" else None
+        section.measures.append(Measure(
+            f"latency {q} {rate} open loop", "ms", ol["latency_s"].get(q, float("nan")) * 1000,
+            sl["latency_s"].get(q, float("nan")) * 1000, "lower", target))
+    section.measures += [
+        Measure(f"completed {rate} open loop", "/s", ol["throughput"], sl["throughput"], "higher",
+                note=f"ours {ol['incomplete']:,} incomplete, statuses {ol['statuses']}; stock "
+                     f"{sl['incomplete']:,} incomplete, statuses {sl['statuses']}"),
+        Measure(f"server CPU per request {rate}", "ms", ours["server_cpu_ms_per_request"],
+                stock["server_cpu_ms_per_request"], "lower"),
+        Measure("peak throughput (closed loop)", "/s", ours["peak"]["throughput"],
+                stock["peak"]["throughput"], "higher", Target(">=", PEAK_RATIO_TARGET, "ratio"),
+                note=f"ours {_peak_errors(ours['peak'])}; stock {_peak_errors(stock['peak'])}"),
+    ]
+    lag_o, lag_s = ol["send_lag_s"].get("p99", 0) * 1000, sl["send_lag_s"].get("p99", 0) * 1000
+    section.notes.append(
+        f"Client send lag p99 (how late this client itself sent, included in the latencies): "
+        f"ours run {lag_o:.2f} ms, stock run {lag_s:.2f} ms. Validation before the load: ours "
+        f"{ours['validation']}, stock {stock['validation']}. Start-up: ours "
+        f"{ours['startup_s']:.1f} s, stock {stock['startup_s']:.1f} s.")
+
+
+def _peak_errors(peak: dict[str, Any]) -> str:
+    if peak.get("tool") == "wrk":
+        return f"{peak['requests']:,} requests, non-2xx {peak['non_2xx']}, socket errors " \
+               f"{peak['socket_errors']}"
+    return f"{peak.get('completed', 0):,} requests, statuses {peak.get('statuses')}"

@@ -1,0 +1,272 @@
+"""The prediction log: scored requests with their full feature vectors, for audits and drift.
+
+`PredictionLog.record(results, events)` runs after every scoring call.  Each record is
+`streaming.score.prediction_record` (the streaming scorer's shape: ids, request time, score,
+decision, model version, feature service, missing features, every model input) plus what a
+replay needs: `amount`, `currency`, `channel`, and for the online rows that were read,
+`feature_ages` (request time minus row time, seconds) and `stale_features`.
+
+Sinks, each optional:
+
+* **Kafka** (`SERVING_PREDICTION_LOG_KAFKA` = bootstrap servers): JSON on the `predictions`
+  topic keyed by user_id, produced without waiting (`produce` + `poll(0)`); a full local queue
+  drops the record, and failed deliveries are counted, never retried by this code.
+* **Parquet** (`SERVING_PREDICTION_LOG_DIR`): records are buffered and written by a background
+  thread every `flush_records` records or `flush_seconds`, whichever comes first, to
+  `<dir>/date=YYYY-MM-DD/part-*.parquet` (the request's UTC date).  Each file is written under
+  a dot-name and renamed into place, so readers never see a partial file.
+  `training.skew_audit` reads this directory.
+
+Sampling (`SERVING_PREDICTION_LOG_SAMPLE`) is deterministic: a transaction is logged iff the
+hash of its id falls below the rate, so every replica and rerun logs the same transactions.
+The drift monitor (serving/drift.py) sees every vector, sampled or not.
+
+Delivery: best effort, at most once.  Nothing here can fail or delay a request: records still
+buffered when the process dies are lost, and every loss is counted in
+`fraud_prediction_log_records_total{sink, outcome="dropped"|"failed"}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from serving import metrics
+from serving.config import ServingSettings
+from serving.drift import DriftMonitor, load_reference
+from serving.scoring import ScoreResult
+from streaming.score import prediction_record
+
+log = logging.getLogger("serving.prediction_log")
+
+# The parquet log's columns; `features` and `feature_ages` are JSON objects (name -> value),
+# which keeps ints ints and floats exact whatever a batch happens to contain.
+LOG_SCHEMA = pa.schema([
+    ("transaction_id", pa.string()),
+    ("user_id", pa.string()),
+    ("merchant_id", pa.string()),
+    ("event_timestamp", pa.timestamp("us", tz="UTC")),
+    ("scored_at", pa.timestamp("us", tz="UTC")),
+    ("score", pa.float64()),
+    ("decision", pa.string()),
+    ("model_version", pa.string()),
+    ("feature_service", pa.string()),
+    ("amount", pa.float64()),
+    ("currency", pa.string()),
+    ("channel", pa.string()),
+    ("missing_features", pa.list_(pa.string())),
+    ("stale_features", pa.list_(pa.string())),
+    ("features", pa.string()),
+    ("feature_ages", pa.string()),
+])
+_JSON_COLUMNS = ("features", "feature_ages")
+_TIME_COLUMNS = ("event_timestamp", "scored_at")
+
+
+def sampled(transaction_id: str, rate: float) -> bool:
+    """Whether a transaction is logged at `rate` (stable across processes: a hash, not random)."""
+    if rate >= 1.0:
+        return True
+    digest = hashlib.blake2b(transaction_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < rate * 2**64
+
+
+def log_record(result: ScoreResult, event: Any) -> dict[str, Any]:
+    """One prediction-log record (see the module docstring)."""
+    return {
+        **prediction_record(result, event),
+        "amount": float(event.amount),
+        "currency": event.currency,
+        "channel": event.channel,
+        "stale_features": list(result.vector.stale),
+        "feature_ages": dict(result.vector.ages),
+    }
+
+
+def _json_default(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else str(v)  # numpy scalars
+
+
+def to_table(records: Sequence[dict[str, Any]]) -> pa.Table:
+    """Records as an Arrow table in LOG_SCHEMA."""
+    cols: dict[str, list[Any]] = {name: [] for name in LOG_SCHEMA.names}
+    for rec in records:
+        for name in LOG_SCHEMA.names:
+            v = rec.get(name)
+            if name in _JSON_COLUMNS:
+                v = json.dumps(v, default=_json_default)
+            elif name in _TIME_COLUMNS:
+                v = datetime.fromisoformat(v)
+            cols[name].append(v)
+    return pa.table(cols, schema=LOG_SCHEMA)
+
+
+class ParquetSink:
+    """Buffered parquet files in `directory`, written by a daemon thread (see module docstring)."""
+
+    def __init__(self, directory: Path, flush_records: int = 1000, flush_seconds: float = 5.0,
+                 max_buffered: int | None = None) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._flush_records = flush_records
+        self._flush_seconds = flush_seconds
+        self._max = max_buffered or max(20 * flush_records, 10_000)
+        self._buffer: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        with self._cond:
+            room = self._max - len(self._buffer)
+            if room < len(records):  # the writer is behind: shed load, never block
+                metrics.PREDICTION_LOG.labels("parquet", "dropped").inc(len(records) - room)
+                records = records[:max(room, 0)]
+            self._buffer.extend(records)
+            if len(self._buffer) >= self._flush_records:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                deadline = time.monotonic() + self._flush_seconds
+                while (not self._closed and len(self._buffer) < self._flush_records
+                       and (left := deadline - time.monotonic()) > 0):
+                    self._cond.wait(left)
+                batch, self._buffer = self._buffer, []
+                closing = self._closed
+            if batch:
+                self._write(batch)
+            if closing:
+                return
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        try:
+            by_date: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for rec in batch:
+                by_date[rec["event_timestamp"][:10]].append(rec)
+            for day, recs in by_date.items():
+                part = self.directory / f"date={day}"
+                part.mkdir(exist_ok=True)
+                name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+                tmp = part / f".{name}.tmp"
+                pq.write_table(to_table(recs), tmp)
+                os.replace(tmp, part / name)
+            metrics.PREDICTION_LOG.labels("parquet", "written").inc(len(batch))
+        except Exception:  # noqa: BLE001 - a logging failure must not stop the writer
+            log.exception("prediction log: writing %d records failed", len(batch))
+            metrics.PREDICTION_LOG.labels("parquet", "failed").inc(len(batch))
+
+    def close(self) -> None:
+        """Write what is buffered and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+
+class KafkaSink:
+    """JSON records on the `predictions` topic, produced without blocking."""
+
+    def __init__(self, bootstrap: str, topic: str | None = None, **overrides: Any) -> None:
+        """`overrides` are producer settings (streaming.kafka_conf.producer_conf)."""
+        from confluent_kafka import Producer
+
+        from streaming.kafka_conf import producer_conf
+        from streaming.topics import PREDICTIONS
+
+        self.topic = topic or PREDICTIONS
+        # Not idempotent: a long-lived producer must survive broker restarts (kafka_conf), and
+        # this log is at-most-once anyway.
+        self._producer = Producer(producer_conf(
+            bootstrap, enable_idempotence=False, linger_ms=50,
+            error_cb=lambda err: log.warning("prediction log producer: %s", err), **overrides,
+        ))
+
+    @staticmethod
+    def _delivered(err: Any, msg: Any) -> None:
+        if err is None:
+            metrics.PREDICTION_LOG.labels("kafka", "delivered").inc()
+        else:
+            metrics.PREDICTION_LOG.labels("kafka", "failed").inc()
+            log.warning("prediction log: delivery failed: %s", err)
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            try:
+                self._producer.produce(self.topic, key=rec["user_id"].encode(),
+                                       value=json.dumps(rec, default=_json_default).encode(),
+                                       on_delivery=self._delivered)
+            except BufferError:  # local queue full: drop rather than wait
+                metrics.PREDICTION_LOG.labels("kafka", "dropped").inc()
+        self._producer.poll(0)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        left = self._producer.flush(timeout_s)
+        if left:
+            metrics.PREDICTION_LOG.labels("kafka", "dropped").inc(left)
+            log.warning("prediction log: %d records undelivered at shutdown", left)
+
+
+class PredictionLog:
+    """Fan-out of scored requests to the configured sinks and the drift monitor."""
+
+    def __init__(self, sinks: Sequence[ParquetSink | KafkaSink] = (), sample: float = 1.0,
+                 drift: DriftMonitor | None = None) -> None:
+        self.sinks = list(sinks)
+        self.sample = sample
+        self.drift = drift
+
+    @classmethod
+    def from_settings(cls, settings: ServingSettings, artifact_dir: Path | None = None
+                      ) -> PredictionLog:
+        """Sinks from the settings; drift against `artifact_dir`'s reference.json, if any."""
+        sinks: list[ParquetSink | KafkaSink] = []
+        if settings.prediction_log_dir is not None:
+            sinks.append(ParquetSink(settings.prediction_log_dir,
+                                     settings.prediction_log_flush_records,
+                                     settings.prediction_log_flush_seconds))
+        if settings.prediction_log_kafka:
+            sinks.append(KafkaSink(settings.prediction_log_kafka))
+        reference = load_reference(artifact_dir) if artifact_dir is not None else None
+        drift = None
+        if reference is not None:
+            drift = DriftMonitor(reference, settings.drift_window,
+                                 settings.drift_interval_seconds)
+        return cls(sinks, settings.prediction_log_sample, drift)
+
+    def record(self, results: Sequence[ScoreResult], events: Sequence[Any]) -> None:
+        """Log one scoring call (cheap and non-blocking; never raises)."""
+        try:
+            if self.drift is not None:
+                self.drift.observe(r.vector.values for r in results)
+            if not self.sinks:
+                return
+            records = [log_record(r, e) for r, e in zip(results, events, strict=True)
+                       if sampled(r.transaction_id, self.sample)]
+            if records:
+                for sink in self.sinks:
+                    sink.add(records)
+        except Exception:  # noqa: BLE001 - logging must never fail a request
+            log.exception("prediction log: record failed")
+            metrics.PREDICTION_LOG.labels("all", "failed").inc(len(results))
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        if self.drift is not None:
+            self.drift.close()

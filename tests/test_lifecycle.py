@@ -1,0 +1,366 @@
+"""Model lifecycle: the registry and its CLI, shadow and canary challengers, reloads without a
+restart (also under load), refusal of tampered artifacts, and the API keys.
+
+Versions `v1` and `v2` are copies of the session's trained artifact (same model file, so the
+sha256 stays valid; only `metadata.version` differs); `v3` is a small model of another feature
+service, for a challenger with its own online features.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from serving.app import create_app
+from serving.artifact import (
+    METADATA_FILE,
+    MODEL_FILE,
+    save_artifact,
+    service_feature_names,
+    sha256_file,
+)
+from serving.config import ServingSettings
+from serving.models import in_canary
+from tests.conftest import PROJECT
+from training.model import make_pipeline
+from training.registry import Registry, RegistryError, lineage
+
+pytestmark = pytest.mark.integration
+
+ADMIN_KEY = "admin-secret"
+ADMIN = {"X-API-Key": ADMIN_KEY}
+
+
+def _clone(src: Path, model_dir: Path, version: str) -> Path:
+    dst = model_dir / version
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / METADATA_FILE).read_text())
+    meta["version"] = version
+    (dst / METADATA_FILE).write_text(json.dumps(meta))
+    return dst
+
+
+def _tamper(artifact: Path) -> None:
+    with (artifact / MODEL_FILE).open("ab") as f:
+        f.write(b"\0")
+
+
+def _txn(tid: str, user: str = "u1") -> dict[str, Any]:
+    return {"transaction_id": tid, "user_id": user, "merchant_id": "m1", "amount": 42.0,
+            "currency": "EUR", "channel": "online"}
+
+
+def _settings(model_dir: Path, **kw: Any) -> ServingSettings:
+    base: dict[str, Any] = {"model_dir": model_dir, "admin_api_key": ADMIN_KEY, "api_key": None,
+                            "model_version": None, "reload_interval_s": 0}
+    return ServingSettings(**{**base, **kw})
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _cli(model_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "training.registry", "--model-dir", str(model_dir), *args],
+        cwd=PROJECT, capture_output=True, text=True, timeout=60,
+    )
+
+
+def _version(client: TestClient, user: str = "u1", **headers: str) -> str:
+    r = client.post("/v1/score", json=_txn("t-1", user), headers=headers)
+    assert r.status_code == 200, r.text
+    return str(r.json()["model_version"])
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, trained_artifact: Path) -> Path:
+    """v1 (champion) and v2 registered in a private model directory."""
+    d = tmp_path / "models"
+    reg = Registry(d)
+    for v in ("v1", "v2"):
+        reg.register(_clone(trained_artifact, d, v))
+    return d
+
+
+@pytest.fixture
+def client(model_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(_settings(model_dir))) as c:
+        yield c
+
+
+# --- the registry -----------------------------------------------------------------------
+
+
+def test_cli_register_list_promote_rollback(tmp_path: Path, trained_artifact: Path) -> None:
+    d = tmp_path / "models"
+    for v in ("v1", "v2"):
+        _clone(trained_artifact, d, v)
+        out = _cli(d, "register", str(d / v))
+        assert out.returncode == 0, out.stderr
+    assert "registered v1 (champion)" not in out.stdout  # the second is not promoted
+    table = _cli(d, "list").stdout.splitlines()
+    assert table[0].split()[:2] == ["VERSION", "ROLE"]
+    assert [r.split()[:2] for r in table[1:]] == [["v1", "champion"], ["v2", "-"]]
+
+    assert _cli(d, "promote", "v2").returncode == 0
+    assert json.loads(_cli(d, "show").stdout)["version"] == "v2"
+    assert _cli(d, "challenger", "v1", "--mode", "canary", "--share", "0.25").returncode == 0
+    assert "canary 25%" in _cli(d, "list").stdout
+    assert _cli(d, "rollback").returncode == 0  # rolling back to the challenger clears it
+    state = json.loads((d / "registry.json").read_text())
+    assert state["champion"] == "v1" and state["challenger"] is None
+    assert [e["action"] for e in state["history"]] == ["register", "promote", "rollback"]
+
+    again = _cli(d, "rollback")
+    assert again.returncode == 1 and "no previous champion" in again.stderr
+    assert _cli(d, "promote", "v9").returncode == 1
+    _tamper(d / "v2")
+    refused = _cli(d, "promote", "v2")
+    assert refused.returncode == 1 and "sha256" in refused.stderr
+    assert json.loads((d / "registry.json").read_text())["champion"] == "v1"
+
+
+def test_registry_concurrent_writers_lose_nothing(tmp_path: Path, trained_artifact: Path) -> None:
+    d = tmp_path / "models"
+    dirs = [_clone(trained_artifact, d, f"v{i}") for i in range(12)]
+    errors: list[BaseException] = []
+
+    def register(p: Path) -> None:
+        try:
+            Registry(d).register(p)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(p,)) for p in dirs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    state = Registry(d).state()
+    assert sorted(state["versions"]) == sorted(p.name for p in dirs)
+    assert len(lineage(state)) == 1  # exactly one first version became champion
+    assert not list(d.glob(".registry-*"))  # no temp files left behind
+    _tamper(dirs[0])  # same version, another (consistently hashed) model file
+    meta = json.loads((dirs[0] / METADATA_FILE).read_text())
+    meta["sha256"] = sha256_file(dirs[0] / MODEL_FILE)
+    (dirs[0] / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(RegistryError, match="already registered"):
+        Registry(d).register(dirs[0])  # versions are immutable
+
+
+# --- what serves ------------------------------------------------------------------------
+
+
+def test_serves_champion_and_honours_the_pin(model_dir: Path) -> None:
+    Registry(model_dir).promote("v2")
+    with TestClient(create_app(_settings(model_dir))) as c:
+        assert _version(c) == "v2"
+        assert _metric("fraud_model_info", version="v2", feature_service="fraud_model_v1") == 1
+    with TestClient(create_app(_settings(model_dir, model_version="v1"))) as c:
+        assert _version(c) == "v1"
+        assert c.get("/admin/models", headers=ADMIN).json()["serving"]["source"] == "pinned"
+
+
+def test_shadow_scores_same_vectors_and_never_answers(model_dir: Path) -> None:
+    Registry(model_dir).set_challenger("v2", "shadow")
+    before = _metric("fraud_shadow_scores_total", version="v2")
+    lookups = _metric("fraud_online_lookup_seconds_count")
+    diffs = _metric("fraud_challenger_score_diff_count", version="v2")
+    with TestClient(create_app(_settings(model_dir))) as c:
+        r = c.post("/v1/score/batch", json={"transactions": [_txn(f"t{i}", f"u{i}")
+                                                             for i in range(5)]})
+        assert r.status_code == 200
+        assert {x["model_version"] for x in r.json()["results"]} == {"v1"}
+        assert _metric("fraud_challenger_info", version="v2", feature_service="fraud_model_v1",
+                       mode="shadow") == 1
+    assert _metric("fraud_shadow_scores_total", version="v2") == before + 5
+    assert _metric("fraud_challenger_score_diff_count", version="v2") == diffs + 5
+    assert _metric("fraud_online_lookup_seconds_count") == lookups + 1  # one lookup, shared
+
+
+def test_shadow_with_another_feature_service(model_dir: Path, materialized_store: Any) -> None:
+    service = "fraud_model_v1_no_velocity"
+    features = service_feature_names(materialized_store.get_feature_service(service))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(400, len(features))), rng.integers(0, 2, 400)
+    save_artifact(model_dir / "v3", make_pipeline(0).fit(x, y),
+                  {"version": "v3", "feature_service": service, "features": features})
+    reg = Registry(model_dir)
+    reg.register(model_dir / "v3")
+    reg.set_challenger("v3", "shadow")
+    before = _metric("fraud_shadow_scores_total", version="v3")
+    lookups = _metric("fraud_online_lookup_seconds_count")
+    with TestClient(create_app(_settings(model_dir))) as c:
+        assert _version(c) == "v1"
+        models = c.app.state.models.current  # type: ignore[attr-defined]
+        assert models.challenger.scorer.features is not models.champion.features
+    assert _metric("fraud_shadow_scores_total", version="v3") == before + 1
+    assert _metric("fraud_online_lookup_seconds_count") == lookups + 2  # its own lookup
+
+
+def test_canary_is_deterministic_by_user(model_dir: Path) -> None:
+    Registry(model_dir).set_challenger("v2", "canary", 0.5)
+    users = [f"user-{i}" for i in range(200)]
+    before = _metric("fraud_canary_requests_total", version="v2")
+    with TestClient(create_app(_settings(model_dir))) as c:
+        def versions(order: list[str]) -> dict[str, str]:
+            body = {"transactions": [_txn(f"t-{u}", u) for u in order]}
+            r = c.post("/v1/score/batch", json=body)
+            assert r.status_code == 200
+            return {u: x["model_version"] for u, x in zip(order, r.json()["results"], strict=True)}
+
+        first = versions(users)
+        assert versions(users[::-1]) == first  # same user, same model, whatever the batch
+        assert all(_version(c, u) == first[u] for u in users[:10])
+    assert set(first.values()) == {"v1", "v2"}
+    assert first == {u: "v2" if in_canary(u, 0.5) else "v1" for u in users}
+    assert 60 < sum(v == "v2" for v in first.values()) < 140
+    canaried = sum(v == "v2" for v in first.values())
+    assert _metric("fraud_canary_requests_total", version="v2") == before + 2 * canaried + sum(
+        first[u] == "v2" for u in users[:10])
+
+
+# --- reloading --------------------------------------------------------------------------
+
+
+def test_admin_promote_rollback_and_models(client: TestClient, model_dir: Path) -> None:
+    assert _version(client) == "v1"
+    r = client.post("/admin/promote/v2", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["serving"]["champion"]["version"] == "v2"
+    assert _version(client) == "v2"
+    assert _metric("fraud_model_info", version="v2", feature_service="fraud_model_v1") == 1
+    assert _metric("fraud_model_info", version="v1", feature_service="fraud_model_v1") == 0
+    assert client.post("/admin/rollback", headers=ADMIN).status_code == 200
+    assert _version(client) == "v1"
+    r = client.post("/admin/rollback", headers=ADMIN)
+    assert r.status_code == 409 and "no previous champion" in r.json()["detail"]
+    assert client.post("/admin/promote/v9", headers=ADMIN).status_code == 404
+    status = client.get("/admin/models", headers=ADMIN).json()
+    assert status["serving"]["champion"]["version"] == "v1"
+    assert status["registry"]["champion"] == "v1"
+    assert sorted(status["registry"]["versions"]) == ["v1", "v2"]
+
+
+def test_tampered_artifact_is_refused_and_old_model_keeps_serving(
+    client: TestClient, model_dir: Path
+) -> None:
+    _tamper(model_dir / "v2")
+    r = client.post("/admin/promote/v2", headers=ADMIN)
+    assert r.status_code == 409 and "sha256" in r.json()["detail"]
+    assert Registry(model_dir).state()["champion"] == "v1"
+    assert _version(client) == "v1"
+
+
+def test_reload_refuses_a_registry_state_that_cannot_serve(
+    client: TestClient, model_dir: Path, trained_artifact: Path
+) -> None:
+    Registry(model_dir).promote("v2")  # valid when promoted elsewhere ...
+    _tamper(model_dir / "v2")  # ... but the file this replica reads is corrupt
+    r = client.post("/admin/reload", headers=ADMIN)
+    assert r.status_code == 409 and "sha256" in r.json()["detail"]
+    assert _version(client) == "v1"
+    assert "sha256" in client.get("/admin/models", headers=ADMIN).json()["last_error"]
+    shutil.copy(trained_artifact / MODEL_FILE, model_dir / "v2" / MODEL_FILE)  # repaired
+    assert client.post("/admin/reload", headers=ADMIN).status_code == 200
+    assert _version(client) == "v2"
+
+
+def test_poller_follows_the_registry_and_survives_a_broken_file(model_dir: Path) -> None:
+    registry = model_dir / "registry.json"
+    good = registry.read_text()
+
+    def wait_for(version: str, c: TestClient) -> None:
+        deadline = time.monotonic() + 10
+        while _version(c) != version:
+            assert time.monotonic() < deadline, f"still not serving {version}"
+            time.sleep(0.05)
+
+    with TestClient(create_app(_settings(model_dir, reload_interval_s=0.1))) as c:
+        registry.write_text("{not json")
+        deadline = time.monotonic() + 10
+        while not c.get("/admin/models", headers=ADMIN).json()["last_error"]:
+            assert time.monotonic() < deadline, "broken registry not noticed"
+            time.sleep(0.05)
+        assert _version(c) == "v1"
+        registry.write_text(good)
+        Registry(model_dir).promote("v2")
+        wait_for("v2", c)
+        Registry(model_dir).rollback()
+        wait_for("v1", c)
+
+
+def test_reload_while_requests_are_in_flight(model_dir: Path) -> None:
+    app = create_app(_settings(model_dir))
+
+    async def scenario() -> list[tuple[int, str]]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://scorer") as c:
+                stop = asyncio.Event()
+
+                async def fire(k: int) -> list[tuple[int, str]]:
+                    out = []
+                    i = 0
+                    while not stop.is_set():
+                        r = await c.post("/v1/score/batch", json={"transactions": [
+                            _txn(f"{k}-{i}-{j}", f"u{(i + j) % 50}") for j in range(5)]})
+                        versions = {x["model_version"] for x in r.json().get("results", [])}
+                        out.append((r.status_code, ",".join(sorted(versions))))
+                        i += 1
+                    return out
+
+                tasks = [asyncio.create_task(fire(k)) for k in range(8)]
+                for target in ("v2", "v1", "v2", "v1"):
+                    await asyncio.sleep(0.05)
+                    r = await c.post(f"/admin/promote/{target}", headers=ADMIN)
+                    assert r.status_code == 200, r.text
+                await asyncio.sleep(0.05)
+                stop.set()
+                return [x for t in await asyncio.gather(*tasks) for x in t]
+
+    results = asyncio.run(scenario())
+    assert len(results) > 40
+    assert {status for status, _ in results} == {200}
+    assert {v for _, v in results} == {"v1", "v2"}  # each batch answered by one model set
+
+
+# --- API keys ---------------------------------------------------------------------------
+
+
+def test_admin_routes_need_the_admin_key(model_dir: Path) -> None:
+    with TestClient(create_app(_settings(model_dir, admin_api_key=None))) as c:
+        r = c.get("/admin/models", headers=ADMIN)
+        assert r.status_code == 403 and r.json()["detail"].startswith("admin API disabled")
+    with TestClient(create_app(_settings(model_dir))) as c:
+        for path, method in (("/admin/models", "GET"), ("/admin/reload", "POST"),
+                             ("/admin/promote/v2", "POST"), ("/admin/rollback", "POST")):
+            assert c.request(method, path).status_code == 403
+            assert c.request(method, path, headers={"X-API-Key": "wrong"}).status_code == 403
+        assert c.get("/admin/models", headers=ADMIN).status_code == 200
+        assert _version(c) == "v1"  # nothing was promoted by the refused calls
+
+
+def test_scoring_needs_the_api_key_when_set(model_dir: Path) -> None:
+    with TestClient(create_app(_settings(model_dir, api_key="score-secret"))) as c:
+        assert c.post("/v1/score", json=_txn("t1")).status_code == 401
+        r = c.post("/v1/score", json=_txn("t1"), headers={"X-API-Key": "nope"})
+        assert r.status_code == 401 and "WWW-Authenticate" in r.headers
+        assert c.post("/v1/score/batch", json={"transactions": [_txn("t1")]}).status_code == 401
+        assert _version(c, **{"X-API-Key": "score-secret"}) == "v1"
+        assert c.get("/health").status_code == 200
