@@ -14,7 +14,7 @@ export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:9092
 export FRAUD_DATA_DIR          ?= $(CURDIR)/data
 export FEAST_REGISTRY_URL      ?= sqlite:///$(FRAUD_DATA_DIR)/registry.db
 
-.PHONY: help setup lock up down simulate features apply materialize train serve demo test lint bench clean
+.PHONY: help setup lock up down simulate features apply materialize train serve stream produce stream-score demo test lint bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n",$$1,$$2}'
@@ -61,6 +61,9 @@ stream: setup ## run the feature dataflow on Kafka: python -m streaming.features
 
 produce: setup ## replay the simulated log to Kafka: python -m streaming.produce replay --speedup 0
 	$(PY) -m streaming.produce replay --speedup 0
+
+stream-score: setup ## run the streaming scorer on Kafka: transactions -> predictions, fraud-alerts
+	$(PY) -m streaming.score
 
 demo: setup ## run the whole system end to end on this machine and print a summary
 	$(PY) -m training.demo

@@ -22,8 +22,8 @@ import httpx
 from feature_repo.config import PROJECT_DIR
 from streaming.localproc import free_port
 
-__all__ = ["BenchError", "Child", "free_port", "log_tail", "python", "run_json", "running",
-           "wait_http"]
+__all__ = ["BenchError", "Child", "free_port", "log_tail", "python", "run_capture", "run_json",
+           "run_step", "running", "wait_http"]
 
 
 class BenchError(RuntimeError):
@@ -73,6 +73,11 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        """The exit status once the child has ended, else None."""
+        return None if self.proc is None else self.proc.poll()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the child's process group, SIGKILL it after `timeout_s`. Idempotent."""
         if self.proc is None:
@@ -118,31 +123,41 @@ def wait_http(url: str, child: Child, timeout_s: float) -> None:
                      f"{log_tail(child.log_path)}")
 
 
-def run_json(
-    name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path, timeout_s: float
-) -> dict[str, Any]:
-    """Run a child to completion (killed after `timeout_s`); return the JSON of its last line.
+def run_capture(name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
+                timeout_s: float) -> str:
+    """Run a child to completion (killed after `timeout_s`); return its stdout.
 
-    The child writes its diagnostics to stderr (appended to `log_path`) and one JSON object
-    as the last line of stdout.
+    Its stderr, and then its stdout, are appended to `log_path`.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         log.write(f"\n$ {' '.join(argv)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(list(argv), cwd=PROJECT_DIR, env=dict(env), stdout=subprocess.PIPE,
-                                stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         child = Child(name, argv, env, log_path)
-        child.proc = proc
+        child.proc = subprocess.Popen(list(argv), cwd=PROJECT_DIR, env=dict(env),
+                                      stdout=subprocess.PIPE, stderr=log,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = child.proc
         try:
             out, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
             raise BenchError(f"{name} did not finish within {timeout_s:.0f}s (killed)") from exc
         finally:
             child.stop(timeout_s=5)
-    text = out.decode(errors="replace").strip()
+        log.write(out)
     if proc.returncode:
         raise BenchError(f"{name} failed (exit {proc.returncode}):\n{log_tail(log_path)}")
+    return out.decode(errors="replace")
+
+
+def run_json(
+    name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path, timeout_s: float
+) -> dict[str, Any]:
+    """Run a child to completion (killed after `timeout_s`); return the JSON of its last line.
+
+    The child writes its diagnostics to stderr and one JSON object as the last line of stdout.
+    """
+    text = run_capture(name, argv, env, log_path, timeout_s).strip()
     try:
         result: dict[str, Any] = json.loads(text.splitlines()[-1])
     except (IndexError, json.JSONDecodeError) as exc:

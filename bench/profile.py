@@ -60,9 +60,9 @@ def summarise_collapsed(text: str, top: int = 20, source: str = "") -> str:
             continue
         count = int(m.group(2))
         frames = [_frame(f) for f in m.group(1).split(";") if f]
-        frames = [f for f in frames if not f.startswith(("process ", "thread "))] or frames
-        if not frames:
-            continue
+        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        if not frames:  # only the process frame: running native code (Rust, C) or idle
+            frames = ["<native code, no Python frame>"]
         samples += count
         self_c[frames[-1]] += count
         for f in set(frames):

@@ -9,6 +9,7 @@ ratio; a missed target is reported with the size of the miss, never asserted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -49,8 +50,10 @@ class Measure:
 
     @property
     def ratio(self) -> float | None:
-        """ours / stock."""
-        if self.ours is None or self.stock is None or self.stock == 0:
+        """ours / stock (None when either is missing, zero, infinite or NaN)."""
+        if self.ours is None or self.stock is None:
+            return None
+        if not (math.isfinite(self.ours) and math.isfinite(self.stock)) or self.stock == 0:
             return None
         return self.ours / self.stock
 
@@ -69,7 +72,7 @@ class Measure:
             return ""
         value = self.ratio if t.on == "ratio" else self.ours
         unit = "x" if t.on == "ratio" else self.unit
-        if value is None:
+        if value is None or math.isnan(value):
             return "not measured"
         ok = value <= t.value if t.op == "<=" else value >= t.value
         if ok:
@@ -112,10 +115,10 @@ class Section:
 
 
 def _fmt(v: float | None, unit: str) -> str:
-    if v is None:
+    if v is None or math.isnan(v):
         return "-"
     if v == float("inf"):
-        return "inf"
+        return "inf (incomplete)"
     if unit == "ms":
         return f"{v:.2f} ms" if v < 100 else f"{v:,.0f} ms"
     if unit == "s":

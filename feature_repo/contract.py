@@ -26,7 +26,10 @@ Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, patte
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("timestamp must be timezone-aware (e.g. end with Z or +00:00)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59-01:00 lies in year 10000 in UTC
+        raise ValueError("timestamp is out of range once converted to UTC") from None
 
 
 def _finite_amount(value: float) -> float:

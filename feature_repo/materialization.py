@@ -41,7 +41,6 @@ from typing import Any, Literal
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import redis
 from feast import FeatureView, FileSource
 from feast.data_format import ParquetFormat
@@ -263,36 +262,16 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
 
     def latest_rows(self, plan: _Plan,
                     task: MaterializationTask) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
-        """The winning row of every key in the window, in file order, in bounded batches.
+        """The winning row of every key in the window, in batches of `read_batch_rows`.
 
-        Yields (batch of join keys + features, event timestamps in microseconds since epoch).
+        Yields (join keys + features, event times in microseconds since the epoch).  One DuckDB
+        query: an aggregate picks each key's winning row (its file and row number), then a
+        semi join reads those rows back from the files; the result is streamed.
         """
-        rank, micros = self._winners(plan, task)
-        columns = list(dict.fromkeys([k for k, _ in plan.join_keys] + [f for f, _ in plan.features]))
-        step = self.options.read_batch_rows
-        for file_index, path in enumerate(plan.files):
-            lo, hi = np.searchsorted(rank, [file_index << 40, (file_index + 1) << 40])
-            if lo == hi:
-                continue
-            rows, ts = rank[lo:hi] & ((1 << 40) - 1), micros[lo:hi]
-            parquet = pq.ParquetFile(path)
-            start = 0
-            for group in range(parquet.num_row_groups):
-                size = parquet.metadata.row_group(group).num_rows
-                a, b = np.searchsorted(rows, [start, start + size])
-                if a < b:
-                    for part_start, part in _row_group_parts(parquet, group, columns, size, step):
-                        pa_, pb = np.searchsorted(rows, [start + part_start,
-                                                         start + part_start + part.num_rows])
-                        for c in range(pa_, pb, step):
-                            d = min(c + step, pb)
-                            yield part.take(pa.array(rows[c:d] - start - part_start)), ts[c:d]
-                start += size
-
-    def _winners(self, plan: _Plan, task: MaterializationTask) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted (file_index << 40 | row) of each key's winning row, and its event time (us)."""
         q = _quote
         keys = ", ".join(q(k) for k, _ in plan.join_keys)
+        columns = ", ".join(q(c) for c in dict.fromkeys(
+            [k for k, _ in plan.join_keys] + [f for f, _ in plan.features]))
         ts = f"{q(plan.timestamp_field)}::TIMESTAMPTZ"
         order = f"epoch_us({ts})"
         if plan.created_field:
@@ -302,12 +281,13 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
             order = (f"{order}::HUGEINT * 18446744073709551616"
                      f" + coalesce({created} + 9223372036854775808, 0)")
         not_null = " AND ".join(f"{q(k)} IS NOT NULL" for k, _ in plan.join_keys)
+        position = "(file_index::BIGINT << 40 | file_row_number)"
+        source = "read_parquet($files, file_row_number = true)"
         sql = (
-            f"SELECT arg_max(file_index::BIGINT << 40 | file_row_number, {order}) AS rank,"
-            f" max(epoch_us({ts})) AS micros"
-            f" FROM read_parquet($files, file_row_number = true)"
-            f" WHERE {ts} >= $start AND {ts} <= $end AND {not_null}"
-            f" GROUP BY {keys}"
+            f"WITH winners AS (SELECT arg_max({position}, {order}) AS position FROM {source}"
+            f" WHERE {ts} >= $start AND {ts} <= $end AND {not_null} GROUP BY {keys})"
+            f" SELECT {columns}, epoch_us({ts}) AS __micros FROM {source}"
+            f" SEMI JOIN winners ON {position} = winners.position"
         )
         config: dict[str, Any] = {
             "memory_limit": self.options.duckdb_memory_limit,
@@ -318,23 +298,10 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
             config["threads"] = self.options.duckdb_threads
         with duckdb.connect(config=config) as con:
             con.execute("SET TimeZone = 'UTC'")
-            out = con.execute(sql, {"files": [str(p) for p in plan.files],
-                                    "start": task.start_time, "end": task.end_time}).fetchnumpy()
-        rank = np.asarray(out["rank"], dtype=np.int64)
-        order_idx = np.argsort(rank, kind="stable")
-        return rank[order_idx], np.asarray(out["micros"], dtype=np.int64)[order_idx]
-
-
-def _row_group_parts(parquet: pq.ParquetFile, group: int, columns: list[str], size: int,
-                     step: int) -> Iterator[tuple[int, pa.RecordBatch | pa.Table]]:
-    """A row group whole when small, else in `step`-row slices (bounded memory)."""
-    if size <= 4 * step:
-        yield 0, parquet.read_row_group(group, columns=columns)
-        return
-    offset = 0
-    for batch in parquet.iter_batches(batch_size=step, row_groups=[group], columns=columns):
-        yield offset, batch
-        offset += batch.num_rows
+            params = {"files": [str(p) for p in plan.files],
+                      "start": task.start_time, "end": task.end_time}
+            for batch in con.sql(sql, params=params).to_arrow_reader(self.options.read_batch_rows):
+                yield batch, batch.column("__micros").to_numpy()
 
 
 def _quote(name: str) -> str:

@@ -1,18 +1,25 @@
-"""Column-at-a-time encoding of feature rows into the bytes Feast's RedisOnlineStore stores.
+"""Column-at-a-time encoding of feature rows into the bytes Feast's RedisOnlineStore writes.
 
-For a batch of rows this produces, with numpy/pyarrow kernels instead of a protobuf object per
-value, exactly what `RedisOnlineStore.online_write_batch` writes:
+For a batch of rows this produces, with numpy/pyarrow kernels instead of protobuf objects per
+value, exactly what `RedisOnlineStore.online_write_batch` stores, already framed as Redis
+protocol bulk strings (`$<length>\\r\\n<bytes>\\r\\n`) so a batch is sent without building a
+Python object per argument:
 
 * the key: `serialize_entity_key(entity key, version) + project`;
-* the field `_ts:<view>`: a serialized `google.protobuf.Timestamp` (whole microseconds, as the
-  stock path keeps them);
+* the field `_ts:<view>`: a serialized `google.protobuf.Timestamp` of the event time (whole
+  microseconds, as the stock path keeps them);
 * per feature, the field `mmh3("<view>:<feature>")` (4 bytes, little endian) holding the
-  serialized `ValueProto`, or b"" when the value is null (NaN counts as null for floats, as in
-  `feast.type_map`).
+  serialized `ValueProto`, or b"" when the value is null (NaN counts as null for scalar floats,
+  as in `feast.type_map`).
 
-Common types (int32/int64/float/double/bool/string and their lists) are encoded directly from
+int32/int64/float/double/bool/string values and their lists are encoded here straight from the
 Arrow buffers; anything else goes through `feast.type_map.python_values_to_proto_values`, the
-stock conversion.  `tests/test_materialization_engine.py` checks the two agree byte for byte.
+stock conversion.  `tests/test_materialization_engine.py` checks both agree with Feast byte for
+byte.
+
+How: every row's bytes are a sequence of tokens (constants, varints, decimal lengths, fixed-size
+values) assembled for all rows at once as numpy matrices, interleaved with variable-length
+payloads (string bytes, packed lists) by one Arrow `binary_join_element_wise`.
 """
 
 from __future__ import annotations
@@ -33,7 +40,28 @@ from feast.value_type import ValueType
 V = ValueType
 KEY_TYPES = {V.STRING.value, V.INT32.value, V.INT64.value}  # entity key types encoded here
 _EMPTY = pa.scalar(b"", pa.binary())
+_CRLF = b"\r\n"
 _MAX_EXACT_FLOAT_INT = 2**53
+_INT32 = (pa.int8(), pa.int16(), pa.int32(), pa.uint8(), pa.uint16())
+_INT64 = (*_INT32, pa.int64(), pa.uint32())
+_STRINGS = (pa.string(), pa.large_string(), pa.string_view())
+# scalar value type -> (ValueProto field tag, accepted Arrow types)
+_SCALARS = {
+    V.INT32.value: (b"\x18", _INT32),
+    V.INT64.value: (b"\x20", _INT64),
+    V.FLOAT.value: (b"\x35", (pa.float32(),)),
+    V.DOUBLE.value: (b"\x29", (pa.float64(),)),
+    V.BOOL.value: (b"\x38", (pa.bool_(),)),
+    V.STRING.value: (b"\x12", _STRINGS),
+}
+# list value type -> (ValueProto field tag, accepted item types, packing)
+_LISTS = {
+    V.INT32_LIST.value: (b"\x6a", _INT32, "varint"),
+    V.INT64_LIST.value: (b"\x72", _INT64, "varint"),
+    V.DOUBLE_LIST.value: (b"\x7a", (pa.float64(),), "fixed"),
+    V.FLOAT_LIST.value: (b"\x82\x01", (pa.float32(),), "fixed"),
+    V.STRING_LIST.value: (b"\x62", _STRINGS, "string"),
+}
 
 
 def field_name(view_name: str, feature: str) -> bytes:
@@ -41,31 +69,32 @@ def field_name(view_name: str, feature: str) -> bytes:
     return struct.pack("<I", mmh3.hash(f"{view_name}:{feature}", signed=False))
 
 
-def _binary(offsets: np.ndarray, data: np.ndarray | pa.Buffer) -> pa.BinaryArray:
+# --- numpy building blocks --------------------------------------------------------------------
+
+def _binary(offsets: np.ndarray, data: np.ndarray | pa.Buffer) -> pa.Array:
     buf = data if isinstance(data, pa.Buffer) else pa.py_buffer(np.ascontiguousarray(data))
     offs = np.ascontiguousarray(offsets, dtype=np.int32)
     return pa.Array.from_buffers(pa.binary(), len(offs) - 1, [None, pa.py_buffer(offs), buf])
 
 
 def _offsets(arr: pa.Array) -> np.ndarray:
-    """The n + 1 value offsets of a binary array, as int64."""
+    """The n + 1 value offsets of a binary array (int64)."""
     raw = np.frombuffer(arr.buffers()[1], dtype=np.int32)
     return raw[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
 
 
-def _fixed(rows: np.ndarray) -> pa.BinaryArray:
-    """A binary array from a (n, width) uint8 matrix, one row per value."""
-    n, width = rows.shape
-    return _binary(np.arange(n + 1, dtype=np.int64) * width, rows.reshape(-1))
+def _data(arr: pa.Array) -> pa.Buffer:
+    return arr.buffers()[2] or pa.py_buffer(b"")
 
 
-def _join(*parts: pa.Array | pa.Scalar | bytes) -> pa.Array:
-    args = [pa.scalar(p, pa.binary()) if isinstance(p, bytes) else p for p in parts]
-    return pc.binary_join_element_wise(*args, _EMPTY)
+def _as_binary(arr: pa.Array) -> pa.Array:
+    """A string/binary array as `binary` (32-bit offsets), nulls as empty values."""
+    out = arr.cast(pa.string()).cast(pa.binary()) if arr.type in _STRINGS else arr
+    return out.fill_null(_EMPTY) if out.null_count else out
 
 
-def varints(values: np.ndarray) -> pa.BinaryArray:
-    """Protobuf base-128 varints of int64 values (negatives as 10-byte two's complement)."""
+def _varint(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Protobuf base-128 varints of int64 values: a (n, width) byte matrix and the sizes."""
     u = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
     size = np.ones(len(u), dtype=np.int64)
     rest = u >> np.uint64(7)
@@ -73,156 +102,268 @@ def varints(values: np.ndarray) -> pa.BinaryArray:
         size += rest != 0
         rest >>= np.uint64(7)
     width = int(size.max()) if len(u) else 1
-    groups = np.empty((len(u), width), dtype=np.uint8)
+    m = np.empty((len(u), width), dtype=np.uint8)
     rest = u.copy()
     for k in range(width):
-        groups[:, k] = rest & np.uint64(0x7F)
+        m[:, k] = rest & np.uint64(0x7F)
         rest >>= np.uint64(7)
-    position = np.arange(width)
-    groups |= np.where(position < size[:, None] - 1, 0x80, 0).astype(np.uint8)
-    offsets = np.zeros(len(u) + 1, dtype=np.int64)
-    np.cumsum(size, out=offsets[1:])
-    return _binary(offsets, groups[position < size[:, None]])
+    m |= np.where(np.arange(width) < size[:, None] - 1, 0x80, 0).astype(np.uint8)
+    return m, size
 
 
-def _length_prefixed(tag: bytes, payload: pa.Array) -> pa.Array:
-    lengths = np.asarray(pc.binary_length(payload).fill_null(0), dtype=np.int64)
-    return _join(tag, varints(lengths), payload)
+def _varint_size(values: np.ndarray) -> np.ndarray:
+    size = np.ones(len(values), dtype=np.int64)
+    rest = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64) >> np.uint64(7)
+    while rest.any():
+        size += rest != 0
+        rest >>= np.uint64(7)
+    return size
 
 
-def _nulls_empty(arr: pa.Array, encoded: pa.Array, extra_null: pa.Array | None = None) -> pa.Array:
-    null = arr.is_null()
-    if extra_null is not None:
-        null = pc.or_(null, extra_null)
-    if not pc.any(null).as_py():
-        return encoded
-    return pc.if_else(null, _EMPTY, encoded)
+def _decimal(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ASCII decimal of non-negative ints: a (n, width) byte matrix and the sizes."""
+    v = np.asarray(values, dtype=np.int64)
+    size = np.ones(len(v), dtype=np.int64)
+    for bound in (10, 100, 1000, 10**4, 10**5, 10**6, 10**7, 10**8, 10**9):
+        size += v >= bound
+    width = int(size.max()) if len(v) else 1
+    k = np.arange(width)
+    power = 10 ** np.clip(size[:, None] - 1 - k, 0, None)
+    return (v[:, None] // power % 10 + 48).astype(np.uint8), size
 
+
+class _Rows:
+    """Per-row byte strings of a batch, appended column-wise.
+
+    Tokens are (n, width) byte matrices with the number of bytes each row uses; `payload`
+    appends a variable-length Arrow binary column.  `build` returns one binary value per row.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.parts: list[pa.Array] = []
+        self.blocks: list[np.ndarray] = []
+        self.sizes: list[np.ndarray] = []
+
+    def tokens(self, m: np.ndarray, size: np.ndarray, where: np.ndarray | None = None) -> None:
+        self.blocks.append(m)
+        self.sizes.append(size if where is None else np.where(where, size, 0))
+
+    def const(self, data: bytes, where: np.ndarray | None = None) -> None:
+        m = np.broadcast_to(np.frombuffer(data, dtype=np.uint8), (self.n, len(data)))
+        self.tokens(m, np.full(self.n, len(data), dtype=np.int64), where)
+
+    def varint(self, values: np.ndarray, where: np.ndarray | None = None) -> None:
+        self.tokens(*_varint(values), where)
+
+    def bulk_header(self, length: np.ndarray) -> None:
+        """`$<length>\\r\\n`, the start of a Redis bulk string."""
+        self.const(b"$")
+        self.tokens(*_decimal(length))
+        self.const(_CRLF)
+
+    def payload(self, arr: pa.Array) -> None:
+        self._flush()
+        self.parts.append(arr)
+
+    def _flush(self) -> None:
+        if not self.blocks:
+            return
+        m = np.concatenate(self.blocks, axis=1)
+        used = np.concatenate([np.arange(b.shape[1]) < s[:, None]
+                               for b, s in zip(self.blocks, self.sizes, strict=True)], axis=1)
+        offsets = np.zeros(self.n + 1, dtype=np.int64)
+        np.cumsum(np.sum(self.sizes, axis=0), out=offsets[1:])
+        self.parts.append(_binary(offsets, m[used]))
+        self.blocks, self.sizes = [], []
+
+    def build(self) -> pa.Array:
+        self._flush()
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return pc.binary_join_element_wise(*self.parts, _EMPTY)
+
+
+# --- values -------------------------------------------------------------------------------------
 
 def _int_exact(arr: pa.Array) -> bool:
     """Whether the stock path (nulls -> float64 -> int) keeps every value of `arr` exact."""
-    if arr.null_count == 0 or len(arr) == arr.null_count:
+    if arr.null_count == 0 or arr.null_count == len(arr):
         return True
     bound = pc.max(pc.abs(arr)).as_py()
     return bound is not None and bound <= _MAX_EXACT_FLOAT_INT
 
 
-_SIGNED_32 = (pa.int8(), pa.int16(), pa.int32(), pa.uint8(), pa.uint16())
-_SIGNED_64 = (*_SIGNED_32, pa.int64(), pa.uint32())
-_STRINGS = (pa.string(), pa.large_string(), pa.string_view())
-# value type -> (tag of the ValueProto field, accepted arrow types)
-_SCALARS = {
-    V.INT32.value: (b"\x18", _SIGNED_32),
-    V.INT64.value: (b"\x20", _SIGNED_64),
-    V.FLOAT.value: (b"\x35", (pa.float32(),)),
-    V.DOUBLE.value: (b"\x29", (pa.float64(),)),
-    V.BOOL.value: (b"\x38", (pa.bool_(),)),
-    V.STRING.value: (b"\x12", _STRINGS),
-}
-# list value type -> (tag, accepted element types, packing: "varint" | "fixed" | "string")
-_LISTS = {
-    V.INT32_LIST.value: (b"\x6a", _SIGNED_32, "varint"),
-    V.INT64_LIST.value: (b"\x72", _SIGNED_64, "varint"),
-    V.DOUBLE_LIST.value: (b"\x7a", (pa.float64(),), "fixed"),
-    V.FLOAT_LIST.value: (b"\x82\x01", (pa.float32(),), "fixed"),
-    V.STRING_LIST.value: (b"\x62", _STRINGS, "string"),
-}
+def _valid(arr: pa.Array) -> np.ndarray:
+    if arr.null_count == 0:
+        return np.ones(len(arr), dtype=bool)
+    return np.asarray(arr.is_valid())
 
 
-def _scalar(arr: pa.Array, tag: bytes) -> pa.Array:
+def _scalar(rows: _Rows, arr: pa.Array, tag: bytes) -> None:
     t = arr.type
+    valid = _valid(arr)
     if t in _STRINGS:
-        return _nulls_empty(arr, _length_prefixed(tag, arr.cast(pa.string()).cast(pa.binary())))
+        data = _as_binary(arr)
+        length = np.asarray(pc.binary_length(data), dtype=np.int64)
+        lm, ls = _varint(length)
+        rows.bulk_header(np.where(valid, 1 + ls + length, 0))
+        rows.const(tag, valid)
+        rows.tokens(lm, ls, valid)
+        rows.payload(data)
+        return
     if t == pa.bool_():
-        rows = np.empty((len(arr), 2), dtype=np.uint8)
-        rows[:, 0] = tag[0]
-        rows[:, 1] = np.asarray(arr.fill_null(False), dtype=np.uint8)
-        return _nulls_empty(arr, _fixed(rows))
-    if pa.types.is_floating(t):
+        m = np.asarray(arr.fill_null(False), dtype=np.uint8)[:, None]
+        size = np.ones(len(arr), dtype=np.int64)
+    elif pa.types.is_floating(t):
         values = np.asarray(arr.fill_null(0))
-        rows = np.empty((len(arr), 1 + values.itemsize), dtype=np.uint8)
-        rows[:, 0] = tag[0]
-        rows[:, 1:] = values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(
-            len(arr), values.itemsize)
-        return _nulls_empty(arr, _fixed(rows), pc.is_nan(arr.fill_null(0)))
-    return _nulls_empty(arr, _join(tag, varints(np.asarray(arr.fill_null(0), dtype=np.int64))))
+        valid &= ~np.isnan(values)
+        m = values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(len(arr), -1)
+        size = np.full(len(arr), values.itemsize, dtype=np.int64)
+    else:
+        m, size = _varint(np.asarray(arr.fill_null(0), dtype=np.int64))
+    rows.bulk_header(np.where(valid, len(tag) + size, 0))
+    rows.const(tag, valid)
+    rows.tokens(m, size, valid)
 
 
-def _list(arr: pa.Array, tag: bytes, packing: str) -> pa.Array:
+def _list(rows: _Rows, arr: pa.Array, tag: bytes, packing: str) -> None:
+    valid = _valid(arr)
     offsets = np.asarray(arr.offsets, dtype=np.int64)
     base = int(offsets[0])
     rel = offsets - base
     items = arr.values.slice(base, int(offsets[-1]) - base)
     if packing == "string":
-        inner_items = _length_prefixed(b"\x0a", items.cast(pa.string()).cast(pa.binary()))
-        item_offsets = _offsets(inner_items)
-        inner = _binary(item_offsets[rel] - item_offsets[0], inner_items.buffers()[2])
-        return _nulls_empty(arr, _length_prefixed(tag, inner))
-    if packing == "varint":
-        item_bytes = varints(np.asarray(items, dtype=np.int64))
-        item_offsets = _offsets(item_bytes)
-        payload = _binary(item_offsets[rel], item_bytes.buffers()[2])
+        elements = _Rows(len(items))
+        data = _as_binary(items)
+        length = np.asarray(pc.binary_length(data), dtype=np.int64)
+        elements.const(b"\x0a")
+        elements.varint(length)
+        elements.payload(data)
+        encoded = elements.build()
+        item_offsets = _offsets(encoded)
+        payload = _binary(item_offsets[rel] - item_offsets[0], _data(encoded))
+    elif packing == "varint":
+        m, size = _varint(np.asarray(items, dtype=np.int64))
+        item_offsets = np.zeros(len(size) + 1, dtype=np.int64)
+        np.cumsum(size, out=item_offsets[1:])
+        payload = _binary(item_offsets[rel], m[np.arange(m.shape[1]) < size[:, None]])
     else:
         values = np.asarray(items)
         raw = values.astype(values.dtype.newbyteorder("<")).view(np.uint8)
         payload = _binary(rel * values.itemsize, raw)
-    packed = _length_prefixed(b"\x0a", payload)
-    inner = pc.if_else(pc.greater(pc.binary_length(payload), 0), packed, _EMPTY)
-    return _nulls_empty(arr, _length_prefixed(tag, inner))
+    plen = np.where(valid, np.diff(_offsets(payload)), 0)
+    if packing == "string":
+        inner = plen  # repeated strings are not packed: the payload is the message
+        framed = np.zeros(len(arr), dtype=bool)
+    else:
+        framed = valid & (plen > 0)  # an empty packed list is an empty message
+        inner = np.where(framed, 1 + _varint_size(plen) + plen, 0)
+    rows.bulk_header(np.where(valid, len(tag) + _varint_size(inner) + inner, 0))
+    rows.const(tag, valid)
+    rows.varint(inner, valid)
+    rows.const(b"\x0a", framed)
+    rows.varint(plen, framed)
+    rows.payload(payload if arr.null_count == 0 else pc.if_else(pa.array(valid), payload, _EMPTY))
 
 
-def encode_values(arr: pa.Array | pa.ChunkedArray, value_type: int) -> pa.Array:
-    """Serialized ValueProto per value (b"" for nulls), as Feast's stock conversion makes it."""
+def _fallback(rows: _Rows, arr: pa.Array, value_type: int) -> None:
+    protos = python_values_to_proto_values(arr.to_numpy(zero_copy_only=False),
+                                           ValueType(value_type))
+    data = pa.array([p.SerializeToString() for p in protos], pa.binary())
+    rows.bulk_header(np.asarray(pc.binary_length(data), dtype=np.int64))
+    rows.payload(data)
+
+
+def _value_column(rows: _Rows, arr: pa.Array | pa.ChunkedArray, value_type: int) -> None:
+    """Appends one bulk string per row: the serialized ValueProto, b"" when null."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if value_type in _SCALARS:
         tag, types = _SCALARS[value_type]
         if arr.type in types and (not pa.types.is_integer(arr.type) or _int_exact(arr)):
-            return _scalar(arr, tag)
+            _scalar(rows, arr, tag)
+            rows.const(_CRLF)
+            return
     elif value_type in _LISTS and (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
         tag, types, packing = _LISTS[value_type]
         if arr.type.value_type in types and arr.values.null_count == 0:
-            return _list(arr, tag, packing)
-    protos = python_values_to_proto_values(arr.to_numpy(zero_copy_only=False),
-                                           ValueType(value_type))
-    return pa.array([p.SerializeToString() for p in protos], pa.binary())
+            _list(rows, arr, tag, packing)
+            rows.const(_CRLF)
+            return
+    _fallback(rows, arr, value_type)
+    rows.const(_CRLF)
 
 
-def encode_timestamps(micros: np.ndarray) -> pa.Array:
-    """Serialized google.protobuf.Timestamp of each time (microseconds since the epoch, UTC)."""
+def _timestamp_column(rows: _Rows, micros: np.ndarray) -> None:
+    """Appends the serialized google.protobuf.Timestamp of each time (us since the epoch)."""
     seconds, rest = np.divmod(np.asarray(micros, dtype=np.int64), 1_000_000)
     nanos = rest * 1000
-    sec = pc.if_else(pa.array(seconds != 0), _join(b"\x08", varints(seconds)), _EMPTY)
-    nan = pc.if_else(pa.array(nanos != 0), _join(b"\x10", varints(nanos)), _EMPTY)
-    return _join(sec, nan)
+    sm, ss = _varint(seconds)
+    nm, ns = _varint(nanos)
+    has_s, has_n = seconds != 0, nanos != 0
+    rows.bulk_header(has_s * (1 + ss) + has_n * (1 + ns))
+    rows.const(b"\x08", has_s)
+    rows.tokens(sm, ss, has_s)
+    rows.const(b"\x10", has_n)
+    rows.tokens(nm, ns, has_n)
+    rows.const(_CRLF)
 
 
-def encode_keys(columns: Sequence[pa.Array], join_keys: Sequence[tuple[str, int]], project: str,
-                version: int) -> pa.Array:
-    """`serialize_entity_key(...) + project` per row; `columns` in `join_keys` order, no nulls."""
+# --- keys ---------------------------------------------------------------------------------------
+
+def _key_prefix(names: Sequence[str], version: int) -> bytes:
+    out = struct.pack("<I", len(names)) if version > 2 else b""
+    for name in names:
+        raw = name.encode()
+        out += struct.pack("<I", V.STRING.value)
+        out += (struct.pack("<I", len(raw)) if version > 2 else b"") + raw
+    return out
+
+
+def _key_column(rows: _Rows, columns: Sequence[pa.Array], join_keys: Sequence[tuple[str, int]],
+                project: str, version: int) -> None:
+    """Appends one bulk string per row: `serialize_entity_key(...) + project` (no null keys)."""
     order = sorted(range(len(join_keys)), key=lambda i: join_keys[i][0])
-    prefix = struct.pack("<I", len(join_keys)) if version > 2 else b""
+    cols = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns]
+    if not all(_fast_key(cols[i], join_keys[i][1]) for i in order):
+        data = _keys_one_by_one(cols, join_keys, project, version)
+        rows.bulk_header(np.asarray(pc.binary_length(data), dtype=np.int64))
+        rows.payload(data)
+        rows.const(_CRLF)
+        return
+    prefix = _key_prefix([join_keys[i][0] for i in order], version)
+    length = np.full(rows.n, len(prefix) + len(project.encode()), dtype=np.int64)
+    pieces: list[tuple[int, pa.Array | np.ndarray]] = []
     for i in order:
-        name = join_keys[i][0].encode()
-        prefix += struct.pack("<I", V.STRING.value)
-        prefix += (struct.pack("<I", len(name)) if version > 2 else b"") + name
-    parts: list[pa.Array | bytes] = [prefix]
-    for i in order:
-        arr, value_type = columns[i], join_keys[i][1]
-        if isinstance(arr, pa.ChunkedArray):
-            arr = arr.combine_chunks()
-        if value_type == V.STRING.value and arr.type in _STRINGS:
-            data = arr.cast(pa.string()).cast(pa.binary())
-            lengths = np.asarray(pc.binary_length(data), dtype="<u4").view(np.uint8)
-            parts += [struct.pack("<I", V.STRING.value), _fixed(lengths.reshape(-1, 4)), data]
-        elif value_type in (V.INT64.value, V.INT32.value) and arr.type in _SCALARS[value_type][1]:
-            width, dtype = (8, "<i8") if value_type == V.INT64.value else (4, "<i4")
-            raw = np.asarray(arr, dtype=np.int64).astype(dtype).view(np.uint8)
-            parts += [struct.pack("<II", value_type, width), _fixed(raw.reshape(-1, width))]
+        value_type = join_keys[i][1]
+        if value_type == V.STRING.value:
+            data = _as_binary(cols[i])
+            pieces.append((value_type, data))
+            length += 8 + np.asarray(pc.binary_length(data), dtype=np.int64)
         else:
-            return _keys_one_by_one(columns, join_keys, project, version)
-    parts.append(project.encode())
-    return _join(*parts)
+            width, dtype = (8, "<i8") if value_type == V.INT64.value else (4, "<i4")
+            raw = np.asarray(cols[i], dtype=np.int64).astype(dtype).view(np.uint8)
+            pieces.append((value_type, raw.reshape(-1, width)))
+            length += 8 + width
+    rows.bulk_header(length)
+    rows.const(prefix)
+    for value_type, piece in pieces:
+        if isinstance(piece, np.ndarray):
+            rows.const(struct.pack("<II", value_type, piece.shape[1]))
+            rows.tokens(piece, np.full(rows.n, piece.shape[1], dtype=np.int64))
+        else:
+            size = np.asarray(pc.binary_length(piece), dtype="<u4")
+            rows.const(struct.pack("<I", value_type))
+            rows.tokens(size.view(np.uint8).reshape(-1, 4), np.full(rows.n, 4, dtype=np.int64))
+            rows.payload(piece)
+    rows.const(project.encode() + _CRLF)
+
+
+def _fast_key(arr: pa.Array, value_type: int) -> bool:
+    if value_type == V.STRING.value:
+        return arr.type in _STRINGS
+    return value_type in (V.INT32.value, V.INT64.value) and arr.type in _SCALARS[value_type][1]
 
 
 def _keys_one_by_one(columns: Sequence[pa.Array], join_keys: Sequence[tuple[str, int]],
@@ -237,11 +378,7 @@ def _keys_one_by_one(columns: Sequence[pa.Array], join_keys: Sequence[tuple[str,
     ], pa.binary())
 
 
-def _resp_parts(arr: pa.Array) -> list[pa.Array | bytes]:
-    """The pieces of `$<len>\\r\\n<bytes>\\r\\n`, the Redis protocol's bulk string."""
-    lengths = pc.binary_length(arr).cast(pa.string()).cast(pa.binary())
-    return [b"$", lengths, b"\r\n", arr, b"\r\n"]
-
+# --- batches ------------------------------------------------------------------------------------
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
@@ -249,19 +386,18 @@ def _bulk(value: bytes) -> bytes:
 
 @dataclass
 class EncodedRows:
-    """A batch packed as Redis protocol: one bulk string per key, one run per row's values."""
+    """A batch as Redis protocol: one bulk string per key, one run of bulk strings per row."""
 
-    keys: pa.BinaryArray
-    values: pa.BinaryArray
+    keys: pa.Array
+    values: pa.Array
     values_per_row: int
 
     def script_calls(self, script: bytes, header: Sequence[bytes],
                      keys_per_call: int) -> Iterator[bytes]:
         """`EVAL script n key... header... values...` commands of at most `keys_per_call` keys."""
-        key_offsets = _offsets(self.keys)
-        value_offsets = _offsets(self.values)
-        key_data = memoryview(self.keys.buffers()[2])
-        value_data = memoryview(self.values.buffers()[2])
+        key_offsets, value_offsets = _offsets(self.keys), _offsets(self.values)
+        key_data = memoryview(_data(self.keys))
+        value_data = memoryview(_data(self.values))
         head = b"".join(_bulk(h) for h in header)
         for start in range(0, len(self.keys), keys_per_call):
             end = min(start + keys_per_call, len(self.keys))
@@ -291,10 +427,12 @@ class RowEncoder:
                 *(field_name(self.view_name, name) for name, _ in self.features)]
 
     def encode(self, batch: pa.RecordBatch | pa.Table, micros: np.ndarray) -> EncodedRows:
-        keys = encode_keys([batch.column(k) for k, _ in self.join_keys], self.join_keys,
-                           self.project, self.key_serialization_version)
-        parts = _resp_parts(encode_timestamps(micros))
+        keys = _Rows(batch.num_rows)
+        _key_column(keys, [batch.column(k) for k, _ in self.join_keys], self.join_keys,
+                    self.project, self.key_serialization_version)
+        values = _Rows(batch.num_rows)
+        _timestamp_column(values, micros)
         for name, value_type in self.features:
-            parts += _resp_parts(encode_values(batch.column(name), value_type))
-        return EncodedRows(keys=_join(*_resp_parts(keys)), values=_join(*parts),
+            _value_column(values, batch.column(name), value_type)
+        return EncodedRows(keys=keys.build(), values=values.build(),
                            values_per_row=1 + len(self.features))

@@ -33,9 +33,17 @@ from serving.admin import router as admin_router
 from serving.config import ServingSettings
 from serving.deps import ModelsDep, require_api_key
 from serving.lifecycle import ModelManager
+from serving.limits import BodySizeLimit
 from serving.models import ModelSet
 from serving.prediction_log import PredictionLog
-from serving.schemas import BatchIn, BatchOut, FeatureValue, ScoreOut, TransactionIn
+from serving.schemas import (
+    SCORING_ERRORS,
+    BatchIn,
+    BatchOut,
+    FeatureValue,
+    ScoreOut,
+    TransactionIn,
+)
 from serving.scoring import ScoreResult
 
 log = logging.getLogger("serving")
@@ -82,6 +90,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         app.state.prediction_log.close()
 
     app = FastAPI(title="fraudstream scorer", version="1", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # chunked too
 
     @app.middleware("http")
     async def observe(
@@ -152,7 +161,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
 
     keyed = [Depends(require_api_key)]
 
-    @app.post("/v1/score", response_model=ScoreOut, dependencies=keyed)
+    @app.post("/v1/score", response_model=ScoreOut, dependencies=keyed, responses=SCORING_ERRORS)
     async def score(
         txn: TransactionIn, models: ModelsDep,
         explain: Annotated[bool, Query(description="return every model input")] = False,
@@ -160,7 +169,8 @@ def create_app(settings: ServingSettings) -> FastAPI:
         """Score one transaction as of its `event_timestamp` (default now)."""
         return _out((await _score(models, [txn]))[0], explain)
 
-    @app.post("/v1/score/batch", response_model=BatchOut, dependencies=keyed)
+    @app.post("/v1/score/batch", response_model=BatchOut, dependencies=keyed,
+              responses=SCORING_ERRORS)
     async def score_batch(
         body: BatchIn, models: ModelsDep, explain: Annotated[bool, Query()] = False
     ) -> BatchOut:
@@ -179,12 +189,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         scorer = None if manager is None else manager.current.champion
         checks = {"model": scorer is not None, "redis": False, "registry": False}
         if scorer is not None:
-            try:
-                client = await scorer.features._online._get_client_async(  # type: ignore[attr-defined]
-                    scorer.features.store.config.online_store)
-                checks["redis"] = bool(await client.ping())
-            except Exception:  # noqa: BLE001
-                checks["redis"] = False
+            checks["redis"] = await scorer.features.ping_async()
             try:
                 scorer.features.store.registry.get_feature_service(
                     scorer.artifact.feature_service, scorer.features.store.project)

@@ -15,7 +15,8 @@ from serving.scoring import Scorer
 
 
 def get_manager(request: Request) -> ModelManager:
-    return request.app.state.models  # type: ignore[no-any-return]
+    manager: ModelManager = request.app.state.models
+    return manager
 
 
 def get_models(request: Request) -> ModelSet:
@@ -29,7 +30,8 @@ def get_scorer(request: Request) -> Scorer:
 
 
 def _settings(request: Request) -> ServingSettings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    settings: ServingSettings = request.app.state.settings
+    return settings
 
 
 def _matches(given: str | None, key: SecretStr) -> bool:

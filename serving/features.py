@@ -98,6 +98,16 @@ class OnlineFeatures:
             self._redis = RedisFeatureReader(store.config, self._reads)
             self._reads = self._redis.reads  # fetch results come back in the reader's order
 
+    async def ping_async(self) -> bool:
+        """Whether the online store answers (bounded by its socket timeout)."""
+        try:
+            if self._redis is not None:
+                return bool(await self._redis.aio.ping())
+            return bool(await asyncio.to_thread(self._online.online_read, self._config,
+                                                self._reads[0].view, [], []))
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return False
+
     # --- reading -------------------------------------------------------------------------
     def _entity_keys(self, read: _ViewRead, rows: Sequence[Row]) -> list[EntityKey]:
         protos = python_values_to_proto_values(
@@ -111,7 +121,7 @@ class OnlineFeatures:
         # list grows by one name per request.
         return [
             self._online.online_read(
-                self._config, r.view, self._entity_keys(r, rows), r.features
+                self._config, r.view, self._entity_keys(r, rows), list(r.features)
             )
             for r in self._reads
         ]
@@ -124,7 +134,7 @@ class OnlineFeatures:
             await asyncio.gather(
                 *(
                     self._online.online_read_async(  # a copy: see `fetch`
-                        self._config, r.view, self._entity_keys(r, rows), r.features
+                        self._config, r.view, self._entity_keys(r, rows), list(r.features)
                     )
                     for r in self._reads
                 )
@@ -147,7 +157,7 @@ class OnlineFeatures:
                 if ts is None or not values:
                     continue
                 row_us = _micros(ts)
-                if row_us > t or (read.ttl_us is not None and row_us < t - read.ttl_us - 1):
+                if row_us > t or (read.ttl_us is not None and row_us < t - read.ttl_us):
                     if row_us > 0:  # Feast returns 1970 for keys it never saw
                         stale[i].extend(read.features)
                     continue
@@ -179,12 +189,17 @@ class RedisFeatureReader:
     def __init__(self, config: Any, reads: list[_ViewRead]) -> None:
         import redis
         import redis.asyncio
+        from redis.asyncio.retry import Retry as AsyncRetry
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         self._project = config.project.encode()
         self._version = config.entity_key_serialization_version
         kwargs = config.online_store.client_kwargs()
-        self.sync = redis.Redis(**kwargs)
-        self.aio = redis.asyncio.Redis(**kwargs)
+        # Fail fast: one immediate retry (a pooled connection may be stale after a Redis
+        # restart), no backoff; redis-py's default would retry 3 times with growing sleeps.
+        self.sync = redis.Redis(**kwargs, retry=Retry(NoBackoff(), 1))
+        self.aio = redis.asyncio.Redis(**kwargs, retry=AsyncRetry(NoBackoff(), 1))
         # per join key: [(read, [field bytes..., ts field])]
         self._groups: dict[str, list[tuple[_ViewRead, list[bytes | str]]]] = {}
         for r in reads:

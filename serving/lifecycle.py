@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from feast import FeatureStore
+from prometheus_client import Gauge
 
 from serving import metrics
 from serving.config import ServingSettings
@@ -129,8 +130,9 @@ class ModelManager:
 
 
 def _info(models: ModelSet, present: bool) -> None:
-    series = [(metrics.MODEL_INFO, (models.champion.artifact.version,
-                                    models.champion.artifact.feature_service))]
+    series: list[tuple[Gauge, tuple[str, ...]]] = [
+        (metrics.MODEL_INFO, (models.champion.artifact.version,
+                              models.champion.artifact.feature_service))]
     if models.challenger is not None:
         a = models.challenger.scorer.artifact
         series.append((metrics.CHALLENGER_INFO, (a.version, a.feature_service,

@@ -33,10 +33,10 @@ class TransactionIn(BaseModel):
     transaction_id: Identifier
     user_id: Identifier
     merchant_id: Identifier
-    amount: Amount  # a JSON number: no "12.5" strings, no true -> 1.0
+    amount: Annotated[Amount, Strict()]  # a JSON number: no "12.5" strings, no true -> 1.0
     currency: Currency
     channel: Channel
-    event_timestamp: AwareDatetime | None = None
+    event_timestamp: Annotated[AwareDatetime | None, BeforeValidator(_timestamp_text)] = None
 
     def to_event(self) -> TransactionEvent:
         return TransactionEvent(
@@ -69,3 +69,32 @@ class ScoreOut(BaseModel):
 
 class BatchOut(BaseModel):
     results: list[ScoreOut]
+
+
+class FieldError(BaseModel):
+    """One reason an input was refused."""
+
+    field: str  # dotted path: "amount", "transactions.3.amount", "query.explain", or "body"
+    message: str
+    type: str  # pydantic's error type ("missing", "greater_than" ...) or "future"
+
+
+class ValidationErrorOut(BaseModel):
+    """The 422 body: every problem found, each naming its field."""
+
+    detail: list[FieldError]
+
+
+class ErrorOut(BaseModel):
+    """Every other error body (401, 413, 503 ...)."""
+
+    detail: str
+
+
+# The error answers of the scoring routes, for their OpenAPI description.
+SCORING_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "SERVING_API_KEY is set and X-API-Key is not it"},
+    413: {"model": ErrorOut, "description": "request body larger than SERVING_MAX_BODY_BYTES"},
+    422: {"model": ValidationErrorOut, "description": "invalid input, naming each field"},
+    503: {"model": ErrorOut, "description": "online feature store unavailable (Retry-After)"},
+}

@@ -28,7 +28,7 @@ class Thresholds:
 
     def decide(self, score: float) -> Decision:
         if score >= self.decline:
-            return "review"
+            return "decline"
         return "review" if score >= self.review else "approve"
 
 

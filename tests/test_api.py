@@ -473,10 +473,8 @@ def test_oversized_body_is_a_413(client: TestClient) -> None:
     assert "1000000 bytes" in detail
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "serving bug: the body limit only checks Content-Length, so a chunked upload is read "
-    "whole (and answered 422) instead of being cut off with a 413"))
 def test_oversized_chunked_body_is_a_413(client: TestClient) -> None:
+    """A body without Content-Length (chunked) is capped too, not read whole into memory."""
     def chunks() -> Iterator[bytes]:
         yield b'{"transaction_id": "'
         for _ in range(20):
@@ -593,11 +591,9 @@ def test_redis_down_is_a_503_with_retry_after(down_client: TestClient,
         "amount": "greater_than"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in feature_repo/online_store.py: redis-py 7's default Retry (3 retries, exponential "
-    "backoff with jitter, base 1 s) sits on top of the 0.5 s socket timeouts, so a refused "
-    "connection takes ~2-8 s to surface"))
 def test_redis_down_answers_quickly(down_client: TestClient, known: dict[str, Any]) -> None:
+    """A refused connection is a 503 at once, not after redis-py's default retries (3, with
+    exponential backoff and jitter from 1 s) on top of the 0.5 s socket timeouts."""
     body = txn(known["user_id"], known["merchant_id"])
     for _ in range(2):
         t0 = time.perf_counter()

@@ -368,9 +368,9 @@ def test_batch_scores_equal_the_online_scores(
         d.mkdir(parents=True)
         part.to_parquet(d / "part-0.parquet", index=False)
     out = tmp_path / "scores"
-    stats = batch_score.run(out, END.date(), None, 30, trained_artifact, tmp_path / "data",
+    stats = batch_score.run(out, END.date(), None, 50, trained_artifact, tmp_path / "data",
                             progress=False)
-    assert stats.days == ["2026-11-01", "2026-11-04"] and stats.chunks == 4
+    assert stats.days == ["2026-11-01", "2026-11-04"] and stats.chunks == 3
     got = pd.read_parquet(out).set_index("transaction_id")
     assert len(got) == len(tx)
     for tid, r in clean["results"].items():
@@ -383,22 +383,22 @@ def test_incremental_batch_runs_score_each_transaction_once(
     feature_data: Path, trained_artifact: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "scores"
-    d0, d2, d4 = (END.date() - timedelta(days=k) for k in (6, 4, 2))
-    first = batch_score.run(out, d0, d2, 200, trained_artifact, progress=False)
-    assert first.days == [d0.isoformat(), (d0 + timedelta(days=1)).isoformat()]
-    day1 = pd.read_parquet(out / f"date={first.days[1]}").sort_values("transaction_id")
-    second = batch_score.run(out, None, d4, 200, trained_artifact, progress=False)
-    # continues from the watermark's day (scored again in full, overwritten) up to d4
-    assert second.days[0] == first.days[1] and second.days[-1] == (d4 - timedelta(1)).isoformat()
-    assert first.chunks > len(first.days) and max(first.max_chunk_rows,
-                                                  second.max_chunk_rows) <= 200
+    d0, d1, d2 = (END.date() - timedelta(days=k) for k in (3, 2, 1))
+    first = batch_score.run(out, d0, d1, 300, trained_artifact, progress=False)
+    assert first.days == [d0.isoformat()]
+    day0 = pd.read_parquet(out / f"date={d0.isoformat()}").sort_values("transaction_id")
+    second = batch_score.run(out, None, d2, 300, trained_artifact, progress=False)
+    # continues from the watermark's day (scored again in full, overwritten) up to d2
+    assert second.days == [d0.isoformat(), d1.isoformat()]
+    assert first.chunks > len(first.days)  # a day took several bounded chunks
+    assert max(first.max_chunk_rows, second.max_chunk_rows) <= 300
     got = pd.read_parquet(out)
     want = read_transactions(feature_data, datetime.combine(d0, datetime.min.time(), UTC),
-                             datetime.combine(d4, datetime.min.time(), UTC))
+                             datetime.combine(d2, datetime.min.time(), UTC))
     assert got["transaction_id"].is_unique
     assert set(got["transaction_id"]) == set(want["transaction_id"])
-    again = pd.read_parquet(out / f"date={first.days[1]}").sort_values("transaction_id")
-    assert again["score"].tolist() == day1["score"].tolist()  # idempotent overwrite
+    again = pd.read_parquet(out / f"date={d0.isoformat()}").sort_values("transaction_id")
+    assert again["score"].tolist() == day0["score"].tolist()  # idempotent overwrite
     mark = json.loads((out / "_watermark.json").read_text())
     assert pd.Timestamp(mark["watermark"]) == want["event_timestamp"].max()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]

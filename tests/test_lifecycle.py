@@ -37,7 +37,7 @@ from serving.config import ServingSettings
 from serving.models import in_canary
 from tests.conftest import PROJECT
 from training.model import make_pipeline
-from training.registry import Registry, RegistryError, lineage
+from training.registry import Registry, RegistryError, lineage, main
 
 pytestmark = pytest.mark.integration
 
@@ -106,29 +106,39 @@ def client(model_dir: Path) -> Iterator[TestClient]:
 # --- the registry -----------------------------------------------------------------------
 
 
-def test_cli_register_list_promote_rollback(tmp_path: Path, trained_artifact: Path) -> None:
+def test_cli_register_list_promote_rollback(
+    tmp_path: Path, trained_artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = tmp_path / "models"
     for v in ("v1", "v2"):
         _clone(trained_artifact, d, v)
-        out = _cli(d, "register", str(d / v))
-        assert out.returncode == 0, out.stderr
-    assert "registered v1 (champion)" not in out.stdout  # the second is not promoted
+    assert _cli(d, "register", str(d / "v1")).stdout.strip() == "registered v1 (champion)"
+    assert _cli(d, "register", str(d / "v2")).stdout.strip() == "registered v2 (-)"
     table = _cli(d, "list").stdout.splitlines()
     assert table[0].split()[:2] == ["VERSION", "ROLE"]
     assert [r.split()[:2] for r in table[1:]] == [["v1", "champion"], ["v2", "-"]]
+    promoted = _cli(d, "promote", "v2")
+    assert promoted.returncode == 0 and "champion: v2" in promoted.stdout
 
-    assert _cli(d, "promote", "v2").returncode == 0
-    assert json.loads(_cli(d, "show").stdout)["version"] == "v2"
-    assert _cli(d, "challenger", "v1", "--mode", "canary", "--share", "0.25").returncode == 0
-    assert "canary 25%" in _cli(d, "list").stdout
-    assert _cli(d, "rollback").returncode == 0  # rolling back to the challenger clears it
+    def cli(*args: str) -> str:  # the same entry point, in-process (a subprocess costs ~2 s)
+        main(["--model-dir", str(d), *args])
+        return capsys.readouterr().out
+
+    assert json.loads(cli("show"))["version"] == "v2"
+    assert json.loads(cli("show", "v1"))["role"] == "-"
+    cli("challenger", "v1", "--mode", "canary", "--share", "0.25")
+    assert "canary 25%" in cli("list")
+    cli("rollback")  # rolling back to the challenger clears it
     state = json.loads((d / "registry.json").read_text())
     assert state["champion"] == "v1" and state["challenger"] is None
     assert [e["action"] for e in state["history"]] == ["register", "promote", "rollback"]
+    for args, message in ((["rollback"], "no previous champion"),
+                          (["promote", "v9"], "not registered"),
+                          (["challenger", "v1"], "is the champion")):
+        with pytest.raises(SystemExit):
+            cli(*args)
+        assert message in capsys.readouterr().err
 
-    again = _cli(d, "rollback")
-    assert again.returncode == 1 and "no previous champion" in again.stderr
-    assert _cli(d, "promote", "v9").returncode == 1
     _tamper(d / "v2")
     refused = _cli(d, "promote", "v2")
     assert refused.returncode == 1 and "sha256" in refused.stderr
@@ -199,7 +209,8 @@ def test_shadow_with_another_feature_service(model_dir: Path, materialized_store
     features = service_feature_names(materialized_store.get_feature_service(service))
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(400, len(features))), rng.integers(0, 2, 400)
-    save_artifact(model_dir / "v3", make_pipeline(0).fit(x, y),
+    small = make_pipeline(0).set_params(model__max_iter=10)
+    save_artifact(model_dir / "v3", small.fit(x, y),
                   {"version": "v3", "feature_service": service, "features": features})
     reg = Registry(model_dir)
     reg.register(model_dir / "v3")

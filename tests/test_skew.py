@@ -311,7 +311,7 @@ def test_repeated_reads_keep_the_requested_features_fixed(scorer: Scorer,
     reads = scorer.features._reads
     before = [list(r.features) for r in reads]
     first = [r.vector.values for r in scorer.score(events)]
-    for _ in range(10):
+    for _ in range(5):
         scorer.score(events)
     assert [list(r.features) for r in reads] == before
     assert not any(f.startswith("_ts:") for names in before for f in names)

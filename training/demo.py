@@ -153,7 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     from serving.artifact import load_artifact
     from serving.config import get_settings
     from serving.loader import resolve_model_path
+    from training.config import get_settings as training_settings
+    from training.registry import Registry
 
+    new = sorted(p for p in training_settings().model_dir.glob("v*/metadata.json"))[-1].parent
+    registry = Registry(training_settings().model_dir)
+    if registry.state()["champion"] != new.name:
+        registry.promote(new.name)  # the demo serves the model it just trained
     art = load_artifact(resolve_model_path(get_settings()))
     summary["model"] = art.metadata
 

@@ -1,0 +1,243 @@
+"""Training retrieval: the point-in-time training frame of N labelled transactions.
+
+*Ours*: `get_historical_features` through the full feature service (profiles, velocity ODFV,
+request ODFV) with the repo's `AsofDuckDBOfflineStore`.  *Stock*: the same call, same entity
+rows, same registry and files, with Feast's own DuckDB offline store and Feast's file (Dask)
+offline store, selected by a copy of feature_store.yaml that differs only in `offline_store`.
+
+Every run is a child process (`python -m bench.retrieval run ...`) with a time limit, timing
+only `get_historical_features(...).to_df()` (what training calls), and reporting rows in/out,
+rows dropped, peak RSS.  Stock stores run first at a small N; a larger N is run only if the
+small run predicts it finishes within the budget (linear extrapolation x1.5), and ours runs
+at the same N for the ratio.  Outputs at the same N are compared cell by cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.config import Sizes, get_settings
+from bench.data import Dataset, retrieval_dataset
+from bench.procs import BenchError, python, run_json
+from bench.report import Measure, Section, Target
+
+TARGET_S_PER_MILLION = 10.0
+STOCK = {"duckdb": "Feast DuckDB offline store", "file": "Feast file offline store (Dask)"}
+
+
+# --- parent --------------------------------------------------------------------------------
+
+def _child(dataset: Dataset, store: str, rows: int, timeout_s: float, out: Path | None = None,
+           profile: bool = False) -> dict[str, Any]:
+    argv = python("-m", "bench.retrieval", "run", "--store", store, "--rows", str(rows))
+    if out is not None:
+        argv += ["--out", str(out)]
+    if profile:
+        argv.append("--profile")
+    log = get_settings().run_dir / "logs" / f"retrieval-{store}.log"
+    t0 = time.perf_counter()
+    try:
+        return run_json(f"retrieval {store} {rows:,}", argv, dataset.env(), log, timeout_s)
+    except BenchError as exc:
+        return {"store": store, "rows_in": rows, "error": str(exc).splitlines()[0],
+                "gave_up_after_s": time.perf_counter() - t0}
+
+
+def _ladder(first: int, limit: int) -> list[int]:
+    """Candidate stock sizes: first x 1, 2.5, 5, 10, 25 ... up to and including `limit`."""
+    steps = (1, 2.5, 5, 10, 25, 50, 100, 250, 500)
+    return sorted({int(first * k) for k in steps if first * k < limit} | {limit})
+
+
+def run(sizes: Sizes, section: Section) -> None:
+    s = get_settings()
+    dataset = retrieval_dataset(min(sizes.retrieval_rows, 1_000_000))
+    n = min(sizes.retrieval_rows, dataset.labelled)
+    budget = sizes.retrieval_stock_budget_s
+    scratch = Path(tempfile.mkdtemp(prefix="retrieval-", dir=s.run_dir))
+    section.ours_label = "AsofDuckDBOfflineStore (feature_repo.offline_store)"
+    section.stock_label = " / ".join(STOCK.values())
+    section.notes.append(f"Data: {dataset.describe()}. Entity rows: a seeded random sample of "
+                         "the labelled transactions, with their request data and label; feature "
+                         "service fraud_model_v1 (2 feature views, 2 on-demand views).")
+    ours_full = _child(dataset, "ours", n, timeout_s=900)
+    runs: dict[str, dict[str, Any]] = {"ours_full": ours_full}
+    ours_at: dict[int, dict[str, Any]] = {n: ours_full}
+    for store in STOCK:
+        first = _child(dataset, store, sizes.retrieval_stock_first, budget,
+                       out=scratch / f"{store}-first.parquet")
+        best = first
+        if "error" not in first:
+            predicted = {m: first["seconds"] * m / first["rows_in"] * 1.5
+                         for m in _ladder(sizes.retrieval_stock_first, n)}
+            fits = [m for m, t in predicted.items() if t <= budget]
+            target = max(fits) if fits else sizes.retrieval_stock_first
+            if target > first["rows_in"]:
+                bigger = _child(dataset, store, target, budget * 2,
+                                out=scratch / f"{store}-{target}.parquet")
+                best = bigger if "error" not in bigger else first
+                runs[f"{store}_larger"] = bigger
+        runs[f"{store}_first"] = first
+        m = best["rows_in"]
+        if m not in ours_at or ours_at[m].get("out") is None:
+            ours_at[m] = _child(dataset, "ours", m, timeout_s=900,
+                                out=scratch / f"ours-{m}.parquet")
+        if "error" not in best and "error" not in ours_at[m]:
+            best["vs_ours"] = compare(Path(ours_at[m]["out"]), Path(best["out"]))
+        runs[store] = best
+    section.details = {"runs": runs, "ours_at": {str(k): v for k, v in ours_at.items()}}
+    _measures(section, n, ours_full, ours_at, runs)
+    if section.missed():
+        prof = _child(dataset, "ours", n, timeout_s=900, profile=True)
+        section.profiles[f"ours, {n:,} rows (cProfile)"] = prof.get("profile",
+                                                                   prof.get("error", ""))
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def compare(ours_path: Path, stock_path: Path) -> dict[str, Any]:
+    """Cell-by-cell agreement of two training frames on the transactions both returned."""
+    import numpy as np
+    import pandas as pd
+
+    a = pd.read_parquet(ours_path).drop_duplicates("transaction_id").set_index("transaction_id")
+    b = pd.read_parquet(stock_path).drop_duplicates("transaction_id").set_index("transaction_id")
+    common = a.index.intersection(b.index)
+    cols = [c for c in a.columns if c in b.columns and c not in ("event_timestamp",)]
+    a, b = a.loc[common, cols], b.loc[common, cols]
+    differ = pd.Series(False, index=common)
+    diff_cols: dict[str, int] = {}
+    for c in cols:
+        x, y = a[c], b[c]
+        if pd.api.types.is_numeric_dtype(x) and pd.api.types.is_numeric_dtype(y):
+            xv, yv = x.to_numpy(dtype="float64"), y.to_numpy(dtype="float64")
+            same = np.isclose(xv, yv, rtol=1e-9, atol=1e-9, equal_nan=True)
+        else:
+            same = (x.astype(str) == y.astype(str)).to_numpy()
+        if not same.all():
+            diff_cols[c] = int((~same).sum())
+            differ |= ~same
+    return {"rows_compared": len(common), "rows_differing": int(differ.sum()),
+            "columns_differing": diff_cols}
+
+
+def _measures(section: Section, n: int, ours_full: dict[str, Any],
+              ours_at: dict[int, dict[str, Any]], runs: dict[str, dict[str, Any]]) -> None:
+    if "error" in ours_full:
+        raise BenchError(f"ours failed at {n:,} rows: {ours_full['error']}")
+    target = Target("<=", TARGET_S_PER_MILLION * n / 1_000_000)
+    section.measures.append(Measure(
+        f"ours: training frame of {n:,} rows", "s", ours_full["seconds"], None, "lower", target,
+        note=f"{ours_full['rows_out']:,} rows out, {ours_full['dropped']:,} dropped, "
+             f"{ours_full['duplicated']:,} duplicated, peak RSS "
+             f"{ours_full['peak_rss_mib']:,.0f} MiB; no stock run at this size (see the "
+             "same-size comparisons below)"))
+    for store, label in STOCK.items():
+        st = runs[store]
+        m = st["rows_in"]
+        ours = ours_at.get(m, {})
+        if "error" in st:
+            section.notes.append(f"{label}: {m:,} rows did not complete: {st['error']} (after "
+                                 f"{st.get('gave_up_after_s', 0):.0f} s)")
+            continue
+        smaller = f" (stock limited to {m:,} rows: a larger N was predicted to exceed the " \
+                  "time budget)" if m < n else ""
+        section.measures += [
+            Measure(f"{store}: seconds for {m:,} rows", "s", ours.get("seconds"), st["seconds"],
+                    "lower", note=f"same entity rows{smaller}"),
+            Measure(f"{store}: rows/s at {m:,} rows", "/s", _rate(ours), _rate(st), "higher"),
+            Measure(f"{store}: rows dropped of {m:,}", "rows", ours.get("dropped"),
+                    st["dropped"], "lower",
+                    note=f"stock returned {st['rows_out']:,} rows; agreement with ours on "
+                         f"common rows: {st.get('vs_ours')}"),
+            Measure(f"{store}: peak RSS at {m:,} rows", "MiB", ours.get("peak_rss_mib"),
+                    st["peak_rss_mib"], "lower"),
+        ]
+
+
+def _rate(r: dict[str, Any]) -> float | None:
+    return r["rows_in"] / r["seconds"] if r.get("seconds") else None
+
+
+# --- child ---------------------------------------------------------------------------------
+
+def open_store(kind: str) -> Any:
+    """The project's FeatureStore, or the same with a stock offline store."""
+    import yaml
+    from feast import FeatureStore
+
+    from feature_repo.config import REPO_DIR
+
+    if kind == "ours":
+        return FeatureStore(repo_path=str(REPO_DIR))
+    conf = yaml.safe_load((REPO_DIR / "feature_store.yaml").read_text())
+    conf["offline_store"] = {"type": kind}
+    tmp = Path(tempfile.mkdtemp(prefix="fs-yaml-")) / "feature_store.yaml"
+    tmp.write_text(yaml.safe_dump(conf))
+    return FeatureStore(repo_path=str(REPO_DIR), fs_yaml_file=tmp)
+
+
+def child_main(a: argparse.Namespace) -> None:
+    import cProfile
+
+    from feature_repo.config import apply_env_defaults
+    from training.retrieval import labelled_entity_frame
+
+    apply_env_defaults()
+    store = open_store(a.store)
+    entities = labelled_entity_frame()
+    if a.rows < len(entities):
+        entities = entities.sample(a.rows, random_state=a.seed).reset_index(drop=True)
+    service = store.get_feature_service(a.feature_service)
+    prof = cProfile.Profile() if a.profile else None
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    df = store.get_historical_features(entity_df=entities, features=service).to_df()
+    if prof:
+        prof.disable()
+    seconds = time.perf_counter() - t0
+    distinct = df["transaction_id"].nunique()
+    features = [f.name for p in service.feature_view_projections for f in p.features]
+    present = [f for f in features if f in df.columns]
+    result: dict[str, Any] = {
+        "store": a.store, "rows_in": len(entities), "rows_out": len(df), "seconds": seconds,
+        "dropped": len(entities) - distinct, "duplicated": len(df) - distinct,
+        "features": len(features), "features_missing_from_output": sorted(set(features) -
+                                                                          set(present)),
+        "null_share": float(df[present].isna().to_numpy().mean()) if present else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if a.out:
+        df[["transaction_id", *present]].to_parquet(a.out)
+        result["out"] = str(a.out)
+    if prof:
+        from bench.profile import cprofile_summary
+
+        result["profile"] = cprofile_summary(prof)
+    print(json.dumps(result, default=str), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.retrieval")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="one timed retrieval (child process of the benchmark)")
+    r.add_argument("--store", choices=["ours", *STOCK], required=True)
+    r.add_argument("--rows", type=int, required=True)
+    r.add_argument("--seed", type=int, default=7)
+    r.add_argument("--feature-service", default="fraud_model_v1")
+    r.add_argument("--out", type=Path, default=None)
+    r.add_argument("--profile", action="store_true")
+    child_main(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

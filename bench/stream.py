@@ -1,0 +1,453 @@
+"""Stream: sustained events/s through the feature dataflow, freshness, and stock `store.push()`.
+
+*Ours*: `streaming.features.build_flow` with `KafkaSource` and the real `VelocitySink` (online
+writes through Feast into Redis database `BENCH_STREAM_REDIS_DB`, offline history parquet in a
+scratch directory), the Kafka dead-letter sink, one worker, recovery snapshots every 2 s: what
+`python -m streaming.features` runs.  *Stock*: the same events, parsed and turned into the same
+velocity rows, written with `FeatureStore.push()` one event at a time (online only).
+
+1. Throughput: N events are produced into a fresh topic of a private Tansu broker first; a
+   worker (`tail=False`) then consumes them to the end and exits.  Its event counter is polled
+   every 0.1 s; the sustained rate is taken between 10% and 90% of the events (start-up and the
+   last partial batch excluded).
+2. Freshness: a worker tails another topic while `python -m streaming.produce live` sends
+   events open loop at a fixed rate; the worker's `fraud_stream_freshness_seconds` histogram
+   (producer timestamp -> online write acknowledged) is read before and after, and its
+   quantiles are interpolated within the histogram's buckets.
+3. Stock: `store.push()` per event on a bounded sample, unpaced (events/s), and paced at the
+   same arrival rate as 2. (freshness = push done - scheduled arrival; no Kafka in this path).
+
+`python -m bench.stream worker|push ...` are the child processes (not meant to be run by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import profile
+from bench.config import Sizes, get_settings
+from bench.data import scoring_dataset
+from bench.procs import (
+    BenchError,
+    Child,
+    free_port,
+    log_tail,
+    python,
+    run_capture,
+    run_json,
+    running,
+)
+from bench.report import Measure, Section, Target
+
+THROUGHPUT_TARGET = 20_000.0  # events/s, one worker
+THRU_TOPIC, FRESH_TOPIC, DLQ_TOPIC = "bench.transactions", "bench.fresh", "bench.dlq"
+PUSH_SOURCE = "user_velocity_push_source"
+
+
+# --- parent: orchestration -----------------------------------------------------------------
+
+def run(sizes: Sizes, section: Section) -> None:
+    import redis
+
+    from streaming.broker import TansuBroker
+    from streaming.topics import ensure_topics
+
+    s = get_settings()
+    log_dir = s.run_dir / "logs"
+    dataset = scoring_dataset()  # only its Feast registry is used
+    redis_url = dataset.redis_url.rsplit("/", 1)[0] + f"/{s.stream_redis_db}"
+    env = dataset.env(REDIS_URL=redis_url)
+    section.ours_label = ("streaming.features.build_flow: KafkaSource -> VelocitySink (Feast "
+                          "online write to Redis + offline parquet history) + Kafka DLQ, 1 worker")
+    section.stock_label = "FeatureStore.push() per event, online (same parsed events and rows)"
+    rdb = redis.Redis.from_url(redis_url)
+    rdb.flushdb()
+    scratch = Path(tempfile.mkdtemp(prefix="stream-", dir=s.run_dir))
+    try:
+        with TansuBroker(log_path=log_dir / "tansu.log") as broker:
+            ensure_topics(broker.bootstrap, partitions={THRU_TOPIC: 4, FRESH_TOPIC: 4,
+                                                        DLQ_TOPIC: 1})
+            thru = _throughput(broker.bootstrap, sizes, env, scratch, log_dir)
+            fresh = _freshness(broker.bootstrap, sizes, env, scratch, log_dir)
+            push = run_json("stock push", python(
+                "-m", "bench.stream", "push", "--events", str(sizes.push_events), "--rate",
+                str(sizes.fresh_rate), "--window", str(sizes.push_window_s), "--users",
+                str(sizes.stream_users)), env, log_dir / "stream-push.log", timeout_s=900)
+            section.details = {"throughput": thru, "freshness": fresh, "stock_push": push}
+            _measures(section, sizes, thru, fresh, push)
+            if section.missed():
+                section.profiles["ours worker, throughput run again on the same topic (py-spy)"] \
+                    = _profile(broker.bootstrap, env, scratch, log_dir)
+    finally:
+        rdb.flushdb()
+        rdb.close()
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    section.notes.insert(0, f"Registry: {dataset.describe()}; online writes to {redis_url} "
+                            "(flushed before and after); a private Tansu broker.")
+
+
+def _preload(bootstrap: str, topic: str, n: int, users: int) -> dict[str, Any]:
+    from streaming.produce import live_events
+    from streaming.producer import TransactionProducer
+
+    t0 = time.perf_counter()
+    producer = TransactionProducer(bootstrap, topic=topic, linger_ms=20)
+    for e in live_events(n, users, max(users // 10, 5), 0.01, 7, f"pre{int(time.time())}"):
+        producer.send(e)
+    failures = producer.flush(120)
+    if failures:
+        raise BenchError(f"pre-loading {topic}: {failures} of {n} events not delivered")
+    return {"events": n, "seconds": time.perf_counter() - t0}
+
+
+def _worker_argv(bootstrap: str, topic: str, scratch: Path, name: str, port: int,
+                 tail: bool) -> list[str]:
+    return python("-m", "bench.stream", "worker", "--bootstrap", bootstrap, "--topic", topic,
+                  "--dlq-topic", DLQ_TOPIC, "--history", str(scratch / f"history-{name}"),
+                  "--recovery", str(scratch / f"recovery-{name}"), "--metrics-port", str(port),
+                  *(["--tail"] if tail else []))
+
+
+def _scrape(port: int) -> dict[str, Any] | None:
+    """Event count and freshness buckets from the worker's /metrics (None if not up)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+    except httpx.HTTPError:
+        return None
+    out: dict[str, Any] = {"events": 0.0, "buckets": {}, "rows_online": 0.0, "dlq": 0.0}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "fraud_stream_events_total":
+                out["events"] += smp.value
+            elif smp.name == "fraud_stream_freshness_seconds_bucket":
+                out["buckets"][float(smp.labels["le"])] = smp.value
+            elif smp.name == "fraud_stream_rows_written_total" and smp.labels.get(
+                    "store") == "online":
+                out["rows_online"] = smp.value
+            elif smp.name == "fraud_stream_dlq_total":
+                out["dlq"] += smp.value
+    return out
+
+
+def _throughput(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path,
+                log_dir: Path) -> dict[str, Any]:
+    n = sizes.stream_events
+    pre = _preload(bootstrap, THRU_TOPIC, n, sizes.stream_users)
+    port = free_port()
+    samples: list[tuple[float, float, float]] = []  # (time, events, online rows)
+    timeout = 120 + n / 1000  # even 1,000 events/s finishes in time
+    argv = _worker_argv(bootstrap, THRU_TOPIC, scratch, "thru", port, tail=False)
+    with running("stream worker", argv, env, log_dir / "stream-worker.log") as child:
+        t0 = time.perf_counter()
+        while child.alive() and time.perf_counter() - t0 < timeout:
+            m = _scrape(port)
+            if m is not None:
+                samples.append((time.perf_counter(), m["events"], m["rows_online"]))
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+        if child.alive():
+            raise BenchError(f"stream worker did not finish {n:,} events in {timeout:.0f}s")
+        if child.exit_code:
+            raise BenchError(f"stream worker failed:\n{log_tail(child.log_path)}")
+    result = _read_result(log_dir / "stream-worker.log")
+    return {"preload": pre, "events": n, "process_wall_s": wall, "worker": result,
+            "sustained": _sustained(samples, n), "samples": len(samples)}
+
+
+def _read_result(log: Path) -> dict[str, Any]:
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{") and '"run_s"' in line:
+            return json.loads(line)  # type: ignore[no-any-return]
+    raise BenchError(f"stream worker wrote no result:\n{log_tail(log)}")
+
+
+def _sustained(samples: list[tuple[float, float, float]], n: int) -> dict[str, Any]:
+    """Rate between the first samples at >= 10% and >= 90% of the events.
+
+    The window opens only once the sink has written to the online store (the sink builds its
+    Feast client lazily, and events can be counted upstream while that import runs).
+    """
+    lo = next(((t, c) for t, c, rows in samples if c >= 0.1 * n and rows > 0), None)
+    hi = next(((t, c) for t, c, _ in samples if c >= 0.9 * n), None)
+    if lo is None or hi is None or hi[0] <= lo[0]:
+        return {"rate": None, "why": "too few samples between 10% and 90% (run too short)"}
+    return {"rate": (hi[1] - lo[1]) / (hi[0] - lo[0]), "from_events": lo[1],
+            "to_events": hi[1], "seconds": hi[0] - lo[0]}
+
+
+def _freshness(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path,
+               log_dir: Path) -> dict[str, Any]:
+    from streaming.produce import live_events
+    from streaming.producer import TransactionProducer
+
+    port = free_port()
+    warm = 200
+    argv = _worker_argv(bootstrap, FRESH_TOPIC, scratch, "fresh", port, tail=True)
+    with running("stream worker (tail)", argv, env, log_dir / "stream-worker-tail.log") as child:
+        _wait_metrics(port, child, lambda m: True, get_settings().server_start_timeout_s)
+        with TransactionProducer(bootstrap, topic=FRESH_TOPIC) as producer:
+            for e in live_events(warm, 100, 20, 0.0, 3, f"warm{int(time.time())}"):
+                producer.send(e)
+        before = _wait_metrics(port, child, lambda m: m["events"] >= warm, 120)
+        produce = python("-m", "streaming.produce", "live", "--rate", str(sizes.fresh_rate),
+                         "--duration", str(sizes.fresh_duration_s), "--users",
+                         str(sizes.stream_users), "--merchants",
+                         str(max(sizes.stream_users // 10, 5)), "--bootstrap", bootstrap,
+                         "--topic", FRESH_TOPIC, "--id-prefix", f"fresh{int(time.time())}")
+        out = run_capture("producer", produce, child.env, log_dir / "stream-produce.log",
+                          sizes.fresh_duration_s + 120)
+        delivered = _delivered(out)
+        after = _wait_metrics(port, child, lambda m: m["events"] >= warm + delivered, 120)
+    buckets = {le: after["buckets"].get(le, 0) - before["buckets"].get(le, 0)
+               for le in after["buckets"]}
+    return {"rate": sizes.fresh_rate, "duration_s": sizes.fresh_duration_s,
+            "producer": out.strip().splitlines()[-1] if out.strip() else "",
+            "delivered": delivered, "consumed": after["events"] - before["events"],
+            "buckets": {str(k): v for k, v in sorted(buckets.items())},
+            "p50_s": histogram_quantile(0.5, buckets), "p99_s": histogram_quantile(0.99, buckets),
+            "observations": buckets.get(float("inf"), 0)}
+
+
+def _delivered(producer_output: str) -> int:
+    import re
+
+    m = re.search(r"([\d,]+) delivered, ([\d,]+) not delivered", producer_output)
+    if not m:
+        raise BenchError(f"unexpected producer output:\n{producer_output[-500:]}")
+    return int(m.group(1).replace(",", ""))
+
+
+def _wait_metrics(port: int, child: Child, ok: Any, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise BenchError(f"{child.name} exited:\n{log_tail(child.log_path)}")
+        last = _scrape(port)
+        if last is not None and ok(last):
+            return last
+        time.sleep(0.1)
+    raise BenchError(f"{child.name}: condition not reached in {timeout_s:.0f}s (last {last})")
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding q."""
+    items = sorted(buckets.items())
+    total = items[-1][1] if items else 0
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in items:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le  # beyond the last finite bucket: its bound is all we know
+            return prev_le + (le - prev_le) * (rank - prev_c) / max(c - prev_c, 1e-12)
+        prev_le, prev_c = le, c
+    return None
+
+
+def _profile(bootstrap: str, env: dict[str, str], scratch: Path, log_dir: Path) -> str:
+    s = get_settings()
+    port = free_port()
+    argv = _worker_argv(bootstrap, THRU_TOPIC, scratch, "profile", port, tail=False)
+    with running("stream worker (profiled)", argv, env, log_dir / "stream-worker.log") as child:
+        _wait_metrics(port, child, lambda m: m["rows_online"] > 0, s.server_start_timeout_s)
+        return profile.record(child.pid, s.profile_seconds, log_dir / "pyspy-stream.txt")
+
+
+def _measures(section: Section, sizes: Sizes, thru: dict[str, Any], fresh: dict[str, Any],
+              push: dict[str, Any]) -> None:
+    sustained = thru["sustained"].get("rate")
+    worker = thru["worker"]
+    section.measures += [
+        Measure("sustained events/s (10-90%)", "/s", sustained, push["unpaced_rate"], "higher",
+                Target(">=", THROUGHPUT_TARGET),
+                note=f"{thru['events']:,} events pre-loaded; stock: {push['unpaced_events']:,} "
+                     "events pushed one by one"),
+        Measure("events/s incl. start-up and last batch", "/s",
+                thru["events"] / worker["run_s"], push["unpaced_rate"], "higher"),
+        Measure(f"freshness p50 @{sizes.fresh_rate:,.0f}/s", "ms", _ms(fresh["p50_s"]),
+                _ms(push["paced"]["p50_s"]), "lower"),
+        Measure(f"freshness p99 @{sizes.fresh_rate:,.0f}/s", "ms", _ms(fresh["p99_s"]),
+                _ms(push["paced"]["p99_s"]), "lower"),
+    ]
+    section.notes += [
+        f"Pre-load: {thru['preload']['events']:,} events in {thru['preload']['seconds']:.1f} s. "
+        f"Worker: {worker['events']:,.0f} events counted, {worker['rows_online']:,.0f} online "
+        f"rows written (coalesced per user and batch), {worker['rows_offline']:,.0f} history "
+        f"rows, {worker['dlq']:,.0f} dead letters, peak RSS {worker['peak_rss_mib']:.0f} MiB, "
+        f"run {worker['run_s']:.1f} s (process {thru['process_wall_s']:.1f} s).",
+        f"Freshness: {fresh['delivered']:,} events produced open loop at "
+        f"{sizes.fresh_rate:,.0f}/s for {sizes.fresh_duration_s:.0f} s "
+        f"(`python -m streaming.produce live`; {fresh['producer']}); {fresh['consumed']:,.0f} "
+        f"consumed; {fresh['observations']:,.0f} online writes observed. Quantiles are "
+        "interpolated within the histogram buckets "
+        f"({', '.join(k for k in fresh['buckets'])} s), so they are estimates.",
+        f"Stock freshness: {push['paced']['arrivals']:,} arrivals scheduled at "
+        f"{sizes.fresh_rate:,.0f}/s, pushed in order as they arrive, "
+        f"{push['paced']['not_done']:,} not pushed within the {push['paced']['limit_s']:.0f} s "
+        "limit (counted as infinitely late); no Kafka in this path, so it flatters the stock "
+        "side. Stock writes online only; ours also writes the offline history.",
+    ]
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else v * 1000
+
+
+# --- children ------------------------------------------------------------------------------
+
+def worker_main(a: argparse.Namespace) -> None:
+    """The dataflow as `python -m streaming.features` runs it, on the given topic."""
+    import gc
+    import logging
+    from datetime import timedelta
+
+    from bytewax._bytewax import cli_main
+    from bytewax.connectors.kafka import KafkaSource
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from prometheus_client import REGISTRY
+
+    from feature_repo.config import REPO_DIR
+    from streaming import metrics
+    from streaming.config import get_settings as stream_settings
+    from streaming.features import build_flow
+    from streaming.sources import KafkaDeadLetterSink
+    from streaming.velocity_sink import VelocitySink
+
+    logging.basicConfig(level=logging.WARNING)
+    st = stream_settings()
+    metrics.start_metrics_server("127.0.0.1", a.metrics_port)
+    a.recovery.mkdir(parents=True, exist_ok=True)
+    init_db_dir(a.recovery, 1)
+    source = KafkaSource([a.bootstrap], [a.topic], tail=a.tail, batch_size=st.source_batch_size,
+                         add_config={"socket.keepalive.enable": "true"})
+    flow = build_flow(source, VelocitySink(REPO_DIR, a.history, prefix="bench"),
+                      KafkaDeadLetterSink(a.bootstrap, a.dlq_topic))
+    gc.freeze()
+    t0 = time.perf_counter()
+    cli_main(flow, workers_per_process=1,
+             epoch_interval=timedelta(seconds=st.snapshot_interval_s),
+             recovery_config=RecoveryConfig(str(a.recovery)))
+    run_s = time.perf_counter() - t0
+
+    def total(name: str, **labels: str) -> float:
+        return float(REGISTRY.get_sample_value(name, labels) or 0.0)
+
+    events = sum(total("fraud_stream_events_total", outcome=o)
+                 for o in ("applied", "duplicate", "late", "invalid"))
+    dlq = sum(m.value for fam in REGISTRY.collect() if fam.name == "fraud_stream_dlq"
+              for m in fam.samples if m.name.endswith("_total"))
+    print(json.dumps({
+        "run_s": run_s, "events": events, "dlq": dlq,
+        "rows_online": total("fraud_stream_rows_written_total", store="online"),
+        "rows_offline": total("fraud_stream_rows_written_total", store="offline"),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }), flush=True)
+
+
+def push_main(a: argparse.Namespace) -> None:
+    """Stock path: parse, update the state, `store.push()` one event at a time."""
+    import math
+
+    import numpy as np
+    from feast import FeatureStore
+    from feast.data_source import PushMode
+
+    from feature_repo.config import REPO_DIR
+    from streaming.events import Envelope, parse
+    from streaming.features import update_velocity
+    from streaming.produce import live_events
+    from streaming.velocity_sink import VelocityRow, history_table
+
+    store = FeatureStore(repo_path=str(REPO_DIR))
+    arrivals = max(1, int(a.rate * a.window))
+    raw = [e.model_dump_json().encode() for e in live_events(
+        a.events + arrivals + 20, a.users, max(a.users // 10, 5), 0.01, 11,
+        f"push{int(time.time())}")]
+    states: dict[str, Any] = {}
+
+    def push_one(b: bytes) -> None:
+        env = parse(b, time.time())
+        if not isinstance(env, Envelope):
+            return
+        uid = env.event.user_id
+        states[uid], out = update_velocity(states.get(uid), env)
+        if isinstance(out, VelocityRow):
+            df = history_table([out]).to_pandas()
+            store.push(PUSH_SOURCE, df, to=PushMode.ONLINE)
+
+    for b in raw[:20]:  # warm-up: registry cache, connections
+        push_one(b)
+    t0 = time.perf_counter()
+    for b in raw[20:20 + a.events]:
+        push_one(b)
+    unpaced_s = time.perf_counter() - t0
+
+    limit_s = max(30.0, 4 * arrivals / max(a.events / unpaced_s, 1.0))
+    limit_s = min(limit_s, 300.0)
+    fresh = np.full(arrivals, np.inf)
+    paced = raw[20 + a.events:]
+    start = time.perf_counter() + 0.01
+    for i in range(arrivals):
+        due = start + i / a.rate
+        now = time.perf_counter()
+        if now - start > limit_s:
+            break
+        if now < due:
+            time.sleep(due - now)
+        push_one(paced[i])
+        fresh[i] = time.perf_counter() - due
+
+    def q(p: float) -> float | None:
+        v = float(np.percentile(fresh, p, method="higher"))
+        return None if math.isinf(v) else v
+
+    print(json.dumps({
+        "unpaced_events": a.events, "unpaced_s": unpaced_s,
+        "unpaced_rate": a.events / unpaced_s,
+        "paced": {"rate": a.rate, "arrivals": arrivals, "limit_s": limit_s,
+                  "not_done": int(np.isinf(fresh).sum()), "p50_s": q(50), "p99_s": q(99)},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.stream")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("worker")
+    w.add_argument("--bootstrap", required=True)
+    w.add_argument("--topic", required=True)
+    w.add_argument("--dlq-topic", required=True)
+    w.add_argument("--history", type=Path, required=True)
+    w.add_argument("--recovery", type=Path, required=True)
+    w.add_argument("--metrics-port", type=int, required=True)
+    w.add_argument("--tail", action="store_true")
+    ps = sub.add_parser("push")
+    ps.add_argument("--events", type=int, required=True)
+    ps.add_argument("--rate", type=float, required=True)
+    ps.add_argument("--window", type=float, required=True)
+    ps.add_argument("--users", type=int, required=True)
+    a = p.parse_args(argv)
+    if a.cmd == "worker":
+        worker_main(a)
+    else:
+        push_main(a)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
