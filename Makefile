@@ -55,6 +55,13 @@ train: setup ## train the fraud model from point-in-time features and write a ve
 serve: setup ## start the FastAPI scorer (SERVING_* settings)
 	$(PY) -m serving
 
+.PHONY: skew-audit batch-score
+skew-audit: setup ## compare the scorer's prediction log with point-in-time features; skew + drift report
+	$(PY) -m training.skew_audit
+
+batch-score: setup ## score the transaction log from the watermark on (first run: make batch-score START=YYYY-MM-DD)
+	$(PY) -m training.batch_score $(if $(START),--start $(START))
+
 .PHONY: stream produce
 stream: setup ## run the feature dataflow on Kafka: python -m streaming.features
 	$(PY) -m streaming.features

@@ -29,6 +29,7 @@ from bench.procs import BenchError, python, run_json
 from bench.report import Measure, Section, Target
 
 TARGET_S_PER_MILLION = 10.0
+STARTUP_S = 120.0  # allowance for a child's imports and data loading, on top of the budget
 STOCK = {"duckdb": "Feast DuckDB offline store", "file": "Feast file offline store (Dask)"}
 
 
@@ -71,7 +72,8 @@ def run(sizes: Sizes, section: Section) -> None:
     runs: dict[str, dict[str, Any]] = {"ours_full": ours_full}
     ours_at: dict[int, dict[str, Any]] = {n: ours_full}
     for store in STOCK:
-        first = _child(dataset, store, sizes.retrieval_stock_first, budget,
+        # The budget is for the timed call; the process also imports Feast and reads the data.
+        first = _child(dataset, store, sizes.retrieval_stock_first, budget + STARTUP_S,
                        out=scratch / f"{store}-first.parquet")
         best = first
         if "error" not in first:
@@ -80,7 +82,7 @@ def run(sizes: Sizes, section: Section) -> None:
             fits = [m for m, t in predicted.items() if t <= budget]
             target = max(fits) if fits else sizes.retrieval_stock_first
             if target > first["rows_in"]:
-                bigger = _child(dataset, store, target, budget * 2,
+                bigger = _child(dataset, store, target, budget * 2 + STARTUP_S,
                                 out=scratch / f"{store}-{target}.parquet")
                 best = bigger if "error" not in bigger else first
                 runs[f"{store}_larger"] = bigger
@@ -133,7 +135,11 @@ def _measures(section: Section, n: int, ours_full: dict[str, Any],
               ours_at: dict[int, dict[str, Any]], runs: dict[str, dict[str, Any]]) -> None:
     if "error" in ours_full:
         raise BenchError(f"ours failed at {n:,} rows: {ours_full['error']}")
-    target = Target("<=", TARGET_S_PER_MILLION * n / 1_000_000)
+    # The target is stated for a million rows; smaller runs are dominated by fixed costs.
+    target = Target("<=", TARGET_S_PER_MILLION) if n >= 1_000_000 else None
+    if target is None:
+        section.notes.append(f"The target (1,000,000 rows in <= {TARGET_S_PER_MILLION:.0f} s) is "
+                             f"checked only by a run of 1,000,000 rows; this run used {n:,}.")
     section.measures.append(Measure(
         f"ours: training frame of {n:,} rows", "s", ours_full["seconds"], None, "lower", target,
         note=f"{ours_full['rows_out']:,} rows out, {ours_full['dropped']:,} dropped, "

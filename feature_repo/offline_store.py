@@ -98,7 +98,7 @@ def asof_join(
     entity_cols = ", ".join(f"e.{_q(c)}" for c in entity_df.columns)
     sql = (f"WITH {', '.join(ctes)} SELECT {entity_cols}, {', '.join(selects)} "
            f"FROM __entities e {' '.join(joins)} ORDER BY e.__row")
-    table = con.execute(sql).to_arrow_table()
+    table = con.sql(sql).to_arrow_table()
     con.close()
     return table
 

@@ -135,23 +135,32 @@ def _decimal(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _Rows:
     """Per-row byte strings of a batch, appended column-wise.
 
-    Tokens are (n, width) byte matrices with the number of bytes each row uses; `payload`
-    appends a variable-length Arrow binary column.  `build` returns one binary value per row.
+    A token is an (n, width) byte matrix plus how many leading bytes each row uses (None: all
+    of them); `payload` appends a variable-length Arrow binary column.  Tokens between payloads
+    are assembled in one numpy pass; `build` joins the parts into one binary value per row.
     """
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.parts: list[pa.Array] = []
         self.blocks: list[np.ndarray] = []
-        self.sizes: list[np.ndarray] = []
+        self.sizes: list[np.ndarray | None] = []
+        self.tail = b""  # unconditional constant bytes not yet added as a block
 
-    def tokens(self, m: np.ndarray, size: np.ndarray, where: np.ndarray | None = None) -> None:
+    def tokens(self, m: np.ndarray, size: np.ndarray | None,
+               where: np.ndarray | None = None) -> None:
+        self._const_block()
         self.blocks.append(m)
-        self.sizes.append(size if where is None else np.where(where, size, 0))
+        if where is not None:
+            size = np.where(where, m.shape[1] if size is None else size, 0)
+        self.sizes.append(size)
 
     def const(self, data: bytes, where: np.ndarray | None = None) -> None:
-        m = np.broadcast_to(np.frombuffer(data, dtype=np.uint8), (self.n, len(data)))
-        self.tokens(m, np.full(self.n, len(data), dtype=np.int64), where)
+        if where is None:
+            self.tail += data
+            return
+        self.tokens(np.broadcast_to(np.frombuffer(data, dtype=np.uint8), (self.n, len(data))),
+                    None, where)
 
     def varint(self, values: np.ndarray, where: np.ndarray | None = None) -> None:
         self.tokens(*_varint(values), where)
@@ -166,15 +175,36 @@ class _Rows:
         self._flush()
         self.parts.append(arr)
 
+    def _const_block(self) -> None:
+        if self.tail:
+            data, self.tail = self.tail, b""
+            self.blocks.append(np.broadcast_to(np.frombuffer(data, dtype=np.uint8),
+                                               (self.n, len(data))))
+            self.sizes.append(None)
+
     def _flush(self) -> None:
+        self._const_block()
         if not self.blocks:
             return
-        m = np.concatenate(self.blocks, axis=1)
-        used = np.concatenate([np.arange(b.shape[1]) < s[:, None]
-                               for b, s in zip(self.blocks, self.sizes, strict=True)], axis=1)
+        widths = [b.shape[1] for b in self.blocks]
+        m = np.empty((self.n, sum(widths)), dtype=np.uint8)
+        used = np.empty(m.shape, dtype=bool)
+        lengths = np.zeros(self.n, dtype=np.int64)
+        start = 0
+        for block, size, width in zip(self.blocks, self.sizes, widths, strict=True):
+            m[:, start:start + width] = block
+            if size is None:
+                used[:, start:start + width] = True
+                lengths += width
+            else:
+                np.less(np.arange(width), size[:, None], out=used[:, start:start + width])
+                lengths += size
+            start += width
         offsets = np.zeros(self.n + 1, dtype=np.int64)
-        np.cumsum(np.sum(self.sizes, axis=0), out=offsets[1:])
-        self.parts.append(_binary(offsets, m[used]))
+        np.cumsum(lengths, out=offsets[1:])
+        data = m.reshape(-1) if all(s is None for s in self.sizes) else \
+            np.compress(used.reshape(-1), m.reshape(-1))
+        self.parts.append(_binary(offsets, data))
         self.blocks, self.sizes = [], []
 
     def build(self) -> pa.Array:
@@ -194,10 +224,13 @@ def _int_exact(arr: pa.Array) -> bool:
     return bound is not None and bound <= _MAX_EXACT_FLOAT_INT
 
 
-def _valid(arr: pa.Array) -> np.ndarray:
-    if arr.null_count == 0:
-        return np.ones(len(arr), dtype=bool)
-    return np.asarray(arr.is_valid())
+def _valid(arr: pa.Array) -> np.ndarray | None:
+    """Which rows are not null; None when all are (so tokens can stay unconditional)."""
+    return np.asarray(arr.is_valid()) if arr.null_count else None
+
+
+def _masked(values: np.ndarray, where: np.ndarray | None) -> np.ndarray:
+    return values if where is None else np.where(where, values, 0)
 
 
 def _scalar(rows: _Rows, arr: pa.Array, tag: bytes) -> None:
@@ -207,22 +240,25 @@ def _scalar(rows: _Rows, arr: pa.Array, tag: bytes) -> None:
         data = _as_binary(arr)
         length = np.asarray(pc.binary_length(data), dtype=np.int64)
         lm, ls = _varint(length)
-        rows.bulk_header(np.where(valid, 1 + ls + length, 0))
+        rows.bulk_header(_masked(len(tag) + ls + length, valid))
         rows.const(tag, valid)
         rows.tokens(lm, ls, valid)
         rows.payload(data)
         return
     if t == pa.bool_():
         m = np.asarray(arr.fill_null(False), dtype=np.uint8)[:, None]
-        size = np.ones(len(arr), dtype=np.int64)
+        size = None
     elif pa.types.is_floating(t):
         values = np.asarray(arr.fill_null(0))
-        valid &= ~np.isnan(values)
+        nan = np.isnan(values)
+        if nan.any():  # NaN is null for Feast's scalar conversion
+            valid = ~nan if valid is None else valid & ~nan
         m = values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(len(arr), -1)
-        size = np.full(len(arr), values.itemsize, dtype=np.int64)
+        size = None
     else:
         m, size = _varint(np.asarray(arr.fill_null(0), dtype=np.int64))
-    rows.bulk_header(np.where(valid, len(tag) + size, 0))
+    length = len(tag) + (np.full(len(arr), m.shape[1]) if size is None else size)
+    rows.bulk_header(_masked(length, valid))
     rows.const(tag, valid)
     rows.tokens(m, size, valid)
 
@@ -236,9 +272,8 @@ def _list(rows: _Rows, arr: pa.Array, tag: bytes, packing: str) -> None:
     if packing == "string":
         elements = _Rows(len(items))
         data = _as_binary(items)
-        length = np.asarray(pc.binary_length(data), dtype=np.int64)
         elements.const(b"\x0a")
-        elements.varint(length)
+        elements.varint(np.asarray(pc.binary_length(data), dtype=np.int64))
         elements.payload(data)
         encoded = elements.build()
         item_offsets = _offsets(encoded)
@@ -247,24 +282,25 @@ def _list(rows: _Rows, arr: pa.Array, tag: bytes, packing: str) -> None:
         m, size = _varint(np.asarray(items, dtype=np.int64))
         item_offsets = np.zeros(len(size) + 1, dtype=np.int64)
         np.cumsum(size, out=item_offsets[1:])
-        payload = _binary(item_offsets[rel], m[np.arange(m.shape[1]) < size[:, None]])
+        used = np.arange(m.shape[1]) < size[:, None]
+        payload = _binary(item_offsets[rel], np.compress(used.reshape(-1), m.reshape(-1)))
     else:
         values = np.asarray(items)
         raw = values.astype(values.dtype.newbyteorder("<")).view(np.uint8)
         payload = _binary(rel * values.itemsize, raw)
-    plen = np.where(valid, np.diff(_offsets(payload)), 0)
+    plen = _masked(np.diff(_offsets(payload)), valid)
     if packing == "string":
-        inner = plen  # repeated strings are not packed: the payload is the message
+        inner = plen  # repeated strings are not packed: the payload is the message itself
         framed = np.zeros(len(arr), dtype=bool)
     else:
-        framed = valid & (plen > 0)  # an empty packed list is an empty message
+        framed = plen > 0  # an empty packed list is an empty message
         inner = np.where(framed, 1 + _varint_size(plen) + plen, 0)
-    rows.bulk_header(np.where(valid, len(tag) + _varint_size(inner) + inner, 0))
+    rows.bulk_header(_masked(len(tag) + _varint_size(inner) + inner, valid))
     rows.const(tag, valid)
     rows.varint(inner, valid)
     rows.const(b"\x0a", framed)
     rows.varint(plen, framed)
-    rows.payload(payload if arr.null_count == 0 else pc.if_else(pa.array(valid), payload, _EMPTY))
+    rows.payload(payload if valid is None else pc.if_else(pa.array(valid), payload, _EMPTY))
 
 
 def _fallback(rows: _Rows, arr: pa.Array, value_type: int) -> None:

@@ -70,6 +70,9 @@ class UserVelocityState:
     # merchant -> [first_seen_us, last_seen_us], insertion order irrelevant
     known: dict[str, list[int]] = field(default_factory=dict)
     last_row_ts: int = 0
+    # Seeded from a stored row (no transaction ids): events at or before this time may already
+    # be counted in it, so they are refused as late instead of risking a double count.
+    seeded_until: int = 0
 
     def apply(
         self, txn_id: str, ts_us: int, amount: float, merchant_id: str
@@ -81,6 +84,11 @@ class UserVelocityState:
         """
         if txn_id in self.txn_ids:
             return None
+        if ts_us <= self.seeded_until:
+            raise LateEventError(
+                "event is not newer than the stored state this worker continued from; it may "
+                "already be counted"
+            )
         if self.ts and ts_us < self.ts[-1] - ALLOWED_LATENESS_US:
             raise LateEventError(
                 f"event is {(self.ts[-1] - ts_us) / 1e6:.0f}s behind the user's newest event; "
@@ -107,9 +115,9 @@ class UserVelocityState:
     def from_row(cls, row: dict[str, Any], row_ts_us: int) -> UserVelocityState:
         """Continue from a stored feature row (written by the backfill or an earlier stream).
 
-        Transaction ids are not stored in rows, so an event already in the row could only be
-        re-applied if it were within the allowed lateness of the newest one; older replays are
-        rejected as late.  A merchant's last-seen time is its latest recent event, or its
+        Transaction ids are not stored in rows, so events at or before the row's newest event
+        are refused as late (`seeded_until`): never counted twice, at the price of refusing a
+        genuinely late event that arrives right after a worker first sees the user.  A merchant's last-seen time is its latest recent event, or its
         first-seen time when that event has been evicted.
         """
         state = cls(
@@ -119,6 +127,7 @@ class UserVelocityState:
             last_row_ts=row_ts_us,
         )
         state.txn_ids = [""] * len(state.ts)
+        state.seeded_until = state.ts[-1] if state.ts else 0
         for m, first in zip(row.get("known_merchants") or [],
                             row.get("known_merchant_first_ts") or [], strict=True):
             state.known[m] = [first, first]
@@ -144,7 +153,7 @@ class UserVelocityState:
         # Bytewax copies every changed state at each snapshot: flat list copies, not a walk
         return UserVelocityState(
             list(self.ts), list(self.amounts), list(self.merchants), list(self.txn_ids),
-            {m: list(v) for m, v in self.known.items()}, self.last_row_ts,
+            {m: list(v) for m, v in self.known.items()}, self.last_row_ts, self.seeded_until,
         )
 
     def row(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,13 +33,13 @@ class ServingSettings(BaseSettings):
     log_level: str = "INFO"
     access_log: bool = False
     # Prediction log (serving/prediction_log.py) and drift gauges (serving/drift.py)
-    prediction_log_sample: float = Field(1.0, ge=0.0, le=1.0)  # share logged, by transaction id
+    prediction_log_sample: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0  # share, by txn id
     prediction_log_kafka: str | None = None  # bootstrap servers: log to the `predictions` topic
     prediction_log_dir: Path | None = None  # local parquet log, read by `training.skew_audit`
-    prediction_log_flush_records: int = Field(1000, ge=1)  # flush after this many records ...
-    prediction_log_flush_seconds: float = Field(5.0, gt=0)  # ... or this long, whichever first
-    drift_window: int = Field(5000, ge=1)  # most recent feature vectors the PSI is taken over
-    drift_interval_seconds: float = Field(60.0, gt=0)  # how often `fraud_feature_psi` is updated
+    prediction_log_flush_records: Annotated[int, Field(ge=1)] = 1000  # flush after N records
+    prediction_log_flush_seconds: Annotated[float, Field(gt=0)] = 5.0  # ... or T s, if sooner
+    drift_window: Annotated[int, Field(ge=1)] = 5000  # most recent vectors the PSI is taken over
+    drift_interval_seconds: Annotated[float, Field(gt=0)] = 60.0  # `fraud_feature_psi` refresh
 
 
 @lru_cache

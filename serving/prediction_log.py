@@ -109,7 +109,7 @@ def to_table(records: Sequence[dict[str, Any]]) -> pa.Table:
             if name in _JSON_COLUMNS:
                 v = json.dumps(v, default=_json_default)
             elif name in _TIME_COLUMNS:
-                v = datetime.fromisoformat(v)
+                v = datetime.fromisoformat(str(v))
             cols[name].append(v)
     return pa.table(cols, schema=LOG_SCHEMA)
 

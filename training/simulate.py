@@ -61,7 +61,9 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     start_us = end_us - cfg.days * US_PER_DAY
     n_merchants = max(50, cfg.users // 10)
 
-    merchant_pop = rng.zipf(1.6, n_merchants).astype(float)
+    # Zipf-like popularity (rank^-1.1), shuffled over ids: a few big merchants, a long tail
+    merchant_pop = 1.0 / np.arange(1, n_merchants + 1) ** 1.1
+    rng.shuffle(merchant_pop)
     merchant_pop /= merchant_pop.sum()
     risky = rng.random(n_merchants) < 0.05
     risky_idx = np.flatnonzero(risky)

@@ -306,10 +306,10 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.config import ServingSettings
+    from serving.config import get_settings as serving_settings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--log-dir", type=Path, default=ServingSettings().prediction_log_dir,
+    p.add_argument("--log-dir", type=Path, default=serving_settings().prediction_log_dir,
                    help="prediction log directory (default $SERVING_PREDICTION_LOG_DIR)")
     p.add_argument("--threshold", type=float, default=0.01,
                    help="largest acceptable mismatch rate of any feature (default 0.01)")
