@@ -172,3 +172,46 @@ def retrieval_dataset(min_labelled: int) -> Dataset:
     if d.labelled < min_labelled:
         raise BenchError(f"prepared {d.labelled:,} labelled transactions, need {min_labelled:,}")
     return d
+
+
+def with_loadable_model(d: Dataset) -> tuple[Dataset, str | None]:
+    """`d` with a model directory whose newest artifact loads with the current code.
+
+    The demo's model may predate the current training code (a pickled pipeline refers to the
+    functions it was trained with); then a model is trained on the same data into
+    `.run/bench/models-<name>` (reused while it loads).  Returns the data set and a note saying
+    so, or None.
+    """
+    import dataclasses
+
+    log = get_settings().run_dir / "logs" / "model.log"
+    if _model_loads(d, d.model_dir, log):
+        return d, None
+    own = get_settings().run_dir / f"models-{d.name}"
+    if not _model_loads(d, own, log):
+        import shutil
+
+        shutil.rmtree(own, ignore_errors=True)
+        run_step("train", python("-m", "training.train"),
+                 d.env(TRAINING_MODEL_DIR=str(own)), log, timeout_s=3600)
+    note = (f"The model under {d.model_dir} does not load with the current code (see {log}); "
+            f"the benchmark trained one on the same data into {own}.")
+    return dataclasses.replace(d, model_dir=own), note
+
+
+def newest_model(model_dir: Path) -> Path | None:
+    metas = sorted(model_dir.glob("*/metadata.json"))
+    return metas[-1].parent if metas else None
+
+
+def _model_loads(d: Dataset, model_dir: Path, log: Path) -> bool:
+    path = newest_model(model_dir)
+    if path is None:
+        return False
+    code = ("import sys, pathlib; from serving.artifact import load_artifact; "
+            "load_artifact(pathlib.Path(sys.argv[1]))")
+    try:
+        run_step("load model", python("-c", code, str(path)), d.env(), log, timeout_s=300)
+    except BenchError:
+        return False
+    return True

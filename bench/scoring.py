@@ -29,8 +29,8 @@ import psutil
 
 from bench import loadgen, profile
 from bench.config import Sizes, get_settings
-from bench.data import Dataset, scoring_dataset
-from bench.procs import BenchError, Child, free_port, python, run_step, running, wait_http
+from bench.data import Dataset, scoring_dataset, with_loadable_model
+from bench.procs import BenchError, Child, free_port, python, running, wait_http
 from bench.report import Measure, Section, Target
 
 HOST = "127.0.0.1"
@@ -208,7 +208,9 @@ def _serve_and_measure(server: Server, dataset: Dataset, sizes: Sizes, log_dir: 
 def run(sizes: Sizes, section: Section) -> None:
     s = get_settings()
     log_dir = s.run_dir / "logs"
-    dataset = scoring_dataset()
+    dataset, model_note = with_loadable_model(scoring_dataset())
+    if model_note:
+        section.notes.append(model_note)
     pool = request_pool(dataset)
     service = feature_service_of(dataset)
     section.ours_label = f"`python -m serving --workers {s.workers}` POST /v1/score"
@@ -223,17 +225,7 @@ def run(sizes: Sizes, section: Section) -> None:
         "Client and server share the machine's cores; the servers run one at a time.",
     ]
     ours = ours_server(pool, free_port(), s.workers)
-    try:
-        ours_res = _serve_and_measure(ours, dataset, sizes, log_dir)
-    except BenchError as exc:
-        if dataset.name != "demo" or "start-up" not in str(exc):
-            raise
-        # The demo's model may predate the current training code: train one on the same data.
-        dataset = _retrained(dataset, log_dir)
-        section.notes.append("The demo model did not load with the current code (see "
-                             ".run/bench/logs/ours-server.log); the benchmark trained a model "
-                             f"on the demo data into {dataset.model_dir}.")
-        ours_res = _serve_and_measure(ours, dataset, sizes, log_dir)
+    ours_res = _serve_and_measure(ours, dataset, sizes, log_dir)
     section.notes.insert(0, f"Data: {dataset.describe()}; {len(pool):,} request templates "
                             "from its last 3 days of transactions, event_timestamp = now.")
     stock = stock_server(pool, free_port(), s.workers, service)
@@ -243,17 +235,6 @@ def run(sizes: Sizes, section: Section) -> None:
     if section.missed():
         section.profiles["ours server under the open-loop load (py-spy)"] = _profile(
             ours, dataset, sizes, log_dir)
-
-
-def _retrained(dataset: Dataset, log_dir: Path) -> Dataset:
-    import dataclasses
-
-    model_dir = get_settings().run_dir / f"models-{dataset.name}"
-    if not any(model_dir.glob("*/metadata.json")):
-        run_step("train", python("-m", "training.train"),
-                 dataset.env(TRAINING_MODEL_DIR=str(model_dir)), log_dir / "train.log", 1800)
-    return dataclasses.replace(dataset, model_dir=model_dir,
-                               origin=dataset.origin + " with a model trained by the benchmark")
 
 
 def _profile(server: Server, dataset: Dataset, sizes: Sizes, log_dir: Path) -> str:
