@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from bench import report
 from bench.config import Sizes, get_settings
@@ -51,39 +52,43 @@ def materialize(sizes: Sizes, section: Section) -> None:
                       dict(os.environ, PYTHONUNBUFFERED="1"), s.run_dir / "logs" /
                       "materialize.log", timeout)
     section.details = result
-    section.ours_label = str(result.get("ours_label", "ours"))
-    section.stock_label = str(result.get("stock_label", "stock"))
-    section.notes.append(f"bench.materialize.run({sizes.materialize_entities:,})")
+    section.ours_label = "feature_repo.materialization.FastRedisMaterializationEngine"
+    section.stock_label = "Feast's local materialization engine (`batch_engine: local`)"
+    section.notes.append(
+        f"bench.materialize.run({sizes.materialize_entities:,}) (see its docstring); sample "
+        f"of {result.get('sample')} entities read back: raw hashes identical = "
+        f"{result.get('identical_raw_hashes')}, get_online_features identical = "
+        f"{result.get('identical_online_features')}; load average {result.get('load_average')}.")
     section.measures += _measures_from(result)
     if not section.measures:
         section.notes.append("bench.materialize returned no ours/stock pairs; raw result below.")
 
 
-def _measures_from(result: dict[str, object]) -> list[Measure]:
-    """Measures from a result dict: entries {"ours": x, "stock": y, ["unit", "better"]}."""
-    out = []
-    items = result.get("measures", result)
-    if isinstance(items, list):
-        items = {str(m.get("metric", i)): m for i, m in enumerate(items) if isinstance(m, dict)}
-    if not isinstance(items, dict):
-        return out
-    for name, v in items.items():
-        if isinstance(v, dict) and "ours" in v and "stock" in v:
-            try:
-                ours = None if v["ours"] is None else float(v["ours"])
-                stock = None if v["stock"] is None else float(v["stock"])
-            except (TypeError, ValueError):
-                continue
-            unit = str(v.get("unit", ""))
-            better = v.get("better") or ("higher" if unit.endswith("/s") else "lower")
-            out.append(Measure(str(name), unit, ours, stock, better))  # type: ignore[arg-type]
+def _measures_from(result: dict[str, Any]) -> list[Measure]:
+    """Measures from bench.materialize's result: {"stock": {...}, "fast": {...}, ...}."""
+    ours, stock = result.get("fast"), result.get("stock")
+    if not isinstance(ours, dict) or not isinstance(stock, dict):
+        return []
+    same = result.get("stock_entities") == result.get("entities")
+    scope = "" if same else f" (stock on {result.get('stock_entities'):,} entities)"
+    out = [
+        Measure(f"rows/s{scope}", "/s", ours.get("rows_per_s"), stock.get("rows_per_s"),
+                "higher", note=f"{result.get('entities'):,} entities x "
+                               f"{result.get('features')} features, {result.get('rows'):,} rows"),
+        Measure(f"peak RSS{scope}", "MiB", ours.get("peak_rss_mb"), stock.get("peak_rss_mb"),
+                "lower"),
+    ]
+    if same:
+        out.insert(1, Measure("seconds in materialize", "s", ours.get("seconds"),
+                              stock.get("seconds"), "lower"))
     return out
 
 
 def _resolve(spec: str) -> Callable[[Sizes, Section], None]:
     module, func = spec.split(":")
     owner = importlib.import_module(module) if module else sys.modules[__name__]
-    return getattr(owner, func)  # type: ignore[no-any-return]
+    fn: Callable[[Sizes, Section], None] = getattr(owner, func)
+    return fn
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:

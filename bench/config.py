@@ -73,5 +73,5 @@ class Sizes:
             score_peak_duration_s=5, score_connections=16, materialize_entities=10_000,
             stream_events=20_000, stream_users=2_000, fresh_rate=1000, fresh_duration_s=5,
             push_events=300, push_window_s=0.3, retrieval_rows=50_000,
-            retrieval_stock_first=5_000, retrieval_stock_budget_s=45, batch_rows=200_000,
+            retrieval_stock_first=5_000, retrieval_stock_budget_s=45, batch_rows=40_000,
         )

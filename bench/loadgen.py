@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -170,6 +171,7 @@ async def _open_loop(host: str, port: int, make: RequestFactory, rate: float,
     t0 = time.perf_counter() + 0.05
     wall0 = time.time() + (t0 - time.perf_counter())
     hard_stop = t0 + duration_s + drain_s
+    stopping = False
 
     async def worker(k: int, conn: _Connection) -> None:
         for i in range(k, n, connections):
@@ -182,11 +184,10 @@ async def _open_loop(host: str, port: int, make: RequestFactory, rate: float,
                 return
             data = make(i, wall0 + (sched - t0))
             try:
-                status = await asyncio.wait_for(conn.request(data), hard_stop - sent)
-            except TimeoutError:
-                return
+                status = await conn.request(data)
             except (ConnectionError, OSError):
-                res.errors += 1
+                if not stopping:
+                    res.errors += 1
                 return
             done = time.perf_counter()
             lat[i] = done - min(sched, sent)
@@ -194,7 +195,17 @@ async def _open_loop(host: str, port: int, make: RequestFactory, rate: float,
             lag[i] = sent - sched
             res.statuses[status] = res.statuses.get(status, 0) + 1
 
+    def stop() -> None:  # the hard stop: abandon what is still in flight
+        nonlocal stopping
+        stopping = True
+        for c in conns:
+            if c.transport is not None:
+                c.transport.abort()
+
+    watchdog = asyncio.get_running_loop().call_at(
+        asyncio.get_running_loop().time() + (hard_stop - time.perf_counter()), stop)
     await asyncio.gather(*(worker(k, c) for k, c in enumerate(conns)))
+    watchdog.cancel()
     res.elapsed_s = max(time.perf_counter() - t0, duration_s)
     for c in conns:
         if c.transport is not None:
@@ -211,21 +222,29 @@ async def _closed_loop(host: str, port: int, make: RequestFactory, duration_s: f
     t0 = time.perf_counter()
     stop = t0 + duration_s
     counter = iter(range(1 << 62))
+    stopping = False
 
     async def worker(conn: _Connection) -> None:
         while (sent := time.perf_counter()) < stop:
             try:
-                status = await asyncio.wait_for(conn.request(make(next(counter), time.time())),
-                                                stop + 5 - sent)
-            except TimeoutError:
-                return
+                status = await conn.request(make(next(counter), time.time()))
             except (ConnectionError, OSError):
-                res.errors += 1
+                if not stopping:
+                    res.errors += 1
                 return
             lat.append(time.perf_counter() - sent)
             res.statuses[status] = res.statuses.get(status, 0) + 1
 
+    def abort() -> None:  # answers still missing 5 s after the end are abandoned
+        nonlocal stopping
+        stopping = True
+        for c in conns:
+            if c.transport is not None:
+                c.transport.abort()
+
+    watchdog = asyncio.get_running_loop().call_later(duration_s + 5, abort)
     await asyncio.gather(*(worker(c) for c in conns))
+    watchdog.cancel()
     res.elapsed_s = time.perf_counter() - t0
     res.latency = res.service = np.array(lat)
     for c in conns:
@@ -234,18 +253,30 @@ async def _closed_loop(host: str, port: int, make: RequestFactory, duration_s: f
     return res
 
 
+def _run(coro: Any) -> LoadResult:
+    """Run on uvloop when installed (less client overhead per request), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        result: LoadResult = asyncio.run(coro)
+        return result
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(coro)
+        return result
+
+
 def open_loop(host: str, port: int, make: RequestFactory, rate: float, duration_s: float,
               connections: int = 32, drain_s: float = 5.0) -> LoadResult:
     """`rate * duration_s` requests at fixed arrival times; bounded by duration + drain."""
     _check_host(host)
-    return asyncio.run(_open_loop(host, port, make, rate, duration_s, connections, drain_s))
+    return _run(_open_loop(host, port, make, rate, duration_s, connections, drain_s))
 
 
 def closed_loop(host: str, port: int, make: RequestFactory, duration_s: float,
                 connections: int = 32) -> LoadResult:
     """As many requests as `connections` back-to-back senders complete in `duration_s`."""
     _check_host(host)
-    return asyncio.run(_closed_loop(host, port, make, duration_s, connections))
+    return _run(_closed_loop(host, port, make, duration_s, connections))
 
 
 # --- closed-loop peak throughput with wrk (C, so the client steals less CPU) ------------------
@@ -319,3 +350,60 @@ def wrk_closed_loop(host: str, port: int, path: str, script: str, duration_s: fl
     return WrkResult(int(m.group(1)), seconds, int(m.group(1)) / seconds,
                      int(non2xx.group(1)) if non2xx else 0, sock.group(1) if sock else "none",
                      out)
+
+
+# --- calibration: the floor of what this client can resolve on this machine ------------------
+
+_NULL_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+class _NullProtocol(asyncio.Protocol):
+    """Answers every HTTP/1.1 request with `{}` at once (keep-alive, Content-Length bodies)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = bytes(self.buffer[:end]).lower()
+            at = head.find(b"content-length:")
+            length = int(head[at + 15:].split(b"\r\n")[0]) if at >= 0 else 0
+            if len(self.buffer) < end + 4 + length:
+                return
+            del self.buffer[:end + 4 + length]
+            self.transport.write(_NULL_RESPONSE)
+
+
+async def _serve_null(port: int, seconds: float) -> None:
+    server = await asyncio.get_running_loop().create_server(_NullProtocol, "127.0.0.1", port)
+    async with server:
+        await asyncio.sleep(seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.loadgen null-server --port P [--seconds S]` (calibration target)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    n = sub.add_parser("null-server", help="answer every request at once on 127.0.0.1")
+    n.add_argument("--port", type=int, required=True)
+    n.add_argument("--seconds", type=float, default=600.0, help="exit after this long")
+    a = p.parse_args(argv)
+    _run_plain(_serve_null(a.port, a.seconds))
+
+
+def _run_plain(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+if __name__ == "__main__":
+    main()

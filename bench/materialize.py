@@ -128,9 +128,11 @@ def _store(workdir: Path, engine: str, source: Path, redis_db: int) -> Any:
     )
     store = FeatureStore(config=config)
     entity = Entity(name="entity", join_keys=["entity_id"], value_type=ValueType.STRING)
-    dtypes = {**dict.fromkeys(INT_FEATURES, Int64), **dict.fromkeys(FLOAT_FEATURES, Float64),
-              **dict.fromkeys(STRING_FEATURES, String),
-              "recent_ints": Array(Int64), "recent_amounts": Array(Float64)}
+    dtypes: dict[str, Any] = {
+        **dict.fromkeys(INT_FEATURES, Int64), **dict.fromkeys(FLOAT_FEATURES, Float64),
+        **dict.fromkeys(STRING_FEATURES, String),
+        "recent_ints": Array(Int64), "recent_amounts": Array(Float64),
+    }
     view = FeatureView(
         name="bench_fv", entities=[entity], ttl=timedelta(days=3650), online=True,
         schema=[Field(name=f, dtype=dtypes[f]) for f in FEATURES],
@@ -156,7 +158,8 @@ def read_back(store: Any, view: Any, ids: list[str]) -> dict[str, Any]:
     pipe = client.pipeline(transaction=False)
     for i in ids:
         key = EntityKey(join_keys=["entity_id"], entity_values=[Value(string_val=i)])
-        pipe.hgetall(serialize_entity_key(key, entity_key_serialization_version=3) + b"bench")
+        redis_key: Any = serialize_entity_key(key, entity_key_serialization_version=3) + b"bench"
+        pipe.hgetall(redis_key)
     raw = pipe.execute()
     online = store.get_online_features(
         features=[f"{view.name}:{f}" for f in FEATURES],

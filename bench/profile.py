@@ -74,6 +74,8 @@ def summarise_collapsed(text: str, top: int = 20, source: str = "") -> str:
     out += [f"  {n / samples:6.1%}  {f}" for f, n in self_c.most_common(top)]
     out += ["", f"top {top} by total time (on the stack):"]
     out += [f"  {n / samples:6.1%}  {f}" for f, n in total_c.most_common(top)]
+    out += ["", "(Self time of a Python function that calls into native code, e.g. bytewax's "
+            "engine under its run call, is the native code's time.)"]
     return "\n".join(out)
 
 

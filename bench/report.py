@@ -47,6 +47,7 @@ class Measure:
     better: Literal["lower", "higher"]
     target: Target | None = None
     note: str = ""
+    stock_missing: str = ""  # shown instead of the stock value when there is none (why)
 
     @property
     def ratio(self) -> float | None:
@@ -193,7 +194,8 @@ def _redis_version() -> str | None:
 
     try:
         url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-        return str(redis.Redis.from_url(url, socket_timeout=2).info("server")["redis_version"])
+        info: dict[str, Any] = redis.Redis.from_url(url, socket_timeout=2).info("server")  # type: ignore[assignment]
+        return str(info["redis_version"])
     except redis.RedisError:
         return None
 
@@ -227,7 +229,8 @@ def summary_table(sections: list[Section]) -> str:
         for m in s.measures:
             ratio = "-" if m.ratio is None else f"{m.ratio:.3g}"
             rows.append(
-                f"| {s.name} | {m.metric} | {_fmt(m.ours, m.unit)} | {_fmt(m.stock, m.unit)} | "
+                f"| {s.name} | {m.metric} | {_fmt(m.ours, m.unit)} | "
+                f"{m.stock_missing if m.stock is None and m.stock_missing else _fmt(m.stock, m.unit)} | "
                 f"{ratio} | {_advantage(m)} | {m.target.text(m.unit) if m.target else ''} | "
                 f"{m.verdict()} |"
             )

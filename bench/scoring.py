@@ -15,6 +15,7 @@ closed-loop throughput (wrk if installed, else bench.loadgen's closed loop).  Re
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -230,8 +231,16 @@ def run(sizes: Sizes, section: Section) -> None:
                             "from its last 3 days of transactions, event_timestamp = now.")
     stock = stock_server(pool, free_port(), s.workers, service)
     stock_res = _serve_and_measure(stock, dataset, sizes, log_dir)
-    section.details = {"ours": ours_res, "stock": stock_res, "feature_service": service}
+    floor = calibrate(ours, sizes, log_dir)
+    section.details = {"ours": ours_res, "stock": stock_res, "harness_floor": floor,
+                       "feature_service": service}
     _measures(section, ours_res, stock_res, sizes)
+    lat = {k: f"{v * 1000:.2f}" for k, v in floor["latency_s"].items()}
+    section.notes.append(
+        f"Harness floor, same run: the same open-loop client at {sizes.score_rate:,.0f}/s against "
+        "a server that answers at once (`python -m bench.loadgen null-server`) measures p50 "
+        f"{lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, max {lat['max']} ms: "
+        "latencies near these are the client and the machine, not the server.")
     if section.missed():
         section.profiles["ours server under the open-loop load (py-spy)"] = _profile(
             ours, dataset, sizes, log_dir)
@@ -257,6 +266,32 @@ def _profile(server: Server, dataset: Dataset, sizes: Sizes, log_dir: Path) -> s
                           sizes.score_connections, drain_s=2)
         t.join(s.profile_seconds + 90)
     return holder.get("text", "profiler did not finish")
+
+
+def calibrate(like: Server, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
+    """The open-loop client against a null server: the latency floor of the harness itself."""
+    port = free_port()
+    seconds = min(sizes.score_duration_s, 10.0)
+    argv = python("-m", "bench.loadgen", "null-server", "--port", str(port), "--seconds",
+                  str(seconds + 60))
+    with running("null server", argv, dict(os.environ), log_dir / "null-server.log") as child:
+        deadline = time.monotonic() + 30
+        while not _port_open(port):
+            if not child.alive() or time.monotonic() > deadline:
+                raise BenchError("null server did not start")
+            time.sleep(0.1)
+        null = Server("null", [], "", "/", like.body, [], "")
+        run = loadgen.open_loop(HOST, port, _factory(null, port), sizes.score_rate, seconds,
+                                sizes.score_connections, drain_s=2)
+    return run.summary()
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((HOST, port)) == 0
 
 
 def _port(server: Server) -> int:
@@ -285,7 +320,9 @@ def _measures(section: Section, ours: dict[str, Any], stock: dict[str, Any],
     ]
     lag_o, lag_s = ol["send_lag_s"].get("p99", 0) * 1000, sl["send_lag_s"].get("p99", 0) * 1000
     section.notes.append(
-        f"Client send lag p99 (how late this client itself sent, included in the latencies): "
+        f"Send lag p99 (scheduled -> actually sent; includes waiting for the previous answer on "
+        "the same connection when the server falls behind, and the client's timer lateness; "
+        "included in the latencies): "
         f"ours run {lag_o:.2f} ms, stock run {lag_s:.2f} ms. Validation before the load: ours "
         f"{ours['validation']}, stock {stock['validation']}. Start-up: ours "
         f"{ours['startup_s']:.1f} s, stock {stock['startup_s']:.1f} s.")

@@ -170,7 +170,8 @@ def _throughput(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path
 def _read_result(log: Path) -> dict[str, Any]:
     for line in reversed(log.read_text(errors="replace").splitlines()):
         if line.startswith("{") and '"run_s"' in line:
-            return json.loads(line)  # type: ignore[no-any-return]
+            result: dict[str, Any] = json.loads(line)
+            return result
     raise BenchError(f"stream worker wrote no result:\n{log_tail(log)}")
 
 

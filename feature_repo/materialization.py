@@ -1,38 +1,39 @@
 """`feast materialize` into Redis at bulk speed: a batch engine registered in feature_store.yaml.
 
 Feast's local engine pulls every row of the window into pandas, deduplicates it, turns each row
-into protobuf objects in Python and calls `online_write_batch` once with all of them (a million
-keys: ~10 GB and ~10k rows/s).  This engine overrides only `materialize`, and for a feature view
-whose batch source is local parquet and whose online store is a plain Redis it:
+into protobuf objects in Python and hands them all to `online_write_batch` at once (for a
+million keys: ~10 GB and ~10k rows/s).  This engine overrides only `materialize`; for a feature
+view whose batch source is local parquet and whose online store is a plain Redis it
 
-1. finds the winning row of every entity key in the window with DuckDB: `arg_max` of the row's
-   position ordered by (event timestamp, created timestamp; a null created timestamp loses),
-   `start <= event_timestamp <= end` in UTC, rows with a null key skipped;
-2. reads only the winning rows back from the parquet files with pyarrow, one row group (or
-   `read_batch_rows` slice) at a time, so memory stays bounded;
-3. encodes keys, `_ts:<view>` and the features column by column into the bytes Feast's
-   RedisOnlineStore would write (`feature_repo.redis_wire`), and
-4. writes them with a Lua script that, per key and atomically, keeps Feast's rule: a row is
-   written only if the stored `_ts:<view>` is absent, zero, or strictly older.
+1. selects each entity key's latest row in the window with one streamed DuckDB query over the
+   parquet files: `arg_max` of the row's position by (event timestamp, created timestamp; a
+   null created timestamp loses), `start <= event_timestamp <= end` in UTC, null keys
+   skipped; a semi join then reads just those rows, `read_batch_rows` at a time;
+2. encodes keys, `_ts:<view>` and the features column by column into exactly the bytes Feast's
+   RedisOnlineStore writes (`feature_repo.redis_wire`), and
+3. writes them from a background thread with a Lua script that keeps Feast's rule atomically
+   per key: a row is written only if the stored `_ts:<view>` is absent, zero or strictly
+   older (so a stream that wrote a newer row while materialization ran keeps it).
 
-Anything else (other stores or sources, field mappings, transformations, aggregations, feature
-views that also write offline, Redis Cluster/Sentinel) goes to the stock local engine unchanged.
-`FeatureStore.materialize` itself records the materialization interval afterwards, as for the
-stock engine, so `feast materialize-incremental` is unaffected.
+Anything else (other stores or sources, field mappings, transformations, aggregations, vector
+indexes, views that also write offline, Redis Cluster/Sentinel) goes to the stock local engine
+unchanged.  As with the stock engine, `FeatureStore.materialize` records the materialized
+interval afterwards, so `feast materialize-incremental` is unaffected.
 
-Delivery: at-least-once and idempotent by key: a re-run rewrites nothing newer than what is
-stored, and a failed run leaves every key either untouched or fully written (each key's
-check-and-set is one script step), never half-written.  Two rows of a key with the same event
-and created timestamps are a tie both engines break arbitrarily.
+Delivery: at-least-once and idempotent by key.  A re-run rewrites nothing newer than what is
+stored; a failed run leaves each key either untouched or fully written (one HSET per key),
+never half-written.  Rows of a key with equal event and created timestamps are a tie that both
+engines break arbitrarily.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import tempfile
+import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,15 +136,17 @@ class FastRedisMaterializationEngineConfig(LocalComputeEngineConfig):
 
     type: Literal["feature_repo.materialization.FastRedisMaterializationEngine"] = ENGINE_TYPE  # type: ignore[assignment]
     read_batch_rows: int = ConfigField(50_000, gt=0)
-    """Most winning rows encoded at once; also the read slice for larger parquet row groups."""
-    keys_per_script: int = ConfigField(500, gt=0)
-    """Keys per script call: Redis runs other clients' commands between calls."""
-    max_in_flight: int = ConfigField(8, gt=0)
-    """Script calls sent before the first reply is awaited (pipelining)."""
+    """Rows read from DuckDB and encoded at a time (bounds the engine's own memory)."""
+    keys_per_script: int = ConfigField(100, gt=0)
+    """Keys per script call.  A call holds Redis for its duration (~1 ms per 100 keys), so
+    this bounds the added latency other clients, e.g. online serving, can see."""
+    max_in_flight: int = ConfigField(16, gt=0)
+    """Script calls sent ahead of their reply (pipelining keeps Redis busy)."""
     duckdb_memory_limit: str = "512MB"
     duckdb_threads: int | None = None
+    """DuckDB's threads for the read (default: one per core)."""
     socket_timeout_s: float = ConfigField(60.0, gt=0)
-    """Read timeout of the writer's connection: a script call may outlast a serving timeout."""
+    """Read timeout of the writer's connection: a call may outlast a serving timeout."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
         super().__init__(repo_config=repo_config, offline_store=offline_store,
                          online_store=online_store, backend=self.options.backend)
 
-    def materialize(  # type: ignore[override]
+    def materialize(
         self,
         registry: BaseRegistry,
         tasks: MaterializationTask | list[MaterializationTask],
@@ -206,6 +209,7 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
             and not getattr(fv, "feature_transformation", None)
             and not getattr(fv, "udf", None)
             and fv.entity_columns
+            and not any(getattr(f, "vector_index", False) for f in fv.features)
             and isinstance(source, FileSource)
             and not source.field_mapping
             and (isinstance(source.file_format, ParquetFormat)
@@ -217,13 +221,12 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
             return None
         files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() \
             else [path]
-        join_keys = [(f.name, f.dtype.to_value_type().value) for f in fv.entity_columns]
-        if not files or any(t not in redis_wire.KEY_TYPES for _, t in join_keys):
+        if not files or not fv.features or config.entity_key_serialization_version < 3:
             return None
         return _Plan(
             view=fv,
             files=files,
-            join_keys=join_keys,
+            join_keys=[(f.name, f.dtype.to_value_type().value) for f in fv.entity_columns],
             features=[(f.name, f.dtype.to_value_type().value) for f in fv.features],
             timestamp_field=source.timestamp_field,
             created_field=source.created_timestamp_column or None,
@@ -251,13 +254,26 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
             max_in_flight=self.options.max_in_flight,
         )
         rows = written = 0
+        clock = {"read": 0.0, "encode": 0.0, "send": 0.0}
         with writer:
+            mark = time.monotonic()
             for batch, micros in self.latest_rows(plan, task):
-                writer.send(encoder.encode(batch, micros))
+                clock["read"] += time.monotonic() - mark
+                mark = time.monotonic()
+                encoded = encoder.encode(batch, micros)
+                clock["encode"] += time.monotonic() - mark
+                mark = time.monotonic()
+                writer.send(encoded)
+                clock["send"] += time.monotonic() - mark
                 rows += batch.num_rows
+                mark = time.monotonic()
+            mark = time.monotonic()
             written = writer.finish()
-        logger.info("%s: %d keys in the window, %d written (newer than stored) in %.1fs",
-                    plan.view.name, rows, written, time.monotonic() - t0)
+            clock["send"] += time.monotonic() - mark
+        logger.info("%s: %d keys in the window, %d written (the others were not newer than "
+                    "the stored rows) in %.1fs (read %.1fs, encode %.1fs, write %.1fs)",
+                    plan.view.name, rows, written, time.monotonic() - t0, clock["read"],
+                    clock["encode"], clock["send"])
         return written
 
     def latest_rows(self, plan: _Plan,
@@ -325,44 +341,67 @@ def _redis_client(connection_string: str, socket_timeout_s: float) -> redis.Redi
 
 
 class ScriptWriter:
-    """Sends encoded batches as pipelined calls of WRITE_SCRIPT on one connection.
+    """Sends encoded batches as pipelined calls of WRITE_SCRIPT, from a background thread.
 
-    Each call is packed by `redis_wire` into the Redis protocol directly (no per-argument
-    Python objects); at most `max_in_flight` calls await their reply at any time.
+    Batches arrive already packed as Redis protocol (`redis_wire`), so the thread only moves
+    bytes: it keeps up to `max_in_flight` calls awaiting their reply on one connection, while
+    the caller reads and encodes the next batch (at most `queued` batches wait in between).
+    The first error (connection, script) is raised by the next `send` or by `finish`.
     """
 
     def __init__(self, client: redis.Redis, header: Sequence[bytes], *, keys_per_script: int,
-                 max_in_flight: int) -> None:
+                 max_in_flight: int, queued: int = 2) -> None:
         self.client = client
         self.header = list(header)
         self.keys_per_script = keys_per_script
         self.max_in_flight = max_in_flight
-        self.pending: deque[int] = deque()
+        self.batches: queue.Queue[redis_wire.EncodedRows | None] = queue.Queue(maxsize=queued)
+        self.thread = threading.Thread(target=self._loop, name="redis-writer", daemon=True)
         self.written = 0
-        self.conn: Any = None
+        self.error: BaseException | None = None
 
     def __enter__(self) -> ScriptWriter:
-        self.conn = self.client.connection_pool.get_connection()
+        self.thread.start()
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is not None:
-            self.conn.disconnect()  # unread replies: the connection is not reusable
-        self.client.connection_pool.release(self.conn)
+    def __exit__(self, *exc: Any) -> None:
+        if self.thread.is_alive():
+            self.batches.put(None)
+            self.thread.join()
         self.client.close()
 
     def send(self, encoded: redis_wire.EncodedRows) -> None:
-        for chunk in encoded.script_calls(WRITE_SCRIPT, self.header, self.keys_per_script):
-            self.conn.send_packed_command([chunk], check_health=False)
-            self.pending.append(1)
-            while len(self.pending) >= self.max_in_flight:
-                self._read_one()
+        self._raise()
+        self.batches.put(encoded)
 
     def finish(self) -> int:
-        while self.pending:
-            self._read_one()
+        """Waits until every batch is written; returns how many keys the script wrote."""
+        self.batches.put(None)
+        self.thread.join()
+        self._raise()
         return self.written
 
-    def _read_one(self) -> None:
-        self.pending.popleft()
-        self.written += int(self.conn.read_response())
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        conn = self.client.connection_pool.get_connection()
+        pending = 0
+        try:
+            while (encoded := self.batches.get()) is not None:
+                for call in encoded.script_calls(WRITE_SCRIPT, self.header, self.keys_per_script):
+                    conn.send_packed_command([call], check_health=False)
+                    pending += 1
+                    if pending >= self.max_in_flight:
+                        self.written += int(conn.read_response())
+                        pending -= 1
+            for _ in range(pending):
+                self.written += int(conn.read_response())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            self.error = e
+            conn.disconnect()  # replies may be unread: the connection is not reusable
+            while self.batches.get() is not None:  # unblock the producer until it stops
+                pass
+        finally:
+            self.client.connection_pool.release(conn)

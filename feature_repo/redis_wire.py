@@ -38,7 +38,6 @@ from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 
 V = ValueType
-KEY_TYPES = {V.STRING.value, V.INT32.value, V.INT64.value}  # entity key types encoded here
 _EMPTY = pa.scalar(b"", pa.binary())
 _CRLF = b"\r\n"
 _MAX_EXACT_FLOAT_INT = 2**53
@@ -94,20 +93,16 @@ def _as_binary(arr: pa.Array) -> pa.Array:
 
 
 def _varint(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Protobuf base-128 varints of int64 values: a (n, width) byte matrix and the sizes."""
+    """Protobuf base-128 varints of int64 values: a (width, n) byte matrix and the sizes."""
     u = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
-    size = np.ones(len(u), dtype=np.int64)
-    rest = u >> np.uint64(7)
-    while rest.any():
-        size += rest != 0
-        rest >>= np.uint64(7)
+    size = _varint_size(values)
     width = int(size.max()) if len(u) else 1
-    m = np.empty((len(u), width), dtype=np.uint8)
+    m = np.empty((width, len(u)), dtype=np.uint8)
     rest = u.copy()
     for k in range(width):
-        m[:, k] = rest & np.uint64(0x7F)
+        np.bitwise_and(rest, 0x7F, out=m[k], casting="unsafe")
+        m[k] |= np.where(size - 1 > k, 0x80, 0).astype(np.uint8)  # continuation bit
         rest >>= np.uint64(7)
-    m |= np.where(np.arange(width) < size[:, None] - 1, 0x80, 0).astype(np.uint8)
     return m, size
 
 
@@ -121,23 +116,34 @@ def _varint_size(values: np.ndarray) -> np.ndarray:
 
 
 def _decimal(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ASCII decimal of non-negative ints: a (n, width) byte matrix and the sizes."""
+    """ASCII decimal of non-negative ints: a (width, n) byte matrix and the sizes."""
     v = np.asarray(values, dtype=np.int64)
     size = np.ones(len(v), dtype=np.int64)
     for bound in (10, 100, 1000, 10**4, 10**5, 10**6, 10**7, 10**8, 10**9):
         size += v >= bound
     width = int(size.max()) if len(v) else 1
-    k = np.arange(width)
-    power = 10 ** np.clip(size[:, None] - 1 - k, 0, None)
-    return (v[:, None] // power % 10 + 48).astype(np.uint8), size
+    m = np.empty((width, len(v)), dtype=np.uint8)
+    for k in range(width):
+        power = 10 ** np.maximum(size - 1 - k, 0)
+        m[k] = v // power % 10 + 48
+    return m, size
+
+
+def _row_major(m: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """The used bytes of a (width, n) token matrix, row after row."""
+    used = np.arange(m.shape[0]) < size[:, None]
+    rows = np.empty(used.shape, dtype=np.uint8)
+    rows[:] = m.T
+    return np.compress(used.reshape(-1), rows.reshape(-1))
 
 
 class _Rows:
     """Per-row byte strings of a batch, appended column-wise.
 
-    A token is an (n, width) byte matrix plus how many leading bytes each row uses (None: all
-    of them); `payload` appends a variable-length Arrow binary column.  Tokens between payloads
-    are assembled in one numpy pass; `build` joins the parts into one binary value per row.
+    A token is a (width, n) byte matrix, byte k of every row in row k, plus how many leading
+    bytes each row uses (None: all of them); `payload` appends a variable-length Arrow binary
+    column.  Tokens between payloads are assembled in one numpy pass; `build` joins the parts
+    into one binary value per row.
     """
 
     def __init__(self, n: int) -> None:
@@ -152,15 +158,14 @@ class _Rows:
         self._const_block()
         self.blocks.append(m)
         if where is not None:
-            size = np.where(where, m.shape[1] if size is None else size, 0)
+            size = np.where(where, m.shape[0] if size is None else size, 0)
         self.sizes.append(size)
 
     def const(self, data: bytes, where: np.ndarray | None = None) -> None:
         if where is None:
             self.tail += data
             return
-        self.tokens(np.broadcast_to(np.frombuffer(data, dtype=np.uint8), (self.n, len(data))),
-                    None, where)
+        self.tokens(_constant(data, self.n), None, where)
 
     def varint(self, values: np.ndarray, where: np.ndarray | None = None) -> None:
         self.tokens(*_varint(values), where)
@@ -177,33 +182,39 @@ class _Rows:
 
     def _const_block(self) -> None:
         if self.tail:
-            data, self.tail = self.tail, b""
-            self.blocks.append(np.broadcast_to(np.frombuffer(data, dtype=np.uint8),
-                                               (self.n, len(data))))
+            self.blocks.append(_constant(self.tail, self.n))
             self.sizes.append(None)
+            self.tail = b""
 
     def _flush(self) -> None:
         self._const_block()
         if not self.blocks:
             return
-        widths = [b.shape[1] for b in self.blocks]
-        m = np.empty((self.n, sum(widths)), dtype=np.uint8)
+        width = sum(b.shape[0] for b in self.blocks)
+        m = np.empty((width, self.n), dtype=np.uint8)
         used = np.empty(m.shape, dtype=bool)
         lengths = np.zeros(self.n, dtype=np.int64)
         start = 0
-        for block, size, width in zip(self.blocks, self.sizes, widths, strict=True):
-            m[:, start:start + width] = block
+        for block, size in zip(self.blocks, self.sizes, strict=True):
+            end = start + block.shape[0]
+            m[start:end] = block
             if size is None:
-                used[:, start:start + width] = True
-                lengths += width
+                used[start:end] = True
+                lengths += block.shape[0]
             else:
-                np.less(np.arange(width), size[:, None], out=used[:, start:start + width])
+                np.less(np.arange(block.shape[0])[:, None], size, out=used[start:end])
                 lengths += size
-            start += width
+            start = end
         offsets = np.zeros(self.n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        data = m.reshape(-1) if all(s is None for s in self.sizes) else \
-            np.compress(used.reshape(-1), m.reshape(-1))
+        rows = np.empty((self.n, width), dtype=np.uint8)
+        rows[:] = m.T  # row-major: a row's bytes are contiguous
+        if all(s is None for s in self.sizes):
+            data = rows.reshape(-1)
+        else:
+            row_used = np.empty(rows.shape, dtype=bool)
+            row_used[:] = used.T
+            data = np.compress(row_used.reshape(-1), rows.reshape(-1))
         self.parts.append(_binary(offsets, data))
         self.blocks, self.sizes = [], []
 
@@ -212,6 +223,10 @@ class _Rows:
         if len(self.parts) == 1:
             return self.parts[0]
         return pc.binary_join_element_wise(*self.parts, _EMPTY)
+
+
+def _constant(data: bytes, n: int) -> np.ndarray:
+    return np.broadcast_to(np.frombuffer(data, dtype=np.uint8)[:, None], (len(data), n))
 
 
 # --- values -------------------------------------------------------------------------------------
@@ -246,18 +261,18 @@ def _scalar(rows: _Rows, arr: pa.Array, tag: bytes) -> None:
         rows.payload(data)
         return
     if t == pa.bool_():
-        m = np.asarray(arr.fill_null(False), dtype=np.uint8)[:, None]
+        m = np.asarray(arr.fill_null(False), dtype=np.uint8)[None, :]
         size = None
     elif pa.types.is_floating(t):
         values = np.asarray(arr.fill_null(0))
         nan = np.isnan(values)
         if nan.any():  # NaN is null for Feast's scalar conversion
             valid = ~nan if valid is None else valid & ~nan
-        m = values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(len(arr), -1)
+        m = values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(len(arr), -1).T
         size = None
     else:
         m, size = _varint(np.asarray(arr.fill_null(0), dtype=np.int64))
-    length = len(tag) + (np.full(len(arr), m.shape[1]) if size is None else size)
+    length = len(tag) + (np.full(len(arr), m.shape[0]) if size is None else size)
     rows.bulk_header(_masked(length, valid))
     rows.const(tag, valid)
     rows.tokens(m, size, valid)
@@ -282,8 +297,7 @@ def _list(rows: _Rows, arr: pa.Array, tag: bytes, packing: str) -> None:
         m, size = _varint(np.asarray(items, dtype=np.int64))
         item_offsets = np.zeros(len(size) + 1, dtype=np.int64)
         np.cumsum(size, out=item_offsets[1:])
-        used = np.arange(m.shape[1]) < size[:, None]
-        payload = _binary(item_offsets[rel], np.compress(used.reshape(-1), m.reshape(-1)))
+        payload = _binary(item_offsets[rel], _row_major(m, size))
     else:
         values = np.asarray(items)
         raw = values.astype(values.dtype.newbyteorder("<")).view(np.uint8)
@@ -380,18 +394,18 @@ def _key_column(rows: _Rows, columns: Sequence[pa.Array], join_keys: Sequence[tu
         else:
             width, dtype = (8, "<i8") if value_type == V.INT64.value else (4, "<i4")
             raw = np.asarray(cols[i], dtype=np.int64).astype(dtype).view(np.uint8)
-            pieces.append((value_type, raw.reshape(-1, width)))
+            pieces.append((value_type, raw.reshape(-1, width).T))
             length += 8 + width
     rows.bulk_header(length)
     rows.const(prefix)
     for value_type, piece in pieces:
         if isinstance(piece, np.ndarray):
-            rows.const(struct.pack("<II", value_type, piece.shape[1]))
-            rows.tokens(piece, np.full(rows.n, piece.shape[1], dtype=np.int64))
+            rows.const(struct.pack("<II", value_type, piece.shape[0]))
+            rows.tokens(piece, None)
         else:
             size = np.asarray(pc.binary_length(piece), dtype="<u4")
             rows.const(struct.pack("<I", value_type))
-            rows.tokens(size.view(np.uint8).reshape(-1, 4), np.full(rows.n, 4, dtype=np.int64))
+            rows.tokens(size.view(np.uint8).reshape(-1, 4).T, None)
             rows.payload(piece)
     rows.const(project.encode() + _CRLF)
 

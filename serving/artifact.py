@@ -92,7 +92,15 @@ def load_artifact(directory: Path) -> Artifact:
             f"model file {model_path} has sha256 {actual[:12]}..., metadata says "
             f"{meta['sha256'][:12]}...: refusing to load a modified artifact"
         )
-    return Artifact(directory, meta, joblib.load(model_path))
+    try:
+        model = joblib.load(model_path)
+    except Exception as exc:  # noqa: BLE001 - corrupt, or pickled by other library versions
+        raise ArtifactError(
+            f"model file {model_path} could not be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(getattr(model, "predict_proba", None)):
+        raise ArtifactError(f"model file {model_path} holds no classifier (no predict_proba)")
+    return Artifact(directory, meta, model)
 
 
 def check_against_registry(artifact: Artifact, store: Any) -> None:

@@ -187,6 +187,10 @@ def test_decisions_follow_the_model_thresholds(client: TestClient, log_tx: pd.Da
                          amount=float(r.amount), channel=r.channel))
         batch.append(txn(r.user_id, r.merchant_id, tid=f"d{len(batch)}", at=at, amount=400.0,
                          channel="contactless"))
+        # and an ordinary purchase an hour after the last snapshot: profiles fresh, no burst
+        batch.append(txn(r.user_id, r.merchant_id, tid=f"d{len(batch)}",
+                         at=END + timedelta(hours=13), amount=float(r.amount),
+                         channel=r.channel))
     resp = client.post("/v1/score/batch", json={"transactions": batch[:1000]})
     assert resp.status_code == 200, resp.text
     results = resp.json()["results"]

@@ -287,6 +287,29 @@ def test_corrupted_online_row_is_reported_as_value_differs(
         assert r["mismatches"] == r["causes"]["value_differs"] <= 2, name
 
 
+def test_requests_before_the_online_rows_are_reported_stale(
+    clean: dict[str, Any], population: dict[str, list[str]], trained_artifact: Path,
+    tmp_path: Path
+) -> None:
+    """At SIM_END - 2 h the online profiles (taken at SIM_END) lie in the future: the scorer
+    discards them while the point-in-time join uses the previous day's snapshot."""
+    rng = np.random.default_rng(13)
+    at = END - timedelta(hours=2)
+    merchants = population["merchants"]
+    txns = [_txn(f"early-{i}", u, merchants[i % len(merchants)], at + timedelta(minutes=i), rng)
+            for i, u in enumerate(clean["users"][:6])]
+    log_dir = tmp_path / "log"
+    with TestClient(create_app(_settings(trained_artifact, log_dir))) as client:
+        assert client.post("/v1/score/batch", json={"transactions": txns}).status_code == 200
+    code, report = _audit(log_dir, tmp_path, trained_artifact)
+    assert code == 1
+    for name in PROFILE | {"txn_amount_to_mean_30d"}:
+        r = report["features"][name]
+        assert r["mismatches"] == r["causes"]["stale"] > 0, (name, r)
+    for name in ("txn_amount_log", "txn_hour_of_day", "txn_is_online"):
+        assert report["features"][name]["mismatches"] == 0
+
+
 def test_stale_and_missing_causes() -> None:
     view = skew_audit.View("v", "user_id", ["x"], ttl_us=100, path="", timestamp_field="ts")
     cause = skew_audit._cause

@@ -49,6 +49,7 @@ from training.retrieval import entity_frame, open_store, training_frame
 
 CAUSES = ("stale", "missing", "value_differs")
 LARGEST = 5
+PSI_MIN_SAMPLES = 100  # below this, PSI mostly measures sampling noise (flagged in the table)
 
 
 def _utc(text: str) -> datetime:
@@ -241,17 +242,18 @@ def _merge(into: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> 
                                 )[:LARGEST]
 
 
-def drift(log: pd.DataFrame, model_dir: Path) -> tuple[str | None, dict[str, float]]:
-    """PSI of the logged vectors of the most-logged model version against its reference."""
+def drift(log: pd.DataFrame, model_dir: Path) -> tuple[str | None, int, dict[str, float]]:
+    """PSI of the logged vectors of the most-logged model version against its reference:
+    (version, vectors compared, PSI per feature)."""
     if log.empty:
-        return None, {}
+        return None, 0, {}
     version = str(log["model_version"].value_counts().index[0])
     reference = load_reference(model_dir / version)
     if reference is None:
-        return version, {}
+        return version, 0, {}
     vectors = [json.loads(s) for s in log.loc[log["model_version"] == version, "features"]]
     columns = {f: [v.get(f) for v in vectors] for f in reference["features"]}
-    return version, psi_by_feature(reference, columns)
+    return version, len(vectors), psi_by_feature(reference, columns)
 
 
 def audit(log: pd.DataFrame, store: FeatureStore, model_dir: Path, threshold: float,
@@ -260,7 +262,7 @@ def audit(log: pd.DataFrame, store: FeatureStore, model_dir: Path, threshold: fl
     features: dict[str, dict[str, Any]] = {}
     for service, group in log.groupby("feature_service", sort=True):
         _merge(features, compare_group(store, str(service), group.reset_index(drop=True), rtol))
-    version, psi = drift(log, model_dir)
+    version, samples, psi = drift(log, model_dir)
     for name, r in features.items():
         r["mismatch_rate"] = r["mismatches"] / r["compared"] if r["compared"] else 0.0
         r["psi"] = psi.get(name)
@@ -281,6 +283,7 @@ def audit(log: pd.DataFrame, store: FeatureStore, model_dir: Path, threshold: fl
         if cells else 0.0,
         "passed": rate <= threshold,
         "drift_reference_version": version if psi else None,
+        "psi_samples": samples,
         "features": features,
     }
 
@@ -289,14 +292,18 @@ def format_table(report: dict[str, Any]) -> str:
     head = (f"{'feature':<30} {'compared':>8} {'exact':>7} {'stale':>6} {'missing':>7} "
             f"{'differs':>7} {'mismatch':>8} {'max |diff|':>11} {'PSI':>7}")
     lines = [head, "-" * len(head)]
+    few = "*" if report["psi_samples"] < PSI_MIN_SAMPLES else ""
     for name, r in report["features"].items():
         c = r["causes"]
         diffs = [w["abs_diff"] for w in r["largest"] if w["abs_diff"] is not None]
-        psi = "" if r["psi"] is None else f"{r['psi']:.3f}"
+        psi = "" if r["psi"] is None else f"{r['psi']:.3f}{few}"
         lines.append(
             f"{name:<30} {r['compared']:>8} {r['exact']:>7} {c['stale']:>6} {c['missing']:>7} "
             f"{c['value_differs']:>7} {r['mismatch_rate']:>8.2%} "
             f"{(f'{max(diffs):.4g}' if diffs else ''):>11} {psi:>7}")
+    if few and report["drift_reference_version"]:
+        lines.append(f"* PSI over only {report['psi_samples']} vectors (< {PSI_MIN_SAMPLES}): "
+                     "mostly sampling noise")
     verdict = "PASS" if report["passed"] else "FAIL"
     lines.append(f"{verdict}: {report['records']} requests; worst feature "
                  f"{report['worst_feature']} at {report['mismatch_rate']:.2%} mismatches "
