@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(sections: list[Section], run: dict[str, object], machine: dict[str, object],
            stem: Path, t0: float) -> tuple[Path, Path]:
     run = dict(run, finished=report.now_iso(), seconds=time.perf_counter() - t0)
-    machine = dict(machine, load_average_at_end=os.getloadavg())
+    machine = dict(machine, load_average_at_end=tuple(round(x, 2) for x in os.getloadavg()))
     return report.write(sections, run, machine, stem)
 
 

@@ -121,7 +121,8 @@ def _child(dataset: Dataset, kind: str, start: date, end: date, model: Path | No
     try:
         return run_json(f"batch score {kind}", argv, dataset.env(), log, timeout_s)
     except BenchError as exc:
-        return {"error": str(exc).splitlines()[0], "gave_up_after_s": time.perf_counter() - t0}
+        return {"error": str(exc).splitlines()[0], "gave_up_after_s": time.perf_counter() - t0,
+                "stack_when_killed": exc.detail}
 
 
 def _measures(section: Section, runs: dict[str, dict[str, Any]], stock: dict[str, Any],

@@ -53,6 +53,10 @@ class Sizes:
     retrieval_rows: int
     retrieval_stock_first: int  # first stock size; larger ones only if predicted to fit
     retrieval_stock_budget_s: float
+    # Feast's Dask store spends minutes even on tiny entity frames (it tokenizes the feature
+    # tables): it gets one small size and its own time limit.
+    retrieval_dask_rows: int
+    retrieval_dask_limit_s: float
     # batch scoring
     batch_rows: int
 
@@ -62,8 +66,9 @@ class Sizes:
             label="full", score_rate=1000, score_duration_s=30, score_warmup_s=5,
             score_peak_duration_s=20, score_connections=32, materialize_entities=1_000_000,
             stream_events=300_000, stream_users=20_000, fresh_rate=5000, fresh_duration_s=30,
-            push_events=3000, push_window_s=1.0, retrieval_rows=1_000_000,
-            retrieval_stock_first=20_000, retrieval_stock_budget_s=180, batch_rows=10_000_000,
+            push_events=1000, push_window_s=0.5, retrieval_rows=1_000_000,
+            retrieval_stock_first=20_000, retrieval_stock_budget_s=180, retrieval_dask_rows=2_000,
+            retrieval_dask_limit_s=900, batch_rows=10_000_000,
         )
 
     @classmethod
@@ -73,5 +78,6 @@ class Sizes:
             score_peak_duration_s=5, score_connections=16, materialize_entities=10_000,
             stream_events=20_000, stream_users=2_000, fresh_rate=1000, fresh_duration_s=5,
             push_events=300, push_window_s=0.3, retrieval_rows=50_000,
-            retrieval_stock_first=5_000, retrieval_stock_budget_s=45, batch_rows=40_000,
+            retrieval_stock_first=5_000, retrieval_stock_budget_s=45, retrieval_dask_rows=1_000,
+            retrieval_dask_limit_s=120, batch_rows=40_000,
         )

@@ -7,8 +7,9 @@ the created timestamp, nulls, NaNs, lists) in a temporary directory, then materi
 fresh subprocesses, each with its own temporary SQLite registry, into the same flushed Redis
 database (`--redis-db`, default 13): first with Feast's stock local engine
 (`batch_engine: local`), then with this repo's `FastRedisMaterializationEngine`.  Each worker
-reports the wall time of `FeatureStore.materialize` and its own peak RSS (`ru_maxrss`, the
-whole process: Python, Arrow, DuckDB).  A random sample of entities is read back after each run,
+reports the wall time of `FeatureStore.materialize` and its own peak RSS up to the end of it
+(VmHWM: the whole process, Python, Arrow and DuckDB, Feast's start-up included).  Every entity
+has a row in the window, so each run must leave exactly one key per entity.  A random sample of entities is read back after each run,
 both raw (every field of the Redis hash) and through stock `get_online_features`, and compared.
 
 rows/s = keys written to Redis / seconds in `materialize`.  `--stock-entities` runs the stock
@@ -94,6 +95,8 @@ def generate(path: Path, entities: int, rows_per_entity: int = 3, seed: int = 7)
     table = pa.table(cols).take(pa.array(rng.permutation(n)))
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, row_group_size=200_000)
+    del table, cols
+    pa.default_memory_pool().release_unused()
     return n
 
 
@@ -173,10 +176,26 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     store.materialize(start_date=START, end_date=END)
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()  # before the read-back
     ids = json.loads(Path(args.sample).read_text())
     result = {"seconds": seconds, "peak_rss_mb": peak_mb, **read_back(store, view, ids)}
     Path(args.out).write_bytes(pickle.dumps(result))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MiB.
+
+    VmHWM, the high-water mark of the current address space: `ru_maxrss` would also count the
+    parent's RSS inherited across fork + exec.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- driver ---------------------------------------------------------------------------------
@@ -195,8 +214,8 @@ def _load() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def _run_worker(engine: str, workdir: Path, source: Path, redis_db: int,
-                sample: Path) -> dict[str, Any]:
+def _run_worker(engine: str, workdir: Path, source: Path, redis_db: int, sample: Path,
+                keys: int) -> dict[str, Any]:
     _flush(redis_db)
     out = workdir / f"{engine}.pickle"
     print(f"[{engine}] materializing {source.name} (load average {_load()}) ...", flush=True)
@@ -209,6 +228,9 @@ def _run_worker(engine: str, workdir: Path, source: Path, redis_db: int,
     if proc.returncode:
         raise RuntimeError(f"{engine} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = pickle.loads(out.read_bytes())
+    if result["dbsize"] != keys:
+        raise RuntimeError(f"{engine}: Redis db {redis_db} holds {result['dbsize']:,} keys after "
+                           f"materializing, expected {keys:,}: is another process using it?")
     print(f"[{engine}] {result['dbsize']:,} keys in {result['seconds']:.1f}s, "
           f"peak RSS {result['peak_rss_mb']:,.0f} MB (load average {_load()})", flush=True)
     return result
@@ -237,8 +259,8 @@ def run(entities: int, stock_entities: int | None = None, rows_per_entity: int =
         sample = workdir / "sample.json"
         sample.write_text(json.dumps(ids))
 
-        stock = _run_worker("stock", workdir, stock_source, redis_db, sample)
-        fast = _run_worker("fast", workdir, full, redis_db, sample)
+        stock = _run_worker("stock", workdir, stock_source, redis_db, sample, stock_entities)
+        fast = _run_worker("fast", workdir, full, redis_db, sample, entities)
         _flush(redis_db)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

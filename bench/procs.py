@@ -27,7 +27,29 @@ __all__ = ["BenchError", "Child", "free_port", "log_tail", "python", "run_captur
 
 
 class BenchError(RuntimeError):
-    """A benchmark could not be run (set-up failed, a child died or timed out)."""
+    """A benchmark could not be run (set-up failed, a child died or timed out).
+
+    `detail` holds what was seen at the time, e.g. the child's Python stack when it was killed.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def stack_of(pid: int) -> str:
+    """The Python stack of a live process (py-spy dump), or '' without py-spy."""
+    from bench.profile import py_spy
+
+    exe = py_spy()
+    if exe is None:
+        return ""
+    try:
+        out = subprocess.run([exe, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return "\n".join(out.splitlines()[:40])
 
 
 def python(*args: str) -> list[str]:
@@ -141,7 +163,8 @@ def run_capture(name: str, argv: Sequence[str], env: Mapping[str, str], log_path
         try:
             out, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"{name} did not finish within {timeout_s:.0f}s (killed)") from exc
+            raise BenchError(f"{name} did not finish within {timeout_s:.0f}s (killed)",
+                             stack_of(proc.pid)) from exc
         finally:
             child.stop(timeout_s=5)
         log.write(out)

@@ -81,9 +81,10 @@ class Measure:
         if value in (float("inf"), float("-inf")):
             return "MISSED (incomplete requests)"
         gap = abs(value - t.value)
-        share = gap / t.value * 100 if t.value else float("inf")
         word = "over" if t.op == "<=" else "short"
-        return f"MISSED by {_fmt(gap, unit)} ({share:.0f}% {word})"
+        if not t.value:
+            return f"MISSED by {_fmt(gap, unit)}"
+        return f"MISSED by {_fmt(gap, unit)} ({gap / t.value * 100:.0f}% {word})"
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -155,7 +156,7 @@ def machine_facts() -> dict[str, Any]:
         "cgroup_cpu_max": _read("/sys/fs/cgroup/cpu.max"),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "memory_available_gib": round(psutil.virtual_memory().available / 2**30, 1),
-        "load_average": os.getloadavg(),
+        "load_average": tuple(round(x, 2) for x in os.getloadavg()),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "packages": {p: _version(p) for p in PACKAGES},

@@ -66,8 +66,9 @@ def run(sizes: Sizes, section: Section) -> None:
     dataset = scoring_dataset()  # only its Feast registry is used
     redis_url = dataset.redis_url.rsplit("/", 1)[0] + f"/{s.stream_redis_db}"
     env = dataset.env(REDIS_URL=redis_url)
-    section.ours_label = ("streaming.features.build_flow: KafkaSource -> VelocitySink (Feast "
-                          "online write to Redis + offline parquet history) + Kafka DLQ, 1 worker")
+    section.ours_label = ("streaming.features.build_flow as get_flow wires it: KafkaSource -> "
+                          "state (seeded from the online store) -> VelocitySink (Feast online "
+                          "write to Redis + offline parquet history) + Kafka DLQ, 1 worker")
     section.stock_label = "FeatureStore.push() per event, online (same parsed events and rows)"
     rdb = redis.Redis.from_url(redis_url)
     rdb.flushdb()
@@ -202,7 +203,11 @@ def _freshness(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path,
         with TransactionProducer(bootstrap, topic=FRESH_TOPIC) as producer:
             for e in live_events(warm, 100, 20, 0.0, 3, f"warm{int(time.time())}"):
                 producer.send(e)
-        before = _wait_metrics(port, child, lambda m: m["events"] >= warm, 120)
+        # Warm means the sink has been built and has written: it opens its Feast store lazily,
+        # and events are counted upstream of it.
+        _wait_metrics(port, child, lambda m: m["events"] >= warm and m["rows_online"] > 0,
+                      get_settings().server_start_timeout_s)
+        before = _settled(port, child)
         produce = python("-m", "streaming.produce", "live", "--rate", str(sizes.fresh_rate),
                          "--duration", str(sizes.fresh_duration_s), "--users",
                          str(sizes.stream_users), "--merchants",
@@ -211,7 +216,8 @@ def _freshness(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path,
         out = run_capture("producer", produce, child.env, log_dir / "stream-produce.log",
                           sizes.fresh_duration_s + 120)
         delivered = _delivered(out)
-        after = _wait_metrics(port, child, lambda m: m["events"] >= warm + delivered, 120)
+        _wait_metrics(port, child, lambda m: m["events"] >= warm + delivered, 120)
+        after = _settled(port, child)
     buckets = {le: after["buckets"].get(le, 0) - before["buckets"].get(le, 0)
                for le in after["buckets"]}
     return {"rate": sizes.fresh_rate, "duration_s": sizes.fresh_duration_s,
@@ -242,6 +248,21 @@ def _wait_metrics(port: int, child: Child, ok: Any, timeout_s: float) -> dict[st
             return last
         time.sleep(0.1)
     raise BenchError(f"{child.name}: condition not reached in {timeout_s:.0f}s (last {last})")
+
+
+def _settled(port: int, child: Child, quiet_s: float = 2.0, timeout_s: float = 60) -> dict[str, Any]:
+    """Metrics once the online writes have stopped changing for `quiet_s` (sink caught up)."""
+    deadline = time.monotonic() + timeout_s
+    last = _wait_metrics(port, child, lambda m: True, timeout_s)
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = _wait_metrics(port, child, lambda m: True, timeout_s)
+        if now["rows_online"] != last["rows_online"] or now["buckets"] != last["buckets"]:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    raise BenchError(f"{child.name}: online writes still changing after {timeout_s:.0f}s")
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -337,8 +358,9 @@ def worker_main(a: argparse.Namespace) -> None:
     init_db_dir(a.recovery, 1)
     source = KafkaSource([a.bootstrap], [a.topic], tail=a.tail, batch_size=st.source_batch_size,
                          add_config={"socket.keepalive.enable": "true"})
-    flow = build_flow(source, VelocitySink(REPO_DIR, a.history, prefix="bench"),
-                      KafkaDeadLetterSink(a.bootstrap, a.dlq_topic))
+    sink = VelocitySink(REPO_DIR, a.history, prefix="bench")
+    dlq_sink = KafkaDeadLetterSink(a.bootstrap, a.dlq_topic)
+    flow = build_flow(source, sink, dlq_sink, **_production_extras(REPO_DIR))
     gc.freeze()
     t0 = time.perf_counter()
     cli_main(flow, workers_per_process=1,
@@ -359,6 +381,19 @@ def worker_main(a: argparse.Namespace) -> None:
         "rows_offline": total("fraud_stream_rows_written_total", store="offline"),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }), flush=True)
+
+
+def _production_extras(repo: Path) -> dict[str, Any]:
+    """The keyword arguments `streaming.features.get_flow` adds to `build_flow` (state seeded
+    from the online store, one read per new user), where this checkout has them."""
+    import inspect
+
+    from streaming import features
+
+    seeder = getattr(features, "OnlineStateSeeder", None)
+    if seeder is not None and "seed" in inspect.signature(features.build_flow).parameters:
+        return {"seed": seeder(repo)}
+    return {}
 
 
 def push_main(a: argparse.Namespace) -> None:

@@ -31,13 +31,15 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import string
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import duckdb
 import numpy as np
@@ -65,15 +67,17 @@ from pydantic import Field as ConfigField
 from feature_repo import redis_wire
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_DONE: Any = object()
 
 ENGINE_TYPE = "feature_repo.materialization.FastRedisMaterializationEngine"
 
-# Check-and-set of a whole batch of keys, one script call.  KEYS: the Redis keys.  ARGV: the
+# Check-and-set of a batch of keys in one script call.  KEYS: the Redis keys.  ARGV: the
 # `_ts:<view>` field, the number of features n, the key TTL in seconds (0: none), "1" to skip
 # the timestamp check (Feast's `skip_dedup`), the n feature field names, then per key its
 # serialized Timestamp followed by its n serialized values.  Returns how many keys it wrote.
 # Timestamps are compared as (seconds, nanos); a stored zero counts as absent, as in Feast.
-WRITE_SCRIPT = b"""
+_SCRIPT = string.Template("""
 local function varint(s, i)
   local v, mul, k, b = 0, 1, 0, 0
   repeat
@@ -97,16 +101,14 @@ local function stamp(s)
   end
   return sec, nanos
 end
-local tsf, nf, ttl, force = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
-local width, first = nf + 1, 5 + nf
-local args, written = {tsf}, 0
-for j = 1, nf do args[2 * j + 1] = ARGV[4 + j] end
+local call, tsf, ttl, force = redis.call, ARGV[1], tonumber(ARGV[3]), ARGV[4] == '1'
+local width, first, written = $n + 1, 5 + $n, 0
 for i = 1, #KEYS do
-  local base = first + (i - 1) * width
-  local new = ARGV[base]
+  local key, b = KEYS[i], first + (i - 1) * width
+  local new = ARGV[b]
   local ok = force
   if not ok then
-    local old = redis.call('HGET', KEYS[i], tsf)
+    local old = call('HGET', key, tsf)
     if not old then
       ok = true
     else
@@ -120,15 +122,30 @@ for i = 1, #KEYS do
     end
   end
   if ok then
-    args[2] = new
-    for j = 1, nf do args[2 * j + 2] = ARGV[base + j] end
-    redis.call('HSET', KEYS[i], unpack(args))
-    if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+$writes
+    if ttl > 0 then call('EXPIRE', key, ttl) end
     written = written + 1
   end
 end
 return written
-"""
+""")
+_FIELDS_PER_HSET = 80  # a Lua call takes at most ~250 arguments
+
+
+def write_script(n_features: int) -> bytes:
+    """The check-and-set script for views of `n_features` features.
+
+    The HSET argument lists are spelled out (field name `ARGV[4 + j]`, value `ARGV[b + j]`),
+    which saves building a table per key; views wider than 80 features take several HSETs
+    (still one atomic step per key).
+    """
+    pairs = [f"ARGV[{4 + j}], ARGV[b + {j}]" for j in range(1, n_features + 1)]
+    chunks = [pairs[i:i + _FIELDS_PER_HSET] for i in range(0, n_features, _FIELDS_PER_HSET)]
+    writes = "\n".join(
+        f"    call('HSET', key, {'tsf, new, ' if i == 0 else ''}{', '.join(chunk)})"
+        for i, chunk in enumerate(chunks)
+    )
+    return _SCRIPT.substitute(n=n_features, writes=writes).encode()
 
 
 class FastRedisMaterializationEngineConfig(LocalComputeEngineConfig):
@@ -138,8 +155,8 @@ class FastRedisMaterializationEngineConfig(LocalComputeEngineConfig):
     read_batch_rows: int = ConfigField(50_000, gt=0)
     """Rows read from DuckDB and encoded at a time (bounds the engine's own memory)."""
     keys_per_script: int = ConfigField(100, gt=0)
-    """Keys per script call.  A call holds Redis for its duration (~1 ms per 100 keys), so
-    this bounds the added latency other clients, e.g. online serving, can see."""
+    """Keys per script call.  A call holds Redis for its duration (about 1 ms per 100 keys on
+    an idle server), so this bounds the latency it adds for other clients, e.g. serving."""
     max_in_flight: int = ConfigField(16, gt=0)
     """Script calls sent ahead of their reply (pipelining keeps Redis busy)."""
     duckdb_memory_limit: str = "512MB"
@@ -187,7 +204,6 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
             try:
                 self.run(plan, task)
             except Exception as e:  # noqa: BLE001 - reported through the job, as the stock engine does
-                logger.exception("materializing %s failed", plan.view.name)
                 jobs.append(LocalMaterializationJob(job_id, MaterializationJobStatus.ERROR, e))
             else:
                 jobs.append(LocalMaterializationJob(job_id, MaterializationJobStatus.SUCCEEDED))
@@ -248,32 +264,26 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
         )
         writer = ScriptWriter(
             _redis_client(store_config.connection_string, self.options.socket_timeout_s),
+            write_script(len(plan.features)),
             encoder.header(ttl=store_config.key_ttl_seconds or 0,
                            force=bool(getattr(store_config, "skip_dedup", False))),
             keys_per_script=self.options.keys_per_script,
             max_in_flight=self.options.max_in_flight,
         )
-        rows = written = 0
-        clock = {"read": 0.0, "encode": 0.0, "send": 0.0}
+        watch = _Stopwatch()
+        rows = 0
         with writer:
-            mark = time.monotonic()
-            for batch, micros in self.latest_rows(plan, task):
-                clock["read"] += time.monotonic() - mark
-                mark = time.monotonic()
-                encoded = encoder.encode(batch, micros)
-                clock["encode"] += time.monotonic() - mark
-                mark = time.monotonic()
-                writer.send(encoded)
-                clock["send"] += time.monotonic() - mark
+            for batch, micros in watch.timed("read", self.latest_rows(plan, task)):
+                with watch.stage("encode"):
+                    encoded = encoder.encode(batch, micros)
+                with watch.stage("write"):
+                    writer.send(encoded)
                 rows += batch.num_rows
-                mark = time.monotonic()
-            mark = time.monotonic()
-            written = writer.finish()
-            clock["send"] += time.monotonic() - mark
-        logger.info("%s: %d keys in the window, %d written (the others were not newer than "
-                    "the stored rows) in %.1fs (read %.1fs, encode %.1fs, write %.1fs)",
-                    plan.view.name, rows, written, time.monotonic() - t0, clock["read"],
-                    clock["encode"], clock["send"])
+            with watch.stage("write"):
+                written = writer.finish()
+        logger.info("%s: %d of %d keys written (%d kept a stored row at least as new) in "
+                    "%.1fs (%s)", plan.view.name, written, rows, rows - written,
+                    time.monotonic() - t0, watch)
         return written
 
     def latest_rows(self, plan: _Plan,
@@ -320,6 +330,34 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
                 yield batch, batch.column("__micros").to_numpy()
 
 
+class _Stopwatch:
+    """Wall seconds the engine's thread spends per stage (waiting included), for the log."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - start
+
+    def timed(self, name: str, items: Iterable[T]) -> Iterator[T]:
+        """`items`, with the time taken to produce each one counted under `name`."""
+        iterator = iter(items)
+        while True:
+            with self.stage(name):
+                item = next(iterator, _DONE)
+            if item is _DONE:
+                return
+            yield item
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {sec:.1f}s" for name, sec in self.seconds.items())
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -341,7 +379,7 @@ def _redis_client(connection_string: str, socket_timeout_s: float) -> redis.Redi
 
 
 class ScriptWriter:
-    """Sends encoded batches as pipelined calls of WRITE_SCRIPT, from a background thread.
+    """Sends encoded batches as pipelined calls of the write script, from a background thread.
 
     Batches arrive already packed as Redis protocol (`redis_wire`), so the thread only moves
     bytes: it keeps up to `max_in_flight` calls awaiting their reply on one connection, while
@@ -349,9 +387,10 @@ class ScriptWriter:
     The first error (connection, script) is raised by the next `send` or by `finish`.
     """
 
-    def __init__(self, client: redis.Redis, header: Sequence[bytes], *, keys_per_script: int,
-                 max_in_flight: int, queued: int = 2) -> None:
+    def __init__(self, client: redis.Redis, script: bytes, header: Sequence[bytes], *,
+                 keys_per_script: int, max_in_flight: int, queued: int = 2) -> None:
         self.client = client
+        self.script = script
         self.header = list(header)
         self.keys_per_script = keys_per_script
         self.max_in_flight = max_in_flight
@@ -390,7 +429,7 @@ class ScriptWriter:
         pending = 0
         try:
             while (encoded := self.batches.get()) is not None:
-                for call in encoded.script_calls(WRITE_SCRIPT, self.header, self.keys_per_script):
+                for call in encoded.script_calls(self.script, self.header, self.keys_per_script):
                     conn.send_packed_command([call], check_health=False)
                     pending += 1
                     if pending >= self.max_in_flight:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import mmh3
 import numpy as np
@@ -118,15 +119,31 @@ def _varint_size(values: np.ndarray) -> np.ndarray:
 def _decimal(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ASCII decimal of non-negative ints: a (width, n) byte matrix and the sizes."""
     v = np.asarray(values, dtype=np.int64)
+    if len(v) and int(v.max()) < _SMALL:  # the usual case: a lookup
+        table, sizes = _small_decimals()
+        width = int(sizes[v].max())
+        return table[:width, v], sizes[v]
     size = np.ones(len(v), dtype=np.int64)
     for bound in (10, 100, 1000, 10**4, 10**5, 10**6, 10**7, 10**8, 10**9):
         size += v >= bound
     width = int(size.max()) if len(v) else 1
     m = np.empty((width, len(v)), dtype=np.uint8)
     for k in range(width):
-        power = 10 ** np.maximum(size - 1 - k, 0)
-        m[k] = v // power % 10 + 48
+        m[k] = v // 10 ** np.maximum(size - 1 - k, 0) % 10 + 48
     return m, size
+
+
+_SMALL = 10_000
+
+
+@cache
+def _small_decimals() -> tuple[np.ndarray, np.ndarray]:
+    """The (4, 10000) ASCII digits of 0..9999 (left-aligned) and their lengths."""
+    text = [str(i).encode() for i in range(_SMALL)]
+    table = np.zeros((4, _SMALL), dtype=np.uint8)
+    for i, t in enumerate(text):
+        table[:len(t), i] = np.frombuffer(t, dtype=np.uint8)
+    return table, np.array([len(t) for t in text], dtype=np.int64)
 
 
 def _row_major(m: np.ndarray, size: np.ndarray) -> np.ndarray:

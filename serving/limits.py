@@ -4,7 +4,8 @@ A pure ASGI middleware.  A `Content-Length` above the cap (or not a number) is a
 anything is read; a body without one (`Transfer-Encoding: chunked`) is counted while the
 application reads it through `receive`, and reading stops with a 413 as soon as the count passes
 the cap, so at most `max_bytes` plus one chunk is ever held in memory.  The 413 is the API's
-JSON error (`{"detail": "request body larger than N bytes"}`).
+JSON error (`{"detail": "request body larger than N bytes"}`) with `Connection: close`: the rest
+of the body is never read, so the connection cannot carry another request.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class BodyTooLarge(HTTPException):
     """Raised from `receive` once a streamed body passes the cap (FastAPI passes it through)."""
 
     def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"request body larger than {max_bytes} bytes")
+        super().__init__(413, f"request body larger than {max_bytes} bytes",
+                         headers={"Connection": "close"})
 
 
 class BodySizeLimit:
@@ -61,4 +63,4 @@ class BodySizeLimit:
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = {"detail": f"request body larger than {self.max_bytes} bytes"}
-        await JSONResponse(body, 413)(scope, receive, send)
+        await JSONResponse(body, 413, headers={"Connection": "close"})(scope, receive, send)

@@ -30,7 +30,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from feature_repo.contract import to_micros
+from feature_repo.contract import TransactionEvent, to_micros
 from feature_repo.velocity import ROW_FIELDS, LateEventError, UserVelocityState
 from streaming import metrics
 from streaming.events import DeadLetter, Envelope, parse
@@ -55,7 +55,7 @@ def parse_item(item: Any) -> Envelope | DeadLetter:
     return parse(item)
 
 
-Seeder = Callable[[str], UserVelocityState | None]
+Seeder = Callable[[str, TransactionEvent], UserVelocityState | None]  # (user, first event)
 
 
 class OnlineStateSeeder:
@@ -64,6 +64,11 @@ class OnlineStateSeeder:
     Without it a live flow would start every user from nothing and overwrite the history the
     backfill and `feast materialize` put online.  One online read per new user, then the state
     lives in Bytewax (and its recovery snapshots).
+
+    After a crash, recovery replays the events since the last snapshot; a user first seen
+    after that snapshot may already have a row online written by the crashed worker, holding
+    the very event being replayed.  Then only the part of the row before that event is the
+    state to continue from (see `row_before`): the replay rebuilds the rest, row for row.
     """
 
     def __init__(self, repo_path: Path) -> None:
@@ -80,7 +85,9 @@ class OnlineStateSeeder:
         self._online = get_online_store_from_config(store.config.online_store)
         self._ready = True
 
-    def __call__(self, user_id: str) -> UserVelocityState | None:
+    def __call__(
+        self, user_id: str, first: TransactionEvent | None = None
+    ) -> UserVelocityState | None:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
         from feast.type_map import feast_value_type_to_python_type
@@ -92,7 +99,41 @@ class OnlineStateSeeder:
         if ts is None or not values or ts.year < 2000:  # Feast answers 1970 for unknown keys
             return None
         row = {f: feast_value_type_to_python_type(values[f]) for f in ROW_FIELDS if f in values}
-        return UserVelocityState.from_row(row, to_micros(ts))
+        seed = (row, to_micros(ts)) if first is None else row_before(row, to_micros(ts), first)
+        return None if seed is None else UserVelocityState.from_row(*seed)
+
+
+def row_before(
+    row: dict[str, Any], row_ts_us: int, event: TransactionEvent
+) -> tuple[dict[str, Any], int] | None:
+    """`row` as it was before `event`, if it already holds `event` (same time, amount and
+    merchant); else `row` unchanged.  None when nothing came before it.
+
+    Exact unless events were evicted between then and the row's time (24 h horizon, merchant
+    LRU), which a crash-and-replay window of seconds does not reach.
+    """
+    t = to_micros(event.event_timestamp)
+    recent = list(zip(row.get("recent_txn_ts") or [], row.get("recent_amounts") or [],
+                      row.get("recent_merchants") or [], strict=True))
+    hit = next((i for i, (ts, amount, merchant) in enumerate(recent)
+                if ts == t and amount == event.amount and merchant == event.merchant_id), None)
+    if hit is None:
+        return row, row_ts_us
+    if hit == 0:
+        return None
+    kept = recent[:hit]
+    seen = {m for _, _, m in kept}
+    known = [(m, first) for m, first in zip(row.get("known_merchants") or [],
+                                            row.get("known_merchant_first_ts") or [], strict=True)
+             if first < t or m in seen]
+    before = {
+        "recent_txn_ts": [ts for ts, _, _ in kept],
+        "recent_amounts": [a for _, a, _ in kept],
+        "recent_merchants": [m for _, _, m in kept],
+        "known_merchants": [m for m, _ in known],
+        "known_merchant_first_ts": [first for _, first in known],
+    }
+    return before, kept[-1][0]
 
 
 class VelocityUpdater:
@@ -105,7 +146,7 @@ class VelocityUpdater:
         self, state: UserVelocityState | None, env: Envelope
     ) -> tuple[UserVelocityState, Outcome]:
         if state is None and self._seed is not None:
-            state = self._seed(env.event.user_id)
+            state = self._seed(env.event.user_id, env.event)
         return update_velocity(state, env)
 
 
@@ -143,8 +184,8 @@ def build_flow(
 ) -> Dataflow:
     """Events from `source` -> (user_id, VelocityRow) into `sink`; DeadLetters into `dlq_sink`.
 
-    `seed(user_id)` gives the state a user starts from when the flow first sees it (the live
-    flow reads the online store; the backfill and tests start from nothing).
+    `seed(user_id, event)` gives the state a user starts from when the flow first sees it, at
+    `event` (the live flow reads the online store; the backfill and tests start from nothing).
     """
     flow = Dataflow(flow_id)
     raw = op.input("in", flow, source)
