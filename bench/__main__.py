@@ -65,16 +65,27 @@ def materialize(sizes: Sizes, section: Section) -> None:
 
 
 def _measures_from(result: dict[str, Any]) -> list[Measure]:
-    """Measures from bench.materialize's result: {"stock": {...}, "fast": {...}, ...}."""
+    """Measures from bench.materialize's result: {"stock": {...}, "fast": {...}, ...}.
+
+    Rates are entities / seconds in `materialize`: the result's own `rows_per_s` divides the
+    Redis database's key count, which other processes using the same database inflate.
+    """
     ours, stock = result.get("fast"), result.get("stock")
     if not isinstance(ours, dict) or not isinstance(stock, dict):
         return []
-    same = result.get("stock_entities") == result.get("entities")
-    scope = "" if same else f" (stock on {result.get('stock_entities'):,} entities)"
+    entities, stock_entities = result.get("entities"), result.get("stock_entities")
+    same = stock_entities == entities
+
+    def rate(n: object, r: dict[str, Any]) -> float | None:
+        s = r.get("seconds")
+        return float(n) / float(s) if isinstance(n, int) and s else None
+
+    scope = "" if same else f" (stock on {stock_entities:,} entities)"
     out = [
-        Measure(f"rows/s{scope}", "/s", ours.get("rows_per_s"), stock.get("rows_per_s"),
-                "higher", note=f"{result.get('entities'):,} entities x "
-                               f"{result.get('features')} features, {result.get('rows'):,} rows"),
+        Measure(f"entities/s{scope}", "/s", rate(entities, ours), rate(stock_entities, stock),
+                "higher", note=f"{entities:,} entities x {result.get('features')} features, "
+                               f"{result.get('rows'):,} rows; keys in the Redis db after the "
+                               f"run: ours {ours.get('keys')}, stock {stock.get('keys')}"),
         Measure(f"peak RSS{scope}", "MiB", ours.get("peak_rss_mb"), stock.get("peak_rss_mb"),
                 "lower"),
     ]

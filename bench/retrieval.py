@@ -15,8 +15,10 @@ at the same N for the ratio.  Outputs at the same N are compared cell by cell.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -102,8 +104,6 @@ def run(sizes: Sizes, section: Section) -> None:
         prof = _child(dataset, "ours", n, timeout_s=900, profile=True)
         section.profiles[f"ours, {n:,} rows (cProfile)"] = prof.get("profile",
                                                                    prof.get("error", ""))
-    import shutil
-
     shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -195,7 +195,9 @@ def open_store(kind: str) -> Any:
         return FeatureStore(repo_path=str(REPO_DIR))
     conf = yaml.safe_load((REPO_DIR / "feature_store.yaml").read_text())
     conf["offline_store"] = {"type": kind}
-    tmp = Path(tempfile.mkdtemp(prefix="fs-yaml-")) / "feature_store.yaml"
+    tmp_dir = tempfile.mkdtemp(prefix="fs-yaml-")
+    atexit.register(shutil.rmtree, tmp_dir, True)
+    tmp = Path(tmp_dir) / "feature_store.yaml"
     tmp.write_text(yaml.safe_dump(conf))
     return FeatureStore(repo_path=str(REPO_DIR), fs_yaml_file=tmp)
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# One OpenMP thread per process, set before numpy/sklearn load their runtime: a request scores
+# a handful of rows, where thread fan-out only adds latency (replicas and workers scale out).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import argparse
 
 import uvicorn

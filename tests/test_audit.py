@@ -113,7 +113,7 @@ def test_every_request_is_logged_with_its_full_vector(clean: dict[str, Any]) -> 
     log = skew_audit.read_log(clean["log_dir"])
     assert sorted(log["transaction_id"]) == sorted(clean["results"])
     assert {p.parent.name for p in files if p.suffix == ".parquet"} == {
-        "date=2026-11-01", "date=2026-11-04"}
+        f"date={END:%Y-%m-%d}", f"date={END + timedelta(days=3):%Y-%m-%d}"}
     for rec in log.itertuples():
         resp = clean["results"][rec.transaction_id]
         features = json.loads(rec.features)
@@ -393,7 +393,8 @@ def test_batch_scores_equal_the_online_scores(
     out = tmp_path / "scores"
     stats = batch_score.run(out, END.date(), None, 50, trained_artifact, tmp_path / "data",
                             progress=False)
-    assert stats.days == ["2026-11-01", "2026-11-04"] and stats.chunks == 3
+    assert stats.days == [f"{END:%Y-%m-%d}", f"{END + timedelta(days=3):%Y-%m-%d}"]
+    assert stats.chunks == 3
     got = pd.read_parquet(out).set_index("transaction_id")
     assert len(got) == len(tx)
     for tid, r in clean["results"].items():
