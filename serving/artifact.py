@@ -80,8 +80,9 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def load_artifact(directory: Path) -> Artifact:
-    """Verify the model file's sha256 against the metadata, then unpickle it."""
+def load_artifact(directory: Path, expected_sha256: str | None = None) -> Artifact:
+    """Verify the model file's sha256 (against the metadata and, when given, against the hash
+    recorded when the version was registered), then unpickle it."""
     meta = read_metadata(directory)
     model_path = directory / meta.get("model_file", MODEL_FILE)
     if not model_path.is_file():
@@ -91,6 +92,11 @@ def load_artifact(directory: Path) -> Artifact:
         raise ArtifactError(
             f"model file {model_path} has sha256 {actual[:12]}..., metadata says "
             f"{meta['sha256'][:12]}...: refusing to load a modified artifact"
+        )
+    if expected_sha256 is not None and actual != expected_sha256:
+        raise ArtifactError(
+            f"model file {model_path} has sha256 {actual[:12]}..., the registry recorded "
+            f"{expected_sha256[:12]}...: not the version that was registered"
         )
     try:
         model = joblib.load(model_path)

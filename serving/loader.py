@@ -78,9 +78,7 @@ def resolve_model_path(settings: ServingSettings) -> Path:
 
 def _scorer(ref: ModelRef, store: FeatureStore, settings: ServingSettings,
             features: dict[str, OnlineFeatures]) -> Scorer:
-    artifact = load_artifact(ref.path)
-    if ref.sha256 is not None and artifact.metadata["sha256"] != ref.sha256:
-        raise ArtifactError(f"artifact at {ref.path} is not the version that was registered")
+    artifact = load_artifact(ref.path, expected_sha256=ref.sha256)
     check_against_registry(artifact, store)
     service = artifact.feature_service
     if service not in features:  # models of one feature service share one lookup

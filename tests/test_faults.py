@@ -719,11 +719,6 @@ def test_corrupt_artifact_is_refused_at_start_up_naming_the_file(
     assert not (artifact / "unpickled").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in serving/loader.py (_scorer) and training/registry.py (Registry.verify): the hash "
-    "recorded at registration is compared only after load_artifact has unpickled the file, "
-    "so a model file swapped together with its metadata's sha256 is unpickled (code runs) "
-    "before it is refused"))
 def test_registered_hash_is_checked_before_unpickling(
     trained_artifact: Path, materialized_store: Any, tmp_path: Path
 ) -> None:

@@ -184,8 +184,8 @@ class Registry:
         """Load the artifact (sha256 vs metadata and vs registration); return its directory."""
         entry = self.entry(version, state)
         path = self.model_dir / entry["path"]
-        artifact = load_artifact(path)
-        if artifact.metadata["sha256"] != entry["sha256"] or artifact.version != version:
+        artifact = load_artifact(path, expected_sha256=entry["sha256"])
+        if artifact.version != version:
             raise ArtifactError(f"artifact at {path} is not the registered version {version}")
         return path
 
