@@ -54,8 +54,8 @@ def prediction_record(result: Any, event: Any) -> dict[str, Any]:
 class BatchScorer:
     """Scores micro-batches; the Scorer is loaded once per worker, on first use."""
 
-    def __init__(self) -> None:
-        self._scorer: Any = None
+    def __init__(self, scorer: Any = None) -> None:
+        self._scorer: Any = scorer  # a serving.scoring.Scorer; loaded from settings if None
 
     def __call__(self, batch: list[Any]) -> list[tuple[str, dict[str, Any]]]:
         if self._scorer is None:
