@@ -28,7 +28,6 @@ engines break arbitrarily.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import string
@@ -65,6 +64,7 @@ from feast.stream_feature_view import StreamFeatureView
 from pydantic import Field as ConfigField
 
 from feature_repo import redis_wire
+from feature_repo.online_store import client_kwargs
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -364,18 +364,9 @@ def _quote(name: str) -> str:
 
 def _redis_client(connection_string: str, socket_timeout_s: float) -> redis.Redis:
     """A client for Feast's `host:port,key=value,...` connection string (plain Redis only)."""
-    hosts = [c for c in connection_string.split(",") if "=" not in c]
-    params: dict[str, Any] = {}
-    for item in connection_string.split(","):
-        if "=" in item:
-            key, value = item.split("=", 1)
-            try:
-                params[key] = json.loads(value)
-            except json.JSONDecodeError:
-                params[key] = value
-    host, _, port = hosts[0].partition(":")
+    params = client_kwargs(connection_string)
     params["socket_timeout"] = max(float(params.get("socket_timeout") or 0), socket_timeout_s)
-    return redis.Redis(host=host, port=int(port or 6379), **params)
+    return redis.Redis(**params)
 
 
 class ScriptWriter:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 from pydantic import StrictStr
@@ -25,6 +25,22 @@ from feature_repo.config import DEFAULT_REDIS_URL, redis_connection_string
 
 def _connection_from_env() -> str:
     return redis_connection_string(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
+
+
+def client_kwargs(connection_string: str) -> dict[str, Any]:
+    """redis-py keyword arguments for Feast's `host:port,key=value,...` string (single node)."""
+    kwargs: dict[str, Any] = {}
+    for part in connection_string.split(","):
+        if "=" in part:
+            key, raw = part.split("=", 1)
+            try:
+                kwargs[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                kwargs[key] = raw
+        elif "host" not in kwargs:
+            host, _, port = part.partition(":")
+            kwargs["host"], kwargs["port"] = host, int(port or 6379)
+    return kwargs
 
 
 class FraudRedisOnlineStoreConfig(RedisOnlineStoreConfig):
@@ -46,20 +62,9 @@ class FraudRedisOnlineStoreConfig(RedisOnlineStoreConfig):
             )
 
 
-    def client_kwargs(self) -> dict[str, object]:
+    def client_kwargs(self) -> dict[str, Any]:
         """redis-py keyword arguments for this connection string (single-node Redis only)."""
-        kwargs: dict[str, object] = {}
-        for part in self.connection_string.split(","):
-            if "=" in part:
-                key, raw = part.split("=", 1)
-                try:
-                    kwargs[key] = json.loads(raw)
-                except json.JSONDecodeError:
-                    kwargs[key] = raw
-            elif "host" not in kwargs:
-                host, _, port = part.partition(":")
-                kwargs["host"], kwargs["port"] = host, int(port or 6379)
-        return kwargs
+        return client_kwargs(self.connection_string)
 
 
 class FraudRedisOnlineStore(RedisOnlineStore):

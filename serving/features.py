@@ -16,15 +16,18 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from feast import FeatureStore, FeatureView
+from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 from feast.value_type import ValueType
+from google.protobuf.timestamp_pb2 import Timestamp
 
 Row = dict[str, Any]
 
@@ -210,8 +213,6 @@ class RedisFeatureReader:
         self._fields = {k: [f for _, fs in g for f in fs] for k, g in self._groups.items()}
 
     def _keys(self, join_key: str, rows: Sequence[Row]) -> list[bytes]:
-        from feast.infra.key_encoding_utils import serialize_entity_key
-
         protos = python_values_to_proto_values([r[join_key] for r in rows], ValueType.STRING)
         return [
             serialize_entity_key(EntityKey(join_keys=[join_key], entity_values=[p]),
@@ -224,11 +225,6 @@ class RedisFeatureReader:
 
     def _decode(self, rows: Sequence[Row], replies: list[list[bytes | None]]
                 ) -> list[list[tuple[datetime | None, Any]]]:
-        from datetime import UTC
-
-        from feast.protos.feast.types.Value_pb2 import Value
-        from google.protobuf.timestamp_pb2 import Timestamp
-
         n = len(rows)
         out: dict[str, list[tuple[datetime | None, Any]]] = {}
         for gi, group in enumerate(self._groups.values()):
