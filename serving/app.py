@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -28,13 +26,13 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from threadpoolctl import threadpool_limits
 
-from serving import logs, metrics
 from serving.admin import router as admin_router
 from serving.config import ServingSettings
 from serving.deps import ModelsDep, require_api_key
 from serving.lifecycle import ModelManager
 from serving.limits import BodySizeLimit
 from serving.models import ModelSet
+from serving.observe import RequestObserver
 from serving.prediction_log import PredictionLog
 from serving.schemas import (
     SCORING_ERRORS,
@@ -91,39 +89,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
 
     app = FastAPI(title="fraudstream scorer", version="1", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # chunked too
-
-    @app.middleware("http")
-    async def observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        token = logs.request_id.set(rid)
-        t0 = time.perf_counter()
-        try:
-            length = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            length = -1
-        if length > settings.max_body_bytes or length < 0:
-            response: Response = JSONResponse(
-                {"detail": f"request body larger than {settings.max_body_bytes} bytes"}, 413
-            )
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # noqa: BLE001 - log it, never leak a traceback
-                log.exception("unhandled error")
-                response = JSONResponse({"detail": "internal error"}, 500)
-        response.headers["x-request-id"] = rid
-        dt = time.perf_counter() - t0
-        matched = request.scope.get("route")
-        route = getattr(matched, "path", "unmatched")  # templates only: bounded label values
-        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-        metrics.REQUEST_LATENCY.labels(route).observe(dt)
-        if settings.access_log:
-            log.info("request", extra={"fields": {"path": request.url.path, "status": response.status_code,
-                                                  "ms": round(dt * 1000, 3)}})
-        logs.request_id.reset(token)
-        return response
+    app.add_middleware(RequestObserver, access_log=settings.access_log)  # outermost
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -167,15 +133,22 @@ def create_app(settings: ServingSettings) -> FastAPI:
         explain: Annotated[bool, Query(description="return every model input")] = False,
     ) -> ScoreOut:
         """Score one transaction as of its `event_timestamp` (default now)."""
-        return _out((await _score(models, [txn]))[0], explain)
+        out = _out((await _score(models, [txn]))[0], explain)
+        # already validated: skip FastAPI's second validation pass of the return value
+        return Response(out.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
 
     @app.post("/v1/score/batch", response_model=BatchOut, dependencies=keyed,
               responses=SCORING_ERRORS)
     async def score_batch(
         body: BatchIn, models: ModelsDep, explain: Annotated[bool, Query()] = False
     ) -> BatchOut:
-        """Score up to 1,000 transactions with one online lookup per feature view."""
-        return BatchOut(results=[_out(r, explain) for r in await _score(models, body.transactions)])
+        """Score up to SERVING_MAX_BATCH (at most 1,000) transactions with one online lookup."""
+        if len(body.transactions) > settings.max_batch:
+            raise HTTPException(422, [{"field": "transactions", "type": "too_long",
+                                       "message": f"at most {settings.max_batch} transactions "
+                                       "per request (SERVING_MAX_BATCH)"}])
+        out = BatchOut(results=[_out(r, explain) for r in await _score(models, body.transactions)])
+        return Response(out.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
 
     @app.get("/health")
     async def health() -> dict[str, str]:

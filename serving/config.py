@@ -28,7 +28,7 @@ class ServingSettings(BaseSettings):
     decline_threshold: float | None = None
     max_future_seconds: float = 300.0  # event_timestamp may lie at most this far ahead
     max_body_bytes: int = 1_000_000
-    max_batch: int = 1000
+    max_batch: Annotated[int, Field(ge=1, le=1000)] = 1000  # /v1/score/batch; the schema caps it at 1,000
     retry_after_seconds: int = 2
     log_level: str = "INFO"
     access_log: bool = False

@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the models loaded by the lifespan, and the API-key checks."""
+"""FastAPI dependencies: the models loaded by the lifespan, and the API-key checks.
+
+All `async def`: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per
+request that cost more than the scoring itself.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +18,21 @@ from serving.models import ModelSet
 from serving.scoring import Scorer
 
 
-def get_manager(request: Request) -> ModelManager:
+async def get_manager(request: Request) -> ModelManager:
     manager: ModelManager = request.app.state.models
     return manager
 
 
-def get_models(request: Request) -> ModelSet:
+async def get_models(request: Request) -> ModelSet:
     """The model set of this request: read once, so a reload mid-request does not affect it."""
-    return get_manager(request).current
+    manager: ModelManager = request.app.state.models
+    return manager.current
 
 
-def get_scorer(request: Request) -> Scorer:
+async def get_scorer(request: Request) -> Scorer:
     """The champion of the current model set."""
-    return get_models(request).champion
+    manager: ModelManager = request.app.state.models
+    return manager.current.champion
 
 
 def _settings(request: Request) -> ServingSettings:
@@ -39,7 +45,7 @@ def _matches(given: str | None, key: SecretStr) -> bool:
         given.encode(), key.get_secret_value().encode())
 
 
-def require_api_key(
+async def require_api_key(
     request: Request, x_api_key: Annotated[str | None, Header()] = None
 ) -> None:
     """401 unless `X-API-Key` matches SERVING_API_KEY (no check when that is unset)."""
@@ -49,7 +55,7 @@ def require_api_key(
                             headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
 
 
-def require_admin_key(
+async def require_admin_key(
     request: Request, x_api_key: Annotated[str | None, Header()] = None
 ) -> None:
     """403 unless `X-API-Key` matches SERVING_ADMIN_API_KEY; always 403 when that is unset."""
