@@ -14,7 +14,7 @@ export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:9092
 export FRAUD_DATA_DIR          ?= $(CURDIR)/data
 export FEAST_REGISTRY_URL      ?= sqlite:///$(FRAUD_DATA_DIR)/registry.db
 
-.PHONY: help setup lock up down simulate features apply materialize train serve stream produce stream-score demo test lint bench clean
+.PHONY: help setup lock up down simulate features apply materialize train serve stream produce stream-score demo test lint bench soak clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n",$$1,$$2}'
@@ -82,8 +82,11 @@ lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy feature_repo serving streaming training
 
-bench: setup ## run the benchmarks and write reports/bench.md
+bench: setup ## run the benchmarks (soak included) and write reports/bench.md
 	$(PY) -m bench
+
+soak: setup ## scorer soak only: 10 min at 1,000 req/s, errors and memory -> reports/bench-soak.md
+	$(PY) -m bench soak
 
 clean: ## remove generated data, artifacts and reports
 	rm -rf data artifacts reports .run

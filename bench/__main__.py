@@ -4,7 +4,7 @@
     python -m bench --quick         # smoke sizes -> reports/bench-quick.{md,json}
     python -m bench scoring stream  # some of them -> reports/bench-scoring-stream.{md,json}
 
-Benchmarks: scoring, materialize, stream, retrieval, batch_score (see docs/benchmarks.md).
+Benchmarks: scoring, materialize, stream, retrieval, batch_score, soak (see docs/benchmarks.md).
 Each one runs its own servers, brokers and workers, bounded in time, and stops them all when it
 ends, fails or is interrupted.  Nothing is asserted: missed targets are reported with the size
 of the miss and a profile.
@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "stream": ("stream throughput and freshness", "bench.stream:run"),
     "retrieval": ("training retrieval (point-in-time join)", "bench.retrieval:run"),
     "batch_score": ("batch scoring", "bench.batch_score:run"),
+    "soak": ("the scorer at a fixed open-loop rate for minutes", "bench.soak:run"),
 }
 
 

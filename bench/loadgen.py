@@ -61,6 +61,8 @@ class LoadResult:
     send_lag: np.ndarray  # actual send minus scheduled time (open loop)
     statuses: dict[int, int] = field(default_factory=dict)
     errors: int = 0  # broken connections
+    # open loop: per request, its HTTP status; 0 = not answered, -1 = connection broken
+    codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
     elapsed_s: float = 0.0
 
     @property
@@ -167,6 +169,7 @@ async def _open_loop(host: str, port: int, make: RequestFactory, rate: float,
     svc = np.full(n, np.nan)
     lag = np.full(n, np.nan)
     res = LoadResult("open", rate, duration_s, connections, lat, svc, lag)
+    codes = res.codes = np.zeros(n, np.int16)
     conns = [await _connect(host, port) for _ in range(connections)]
     t0 = time.perf_counter() + 0.05
     wall0 = time.time() + (t0 - time.perf_counter())
@@ -188,8 +191,10 @@ async def _open_loop(host: str, port: int, make: RequestFactory, rate: float,
             except (ConnectionError, OSError):
                 if not stopping:
                     res.errors += 1
+                    codes[i] = -1
                 return
             done = time.perf_counter()
+            codes[i] = status
             lat[i] = done - min(sched, sent)
             svc[i] = done - sent
             lag[i] = sent - sched

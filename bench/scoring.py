@@ -120,7 +120,7 @@ def stock_server(pool: list[dict[str, Any]], port: int, workers: int, service: s
                   'string.format("%d", os.time() * 1000000)')
 
 
-def _factory(server: Server, port: int) -> loadgen.RequestFactory:
+def request_factory(server: Server, port: int) -> loadgen.RequestFactory:
     head = (f"POST {server.path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
             "Content-Type: application/json\r\nContent-Length: ").encode()
 
@@ -170,7 +170,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _measure(server: Server, child: Child, port: int, sizes: Sizes) -> dict[str, Any]:
-    make = _factory(server, port)
+    make = request_factory(server, port)
     res: dict[str, Any] = {"validation": _validate(server, port)}
     loadgen.open_loop(HOST, port, make, sizes.score_rate, sizes.score_warmup_s,
                       sizes.score_connections, drain_s=2)
@@ -255,7 +255,7 @@ def _profile(server: Server, dataset: Dataset, sizes: Sizes, log_dir: Path) -> s
     with running(server.name, server.argv, dataset.env(SERVING_LOG_LEVEL="WARNING"),
                  log_dir / f"{server.name}-server.log") as child:
         wait_http(f"http://{HOST}:{port}{server.ready_path}", child, s.server_start_timeout_s)
-        make = _factory(server, port)
+        make = request_factory(server, port)
         loadgen.open_loop(HOST, port, make, sizes.score_rate, sizes.score_warmup_s,
                           sizes.score_connections, drain_s=2)
         holder: dict[str, str] = {}
@@ -281,7 +281,7 @@ def calibrate(like: Server, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
                 raise BenchError("null server did not start")
             time.sleep(0.1)
         null = Server("null", [], "", "/", like.body, [], "")
-        run = loadgen.open_loop(HOST, port, _factory(null, port), sizes.score_rate, seconds,
+        run = loadgen.open_loop(HOST, port, request_factory(null, port), sizes.score_rate, seconds,
                                 sizes.score_connections, drain_s=2)
     return run.summary()
 

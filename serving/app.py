@@ -5,8 +5,8 @@ shadow/canary challenger, see `serving.models`); handlers get the current model 
 `ModelsDep`, and `/admin` (`serving.admin`) reloads, promotes and rolls back without a restart
 (`serving.lifecycle`).  With SERVING_API_KEY set, scoring needs it in `X-API-Key` (401).
 Errors: 422 naming the field for invalid input, 413 for oversized bodies, 503 with Retry-After
-when Redis is unavailable (bounded by the online store's socket timeout), never a 500 with a
-traceback.
+when Redis is unavailable or slower than SERVING_LOOKUP_TIMEOUT_S (the deadline of a request's
+online lookup and of /ready's ping), never a 500 with a traceback.
 """
 
 from __future__ import annotations
@@ -119,7 +119,12 @@ def create_app(settings: ServingSettings) -> FastAPI:
         _check_time(txns)
         events = [t.to_event() for t in txns]
         try:
-            results = (await models.score_async(events)).results
+            # the deadline interrupts only the lookup: the model runs after the last await
+            async with asyncio.timeout(settings.lookup_timeout_s):
+                results = (await models.score_async(events)).results
+        except TimeoutError as exc:
+            raise redis.exceptions.TimeoutError(
+                f"online lookup exceeded {settings.lookup_timeout_s} s") from exc
         except REDIS_ERRORS as exc:
             raise redis.exceptions.ConnectionError(str(exc)) from exc
         app.state.prediction_log.record(results, events)
@@ -162,7 +167,11 @@ def create_app(settings: ServingSettings) -> FastAPI:
         scorer = None if manager is None else manager.current.champion
         checks = {"model": scorer is not None, "redis": False, "registry": False}
         if scorer is not None:
-            checks["redis"] = await scorer.features.ping_async()
+            try:
+                async with asyncio.timeout(settings.lookup_timeout_s):
+                    checks["redis"] = await scorer.features.ping_async()
+            except TimeoutError:
+                checks["redis"] = False
             try:
                 scorer.features.store.registry.get_feature_service(
                     scorer.artifact.feature_service, scorer.features.store.project)

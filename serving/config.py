@@ -30,6 +30,9 @@ class ServingSettings(BaseSettings):
     max_body_bytes: int = 1_000_000
     max_batch: Annotated[int, Field(ge=1, le=1000)] = 1000  # /v1/score/batch; the schema caps it at 1,000
     retry_after_seconds: int = 2
+    # Deadline of a request's online lookup: past it the answer is a 503, whatever Redis does
+    # (each socket operation is also bounded by the online store's own 0.5 s timeouts).
+    lookup_timeout_s: Annotated[float, Field(gt=0)] = 0.5
     log_level: str = "INFO"
     access_log: bool = False
     # Prediction log (serving/prediction_log.py) and drift gauges (serving/drift.py)

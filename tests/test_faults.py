@@ -66,10 +66,11 @@ from training.registry import Registry
 pytestmark = pytest.mark.integration
 
 PROJECT = Path(__file__).resolve().parents[1]
-# Per answer while Redis is down.  The scorer's reader makes 1 + 1 attempts (serving/features.py),
-# each at most a connection set-up command plus the read, 0.5 s socket timeout apiece: 2.0 s
-# worst case (seen with Redis frozen), about 1 s typically; + slack for a loaded 2-core machine.
-ANSWER_BOUND_S = 3.0
+# Per answer while Redis is down: the scorer's lookup deadline (SERVING_LOOKUP_TIMEOUT_S, set
+# below), whatever the reader's retries and socket timeouts would add up to, + 1 s of slack for
+# a loaded 2-core machine.
+LOOKUP_TIMEOUT_S = 0.5
+ANSWER_BOUND_S = LOOKUP_TIMEOUT_S + 1.0
 RECOVERY_BOUND_S = 10.0
 BROKER_DOWN_S = 8.0  # long enough for every client to notice (all brokers down)
 WORKER_START_S = 90.0  # Python + Bytewax + Feast registry: ~8 s here, much more when busy
@@ -284,7 +285,8 @@ def test_redis_stopped_or_killed_is_a_quick_503_and_recovers_by_itself(
             "amount": 25.0, "currency": "EUR", "channel": "online"}
     artifact = clone_artifact(trained_artifact, tmp_path / "models", "faults-redis")
     scorer_env = {"SERVING_MODEL_DIR": str(artifact.parent), "SERVING_MODEL_VERSION": artifact.name,
-                  "SERVING_RELOAD_INTERVAL_S": "0", "SERVING_RETRY_AFTER_SECONDS": "2"}
+                  "SERVING_RELOAD_INTERVAL_S": "0", "SERVING_RETRY_AFTER_SECONDS": "2",
+                  "SERVING_LOOKUP_TIMEOUT_S": str(LOOKUP_TIMEOUT_S)}
 
     def load_features() -> None:  # the tiny feature set: one velocity row
         fs.write_to_online_store(VELOCITY_VIEW, df=rows_frame(velocity_rows(user, history_events)[-1:]))
