@@ -9,7 +9,8 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
 from pydantic import SecretStr
 
 from serving.config import ServingSettings
@@ -40,14 +41,19 @@ def _settings(request: Request) -> ServingSettings:
     return settings
 
 
+# `X-API-Key`, declared as an OpenAPI security scheme; checked below (absent -> None)
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="SERVING_API_KEY for scoring, SERVING_ADMIN_API_KEY "
+                                          "for /admin")
+ApiKey = Annotated[str | None, Security(api_key_header)]
+
+
 def _matches(given: str | None, key: SecretStr) -> bool:
     return given is not None and secrets.compare_digest(
         given.encode(), key.get_secret_value().encode())
 
 
-async def require_api_key(
-    request: Request, x_api_key: Annotated[str | None, Header()] = None
-) -> None:
+async def require_api_key(request: Request, x_api_key: ApiKey) -> None:
     """401 unless `X-API-Key` matches SERVING_API_KEY (no check when that is unset)."""
     key = _settings(request).api_key
     if key is not None and not _matches(x_api_key, key):
@@ -55,9 +61,7 @@ async def require_api_key(
                             headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
 
 
-async def require_admin_key(
-    request: Request, x_api_key: Annotated[str | None, Header()] = None
-) -> None:
+async def require_admin_key(request: Request, x_api_key: ApiKey) -> None:
     """403 unless `X-API-Key` matches SERVING_ADMIN_API_KEY; always 403 when that is unset."""
     key = _settings(request).admin_api_key
     if key is None:

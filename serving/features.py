@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -229,9 +230,14 @@ class RedisFeatureReader:
             fields.append(f"_ts:{r.view.name}")
             self._groups.setdefault(r.join_key, []).append((r, fields))
         self._order = [r for group in self._groups.values() for r, _ in group]
+        self._encoders = {jk: enc for jk in self._groups
+                          if (enc := string_key_encoder(jk, self._version, self._project))}
         self._fields = {k: [f for _, fs in g for f in fs] for k, g in self._groups.items()}
 
     def _keys(self, join_key: str, rows: Sequence[Row]) -> list[bytes]:
+        encode = self._encoders.get(join_key)
+        if encode is not None:
+            return [encode(r[join_key]) for r in rows]
         protos = python_values_to_proto_values([r[join_key] for r in rows], ValueType.STRING)
         return [
             serialize_entity_key(EntityKey(join_keys=[join_key], entity_values=[p]),
@@ -284,10 +290,31 @@ class RedisFeatureReader:
             return self._decode(rows, await pipe.execute())
 
 
+def string_key_encoder(join_key: str, version: int, project: bytes
+                       ) -> Callable[[str], bytes] | None:
+    """`value -> serialize_entity_key(one string key) + project` without building protos.
+
+    Feast's serialization of a single string key ends with the value's length (uint32 LE) and
+    its UTF-8 bytes; the part before is constant per join key, taken from Feast's own function.
+    The encoder is returned only if it reproduces that function on probe values (else None:
+    the caller serializes through Feast)."""
+    def feast_key(value: str) -> bytes:
+        proto = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
+        return serialize_entity_key(proto, entity_key_serialization_version=version) + project
+
+    head = feast_key("")[: -len(project) - 4 if project else -4]
+    pack = struct.Struct("<I").pack
+
+    def encode(value: str) -> bytes:
+        raw = value.encode()
+        return head + pack(len(raw)) + raw + project
+
+    probes = ("u_1", "", "ü-ß-✓", "x" * 300)
+    return encode if all(encode(p) == feast_key(p) for p in probes) else None
+
+
 def _mmh3(key: str) -> bytes:
     """Feast's Redis field name: murmur3_32 (unsigned) of the key, little-endian."""
-    import struct
-
     import mmh3
 
     return struct.pack("<I", mmh3.hash(key, signed=False))

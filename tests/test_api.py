@@ -334,15 +334,6 @@ def test_batch_size_limits(client: TestClient, known: dict[str, Any]) -> None:
     assert error_fields(empty) == {"transactions": "too_short"}
 
 
-def test_max_batch_setting(trained_artifact: Path, known: dict[str, Any]) -> None:
-    one = txn(known["user_id"], known["merchant_id"])
-    batch = [{**one, "transaction_id": f"n{i}"} for i in range(5)]
-    with TestClient(create_app(settings_for(trained_artifact, max_batch=4))) as small:
-        assert error_fields(small.post("/v1/score/batch", json={"transactions": batch})) == {
-            "transactions": "too_long"}
-        ok = small.post("/v1/score/batch", json={"transactions": batch[:4]})
-        assert ok.status_code == 200, ok.text
-
 
 def test_batch_errors_name_the_item(client: TestClient, known: dict[str, Any]) -> None:
     good = txn(known["user_id"], known["merchant_id"])
@@ -521,6 +512,17 @@ def test_undecodable_bodies_are_4xx(client: TestClient, known: dict[str, Any],
 def test_wrong_method_and_unknown_route(client: TestClient) -> None:
     assert_clean_error(client.get("/v1/score"), 405)
     assert_clean_error(client.get("/v2/score"), 404)
+
+
+# (its own app: closing it removes the process-wide model info series the module's client set)
+def test_max_batch_setting(trained_artifact: Path, known: dict[str, Any]) -> None:
+    one = txn(known["user_id"], known["merchant_id"])
+    batch = [{**one, "transaction_id": f"n{i}"} for i in range(5)]
+    with TestClient(create_app(settings_for(trained_artifact, max_batch=4))) as small:
+        assert error_fields(small.post("/v1/score/batch", json={"transactions": batch})) == {
+            "transactions": "too_long"}
+        ok = small.post("/v1/score/batch", json={"transactions": batch[:4]})
+        assert ok.status_code == 200, ok.text
 
 
 # --- request ids and structured logs ---------------------------------------------------------
