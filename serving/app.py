@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -76,6 +77,10 @@ def create_app(settings: ServingSettings) -> FastAPI:
         # every scored request, with its vector (serving/prediction_log.py); drift vs training
         app.state.prediction_log = PredictionLog.from_settings(
             settings, manager.current.champion.artifact.path)
+        # Start-up objects (Feast registry, model, libraries) live as long as the process: move
+        # them out of the collector's reach, so a full collection is not a latency spike.
+        gc.collect()
+        gc.freeze()
         poller = None
         if settings.reload_interval_s > 0 and manager.current.source != "pinned":
             poller = asyncio.create_task(manager.poll())
