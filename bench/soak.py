@@ -155,7 +155,7 @@ def run(sizes: Sizes, section: Section) -> None:
     plot(samples, rows, png)
     section.details = {"load": summary, "windows": rows, "memory": mem, "rss_samples": samples,
                        "server_alive_at_end": alive, "plot": str(png)}
-    lat = summary["latency_s"]
+    lat: dict[str, float] = summary["latency_s"]  # type: ignore[assignment]
     section.measures += [
         Measure(f"errors in {duration:.0f} s @{rate:,.0f}/s", "", errors, None, "lower",
                 Target("<=", 0), note=f"statuses {summary['statuses']}, broken connections "

@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 
 import uvicorn
+from fastapi import FastAPI
 
 from serving import logs
 from serving.app import create_app
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         uvicorn.run(create_app(s), host=a.host, port=a.port, access_log=False, log_config=None)
 
 
-def app_factory():  # type: ignore[no-untyped-def]
+def app_factory() -> FastAPI:
     logs.configure(get_settings().log_level)
     return create_app(get_settings())
 

@@ -125,7 +125,7 @@ class OnlineFeatures:
         """Whether the online store answers (bounded by its socket timeout)."""
         try:
             if self._redis is not None:
-                return bool(await self._redis.aio.ping())
+                return bool(await self._redis.aio.ping())  # type: ignore[misc]
             return bool(await asyncio.to_thread(self._online.online_read, self._config,
                                                 self._reads[0].view, [], []))
         except Exception:  # noqa: BLE001 - any failure means not ready
@@ -189,7 +189,7 @@ class OnlineFeatures:
                     ages[i][f] = (t - row_us) / 1e6
             inputs.update(cols)
         for odfv, _ in self._odfvs:
-            out = odfv.feature_transformation.udf(inputs)  # type: ignore[attr-defined]
+            out = odfv.feature_transformation.udf(inputs)  # type: ignore[union-attr]
             inputs.update(out)
         vectors = []
         for i in range(n):
@@ -280,13 +280,13 @@ class RedisFeatureReader:
     def fetch(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
         with self.sync.pipeline(transaction=False) as pipe:
             for key, fields in self._commands(rows):
-                pipe.hmget(key, fields)
+                pipe.hmget(key, fields)  # type: ignore[arg-type]  # bytes keys are fine
             return self._decode(rows, pipe.execute())
 
     async def fetch_async(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
         async with self.aio.pipeline(transaction=False) as pipe:
             for key, fields in self._commands(rows):
-                pipe.hmget(key, fields)
+                pipe.hmget(key, fields)  # type: ignore[arg-type]  # bytes keys are fine
             return self._decode(rows, await pipe.execute())
 
 
