@@ -46,6 +46,7 @@ from serving.schemas import (
 from serving.scoring import ScoreResult
 
 log = logging.getLogger("serving")
+MAX_LISTED_ERRORS = 50  # a 422 names at most this many problems, then says how many more
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
@@ -98,11 +99,15 @@ def create_app(settings: ServingSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        found = exc.errors()
         errors = [
             {"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body",
              "message": e["msg"], "type": e["type"]}
-            for e in exc.errors()
+            for e in found[:MAX_LISTED_ERRORS]
         ]
+        if len(found) > MAX_LISTED_ERRORS:  # a 1 MB body of unknown keys: no 10 MB answer
+            errors.append({"field": "body", "type": "too_many_errors",
+                           "message": f"{len(found) - MAX_LISTED_ERRORS} more problems not listed"})
         return JSONResponse({"detail": errors}, 422)
 
     @app.exception_handler(redis.exceptions.RedisError)

@@ -80,7 +80,8 @@ class FieldError(BaseModel):
 
 
 class ValidationErrorOut(BaseModel):
-    """The 422 body: every problem found, each naming its field."""
+    """The 422 body: the problems found, each naming its field (the first 50; then one entry
+    of type `too_many_errors` saying how many more)."""
 
     detail: list[FieldError]
 
