@@ -1,9 +1,9 @@
 """Stream: sustained events/s through the feature dataflow, freshness, and stock `store.push()`.
 
 *Ours*: `streaming.features.build_flow` with `KafkaSource` and the real `VelocitySink` (online
-writes through Feast into Redis database `BENCH_STREAM_REDIS_DB`, offline history parquet in a
-scratch directory), the Kafka dead-letter sink, one worker, recovery snapshots every 2 s: what
-`python -m streaming.features` runs.  *Stock*: the same events, parsed and turned into the same
+writes in Feast's Redis layout into Redis database `BENCH_STREAM_REDIS_DB`, offline history
+parquet in a scratch directory), the Kafka dead-letter sink, one worker, recovery snapshots
+every 2 s: what `python -m streaming.features` runs.  *Stock*: the same events, parsed and turned into the same
 velocity rows, written with `FeatureStore.push()` one event at a time (online only).
 
 1. Throughput: N events are produced into a fresh topic of a private Tansu broker first; a
@@ -67,8 +67,9 @@ def run(sizes: Sizes, section: Section) -> None:
     redis_url = dataset.redis_url.rsplit("/", 1)[0] + f"/{s.stream_redis_db}"
     env = dataset.env(REDIS_URL=redis_url)
     section.ours_label = ("streaming.features.build_flow as get_flow wires it: KafkaSource -> "
-                          "state (seeded from the online store) -> VelocitySink (Feast online "
-                          "write to Redis + offline parquet history) + Kafka DLQ, 1 worker")
+                          "state (seeded from the online store) -> VelocitySink (online write "
+                          "to Redis in Feast's layout + offline parquet history) + Kafka DLQ, "
+                          "1 worker")
     section.stock_label = "FeatureStore.push() per event, online (same parsed events and rows)"
     rdb = redis.Redis.from_url(redis_url)
     rdb.flushdb()
@@ -335,7 +336,6 @@ def _ms(v: float | None) -> float | None:
 
 def worker_main(a: argparse.Namespace) -> None:
     """The dataflow as `python -m streaming.features` runs it, on the given topic."""
-    import gc
     import logging
     from datetime import timedelta
 
@@ -356,12 +356,18 @@ def worker_main(a: argparse.Namespace) -> None:
     metrics.start_metrics_server("127.0.0.1", a.metrics_port)
     a.recovery.mkdir(parents=True, exist_ok=True)
     init_db_dir(a.recovery, 1)
-    source = KafkaSource([a.bootstrap], [a.topic], tail=a.tail, batch_size=st.source_batch_size,
-                         add_config={"socket.keepalive.enable": "true"})
+    from streaming import features
+
+    if hasattr(features, "kafka_source"):  # the live flow's source, as get_flow builds it
+        source = features.kafka_source(a.bootstrap, a.topic, tail=a.tail)
+    else:
+        source = KafkaSource([a.bootstrap], [a.topic], tail=a.tail,
+                             batch_size=st.source_batch_size,
+                             add_config={"socket.keepalive.enable": "true"})
     sink = VelocitySink(REPO_DIR, a.history, prefix="bench")
     dlq_sink = KafkaDeadLetterSink(a.bootstrap, a.dlq_topic)
     flow = build_flow(source, sink, dlq_sink, **_production_extras(REPO_DIR))
-    gc.freeze()
+    _after_start_up()
     t0 = time.perf_counter()
     cli_main(flow, workers_per_process=1,
              epoch_interval=timedelta(seconds=st.snapshot_interval_s),
@@ -385,7 +391,7 @@ def worker_main(a: argparse.Namespace) -> None:
 
 def _production_extras(repo: Path) -> dict[str, Any]:
     """The keyword arguments `streaming.features.get_flow` adds to `build_flow` (state seeded
-    from the online store, one read per new user), where this checkout has them."""
+    from the online store), where this checkout has them."""
     import inspect
 
     from streaming import features
@@ -394,6 +400,16 @@ def _production_extras(repo: Path) -> dict[str, Any]:
     if seeder is not None and "seed" in inspect.signature(features.build_flow).parameters:
         return {"seed": seeder(repo)}
     return {}
+
+
+def _after_start_up() -> None:
+    """What `streaming.features.main` does to the heap after start-up, where this checkout has
+    it (`tune_gc`: freeze, larger GC thresholds), else `gc.freeze()`."""
+    import gc
+
+    from streaming import features
+
+    getattr(features, "tune_gc", gc.freeze)()
 
 
 def push_main(a: argparse.Namespace) -> None:

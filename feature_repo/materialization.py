@@ -263,7 +263,7 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
             key_serialization_version=self.repo_config.entity_key_serialization_version,
         )
         writer = ScriptWriter(
-            _redis_client(store_config.connection_string, self.options.socket_timeout_s),
+            redis_client(store_config.connection_string, self.options.socket_timeout_s),
             write_script(len(plan.features)),
             encoder.header(ttl=store_config.key_ttl_seconds or 0,
                            force=bool(getattr(store_config, "skip_dedup", False))),
@@ -362,7 +362,7 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _redis_client(connection_string: str, socket_timeout_s: float) -> redis.Redis:
+def redis_client(connection_string: str, socket_timeout_s: float) -> redis.Redis:
     """A client for Feast's `host:port,key=value,...` connection string (plain Redis only)."""
     params = client_kwargs(connection_string)
     params["socket_timeout"] = max(float(params.get("socket_timeout") or 0), socket_timeout_s)

@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import bisect
 import math
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
+
+# What a state's `snapshot()` returns and `restore` takes: its fields, pickled as builtins.
+StateSnapshot = bytes
 
 MINUTE_US = 60_000_000
 HOUR_US = 60 * MINUTE_US
@@ -67,12 +71,14 @@ class UserVelocityState:
     amounts: list[float] = field(default_factory=list)
     merchants: list[str] = field(default_factory=list)
     txn_ids: list[str] = field(default_factory=list)
-    # merchant -> [first_seen_us, last_seen_us], insertion order irrelevant
-    known: dict[str, list[int]] = field(default_factory=dict)
+    # merchant -> (first_seen_us, last_seen_us), insertion order irrelevant
+    known: dict[str, tuple[int, int]] = field(default_factory=dict)
     last_row_ts: int = 0
     # Seeded from a stored row (no transaction ids): events at or before this time may already
     # be counted in it, so they are refused as late instead of risking a double count.
     seeded_until: int = 0
+    # (sorted known merchants, their first-seen times) for `row`, None when stale; not a field
+    _known_row = None
 
     def apply(
         self, txn_id: str, ts_us: int, amount: float, merchant_id: str
@@ -101,10 +107,13 @@ class UserVelocityState:
         self.txn_ids.insert(i, txn_id)
         seen = self.known.get(merchant_id)
         if seen is None:
-            self.known[merchant_id] = [ts_us, ts_us]
+            self.known[merchant_id] = (ts_us, ts_us)
+            self._known_row = None
         else:
-            seen[0] = min(seen[0], ts_us)
-            seen[1] = max(seen[1], ts_us)
+            first, last = seen
+            if ts_us < first:
+                self._known_row = None
+            self.known[merchant_id] = (min(first, ts_us), max(last, ts_us))
         self._evict()
         # Row timestamps strictly increase per user: online stores ignore a write that is not
         # newer than the stored one, and the offline join must find one row per instant.
@@ -130,11 +139,24 @@ class UserVelocityState:
         state.seeded_until = state.ts[-1] if state.ts else 0
         for m, first in zip(row.get("known_merchants") or [],
                             row.get("known_merchant_first_ts") or [], strict=True):
-            state.known[m] = [first, first]
+            state.known[m] = (first, first)
         for t, m in zip(state.ts, state.merchants, strict=True):
             if m in state.known:
-                state.known[m][1] = max(state.known[m][1], t)
+                first, last = state.known[m]
+                state.known[m] = (first, max(last, t))
         return state
+
+    def snapshot(self) -> StateSnapshot:
+        """An immutable copy: the fields pickled as plain builtins (no reference to this
+        class), which is all a recovery snapshot needs and cheaper than a deep copy that
+        would be pickled afterwards anyway.  `restore` turns it back."""
+        return pickle.dumps((self.ts, self.amounts, self.merchants, self.txn_ids, self.known,
+                             self.last_row_ts, self.seeded_until), pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def restore(cls, snap: StateSnapshot) -> UserVelocityState:
+        """The state `snapshot()` was taken from."""
+        return cls(*pickle.loads(snap))  # noqa: S301 - our own snapshot, from recovery storage
 
     def _evict(self) -> None:
         cutoff = self.ts[-1] - HORIZON_US
@@ -148,24 +170,28 @@ class UserVelocityState:
             by_recency = sorted(self.known.items(), key=lambda kv: (kv[1][1], kv[0]))
             for merchant, _ in by_recency[: len(self.known) - MAX_KNOWN_MERCHANTS]:
                 del self.known[merchant]
+            self._known_row = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> UserVelocityState:
-        # Bytewax copies every changed state at each snapshot: flat list copies, not a walk
+        # flat copies, not a walk (`known` holds immutable tuples)
         return UserVelocityState(
-            list(self.ts), list(self.amounts), list(self.merchants), list(self.txn_ids),
-            {m: list(v) for m, v in self.known.items()}, self.last_row_ts, self.seeded_until,
+            self.ts[:], self.amounts[:], self.merchants[:], self.txn_ids[:], dict(self.known),
+            self.last_row_ts, self.seeded_until,
         )
 
     def row(self) -> dict[str, Any]:
         """The feature-view row for the current state (event time = `last_row_ts`)."""
-        merchants = sorted(self.known)
+        known = self._known_row
+        if known is None:
+            merchants = sorted(self.known)
+            known = self._known_row = (merchants, [self.known[m][0] for m in merchants])
         return {
             "row_ts_us": self.last_row_ts,
-            "recent_txn_ts": list(self.ts),
-            "recent_amounts": list(self.amounts),
-            "recent_merchants": list(self.merchants),
-            "known_merchants": merchants,
-            "known_merchant_first_ts": [self.known[m][0] for m in merchants],
+            "recent_txn_ts": self.ts[:],
+            "recent_amounts": self.amounts[:],
+            "recent_merchants": self.merchants[:],
+            "known_merchants": known[0][:],
+            "known_merchant_first_ts": known[1][:],
         }
 
 

@@ -25,6 +25,7 @@ class StreamingSettings(BaseSettings):
     snapshot_interval_s: float = 2.0  # Bytewax epoch: state snapshot + offline flush period
     backup_interval_s: float = 0.0  # how long old snapshots are kept
     source_batch_size: int = 2000
+    source_fetch_wait_ms: int = 20  # longest a Kafka fetch waits for data (librdkafka: 500)
     metrics_host: str = "127.0.0.1"  # loopback unless deliberately exposed
     metrics_port: int = 9101
     score_metrics_port: int = 9102
