@@ -12,13 +12,18 @@ in input order, duplicates kept.  Anything else (SQL entity frames,
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
 import ibis
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from feast import FeatureView, FileSource
 from feast.infra.offline_stores.duckdb import (
     DuckDBOfflineStore,
@@ -31,6 +36,8 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.repo_config import RepoConfig
 
+from feature_repo.vectorised import twin_for
+
 TS = "event_timestamp"
 
 
@@ -40,10 +47,13 @@ class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
     )
 
 
-def _parquet_expr(source: FileSource) -> str:
+def _files(source: FileSource) -> str:
+    """The source's parquet files as a DuckDB list, listed once, so that `file_index` names
+    the same file in both passes of `asof_join` even if the stream adds a file meanwhile."""
     path = Path(source.path)
-    target = f"{path}/**/*.parquet" if path.is_dir() else str(path)
-    return "read_parquet('" + target.replace("'", "''") + "')"
+    files = sorted(str(p) for p in path.glob("**/*.parquet")) if path.is_dir() else [str(path)]
+    quoted = ["'" + f.replace("'", "''") + "'" for f in files or [f"{path}/**/*.parquet"]]
+    return f"read_parquet([{', '.join(quoted)}])"
 
 
 def _q(name: str) -> str:
@@ -59,56 +69,97 @@ def _supported(feature_views: list[FeatureView], entity_df: Any, by_created: boo
     )
 
 
+def _window(ts: pd.Series, column: str, ttl: timedelta | None) -> str:
+    """SQL condition on a feature row's time keeping only rows some entity row can use: none
+    newer than the newest entity row, none staler than `ttl` before the oldest."""
+    if not len(ts):
+        return "TRUE"
+    cond = f"{column}::TIMESTAMPTZ <= TIMESTAMPTZ '{ts.max().isoformat()}'"
+    if ttl:
+        cond += f" AND {column}::TIMESTAMPTZ >= TIMESTAMPTZ '{(ts.min() - ttl).isoformat()}'"
+    return cond
+
+
 def asof_join(
     entity_df: pd.DataFrame,
     feature_views: list[FeatureView],
     feature_refs: list[str],
     full_feature_names: bool,
 ) -> pa.Table:
-    """The point-in-time join as one DuckDB query; returns entity columns + features."""
+    """The point-in-time join; returns entity columns + features, in input order.
+
+    Two passes over each source.  First DuckDB joins narrow columns only (join keys, times,
+    file and row number of each feature row in the time window some entity row can use) and
+    returns, per entity row and view, which feature row to use (null: none, or stale).  Then
+    only those rows' feature values, array columns included, are read and put in place with
+    Arrow `take`.  A day of entity rows thus reads the day's rows and one row per key before
+    it, not the whole ttl window (30 days of velocity rows).
+    """
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     ent = entity_df.copy()
     ent[TS] = pd.to_datetime(ent[TS], utc=True).astype("datetime64[us, UTC]")
-    ent["__row"] = range(len(ent))
-    con.register("__entities", pa.Table.from_pandas(ent, preserve_index=False))
-    ctes, joins, selects = [], [], []
+    entities = pa.Table.from_pandas(ent, preserve_index=False).replace_schema_metadata(None)
+    keys_of = [fv.projection.join_key_map or {e.name: e.name for e in fv.entity_columns}
+               for fv in feature_views]
+    joined = sorted({ek for keys in keys_of for ek in keys.values()})
+    con.register("__entities", entities.select([*joined, TS]).append_column(
+        "__row", pa.array(np.arange(len(ent), dtype=np.int64))))
+    ctes, joins, selects, reads = [], [], [], []
     for i, fv in enumerate(feature_views):
-        src = fv.batch_source
+        src, keys = fv.batch_source, keys_of[i]
         prefix = fv.projection.name_to_use()
         feats = [r.split(":", 1)[1] for r in feature_refs if r.startswith(prefix + ":")]
-        keys = fv.projection.join_key_map or {e.name: e.name for e in fv.entity_columns}
         ts_field, created = src.timestamp_field, src.created_timestamp_column
+        window = _window(ent[TS], _q(ts_field), fv.ttl)
         cols = ", ".join([*(_q(k) for k in keys), f"{_q(ts_field)}::TIMESTAMPTZ AS __ts",
-                          *(_q(f) for f in feats)])
+                          "file_index AS __fi, file_row_number AS __fr"])
         dedup = ""
         if created:
             cols += f", {_q(created)}::TIMESTAMPTZ AS __created"
             part = ", ".join([*(_q(k) for k in keys), "__ts"])
             dedup = f" QUALIFY row_number() OVER (PARTITION BY {part} ORDER BY __created DESC) = 1"
-        ctes.append(f"f{i} AS (SELECT {cols} FROM {_parquet_expr(src)}{dedup})")
+        ctes.append(f"f{i} AS (SELECT {cols} FROM {_files(src)} WHERE {window}{dedup})")
         on = " AND ".join(f"e.{_q(ek)} = f{i}.{_q(k)}" for k, ek in keys.items())
         joins.append(f"ASOF LEFT JOIN f{i} ON {on} AND e.{TS} >= f{i}.__ts")
         fresh = (f"f{i}.__ts >= e.{TS} - INTERVAL {int(fv.ttl.total_seconds() * 1e6)} MICROSECONDS"
                  if fv.ttl else "TRUE")
+        selects.append(f"CASE WHEN {fresh} THEN (f{i}.__fi::BIGINT << 40) + f{i}.__fr END "
+                       f"AS __rid{i}")
         base = fv.projection.name_alias or fv.name
-        for f in feats:
-            out = f"{base}__{f}" if full_feature_names else f
-            selects.append(f"CASE WHEN {fresh} THEN f{i}.{_q(f)} END AS {_q(out)}")
-    entity_cols = ", ".join(f"e.{_q(c)}" for c in entity_df.columns)
-    sql = (f"WITH {', '.join(ctes)} SELECT {entity_cols}, {', '.join(selects)} "
-           f"FROM __entities e {' '.join(joins)} ORDER BY e.__row")
-    table = con.sql(sql).to_arrow_table()
+        reads.append((f"SELECT (file_index::BIGINT << 40) + file_row_number AS __rid, "
+                      f"{', '.join(_q(f) for f in feats)} FROM {_files(src)} WHERE {window}",
+                      feats, [f"{base}__{f}" if full_feature_names else f for f in feats]))
+    table = entities
+    if reads:
+        rids = con.sql(f"WITH {', '.join(ctes)} SELECT e.__row, {', '.join(selects)} "
+                       f"FROM __entities e {' '.join(joins)}").to_arrow_table()
+        back = pc.sort_indices(rids["__row"])  # input order, without sorting in the join
+        jobs = []
+        for i, (sql, feats, names) in enumerate(reads):
+            rid = rids[f"__rid{i}"].take(back).combine_chunks()
+            con.register("__wanted", pa.table({"__rid": pc.unique(rid.drop_null())}))
+            rows = con.sql(f"{sql} AND __rid IN (SELECT __rid FROM __wanted)").to_arrow_table()
+            con.unregister("__wanted")
+            # the position in `rows` of each entity row's feature row (null stays null)
+            order = pc.sort_indices(rows["__rid"])
+            pos = pc.take(order, pc.index_in(rid, value_set=pc.take(rows["__rid"], order)))
+            jobs += [(rows[f], pos, name) for f, name in zip(feats, names, strict=True)]
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # Arrow's take releases the GIL
+            for name, values in zip([j[2] for j in jobs],
+                                    pool.map(lambda j: j[0].take(j[1]), jobs), strict=True):
+                table = table.append_column(name, values)
     con.close()
     return table
 
 
 class _AsofRetrievalJob(IbisRetrievalJob):
-    """Applies the on-demand views itself, converting only each view's inputs to Python.
+    """Applies the on-demand views itself, on exactly the columns each one reads.
 
     Feast's python-mode transformation converts the whole joined table (every array column)
-    to Python objects once per on-demand view; the UDFs called here are the registry's own,
-    on exactly the columns they read, so the output is identical.
+    to Python objects once per on-demand view.  Here a view with a vectorised twin
+    (`feature_repo.vectorised`, equal to its UDF bit for bit) is computed by the twin; any other
+    view, or a table the twin declines, goes to the registry's own UDF on its input columns only.
     """
 
     def __init__(self, table: pa.Table, odfvs: list[OnDemandFeatureView], **kwargs: Any):
@@ -123,9 +174,13 @@ class _AsofRetrievalJob(IbisRetrievalJob):
                       for f in proj.features]
             needed += [f.name for rs in odfv.source_request_sources.values() for f in rs.schema]
             cols = [c for c in dict.fromkeys(needed) if c in table.column_names]
+            twin = twin_for(odfv)
+            out = None
             if odfv.mode != "python" or len(cols) != len(set(needed)):
                 out = odfv.transform_arrow(table, self.full_feature_names)
-            else:
+            elif twin is not None:
+                out = twin(table.select(cols))
+            if out is None:
                 out = pa.Table.from_pydict(
                     odfv.feature_transformation.udf(table.select(cols).to_pydict())  # type: ignore[attr-defined]
                 )
@@ -133,6 +188,10 @@ class _AsofRetrievalJob(IbisRetrievalJob):
                 if name not in table.column_names:
                     table = table.append_column(name, out[name])
         return table
+
+    def to_df(self, validation_reference: Any = None, timeout: int | None = None) -> pd.DataFrame:
+        # Feast's ends in reset_index(drop=True): a full copy of a frame that has a RangeIndex
+        return self.to_arrow(validation_reference=validation_reference, timeout=timeout).to_pandas()
 
     def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
         return self._to_arrow_internal(timeout).to_pandas()

@@ -10,14 +10,17 @@ online, each transaction as of its own event time), the online scorer's artifact
 (`serving.artifact.load_artifact`, hash-checked) and thresholds (`serving.scoring.thresholds_for`
 with the SERVING_* overrides).  Without `--model` the model is the one the scorer would serve.
 
-Memory is bounded by one day of raw transactions plus one chunk of `--chunk-rows` feature rows.
+Consecutive days of at most `--chunk-rows` transactions in all share one retrieval (its fixed
+cost is paid per group, not per day); a bigger day is retrieved alone, in chunks.  Memory is
+bounded by the raw transactions of one such group (at most `--chunk-rows`, or one day) plus one
+chunk of `--chunk-rows` feature rows.
 Output: `<out>/date=YYYY-MM-DD/part-NNNNN.parquet` with transaction_id, event_timestamp, score,
 decision, model_version.  A day is written to a hidden directory and swapped in whole, so a
 rerun overwrites a day idempotently and readers never see half a day.
 
-Incremental runs: after each day, `<out>/_watermark.json` records the last event time scored.
-Without `--start` a run continues from the watermark's day, which it scores again in full (it
-may have grown since), so every transaction is in the output exactly once.  `--end` (exclusive)
+Incremental runs: after each day is swapped in, `<out>/_watermark.json` records the last event
+time scored.  Without `--start` a run continues from the watermark's day, which it scores again
+in full (it may have grown since), so every transaction is in the output exactly once.  `--end` (exclusive)
 defaults to the day after the last day in the log.
 """
 
@@ -115,31 +118,65 @@ def _swap_in(out: Path, day: date, staged: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def score_day(store: Any, artifact: Artifact, thresholds: Thresholds, tx: pd.DataFrame,
-              out: Path, day: date, chunk_rows: int, stats: RunStats, bar: tqdm) -> None:
-    staged = out / f".staging-{day.isoformat()}-{uuid.uuid4().hex[:8]}"
-    staged.mkdir(parents=True)
+def day_groups(days: list[date], rows: dict[date, int], chunk_rows: int) -> list[list[date]]:
+    """Consecutive calendar days of at most `chunk_rows` transactions together (one retrieval
+    for all); a bigger day alone (retrieved in chunks)."""
+    groups: list[list[date]] = []
+    size = 0
+    for d in days:
+        g = groups[-1] if groups else None
+        if g and g[-1] + timedelta(days=1) == d and size + rows.get(d, 0) <= chunk_rows:
+            g.append(d)
+            size += rows.get(d, 0)
+        else:
+            groups.append([d])
+            size = rows.get(d, 0)
+    return groups
+
+
+def score_days(store: Any, artifact: Artifact, thresholds: Thresholds, tx: pd.DataFrame,
+               out: Path, days: list[date], chunk_rows: int, stats: RunStats,
+               bar: tqdm) -> None:
+    """Score `tx` (the transactions of `days`) in chunks; swap each day in whole, in order,
+    then advance the watermark to its last event."""
+    staged = {d: out / f".staging-{d.isoformat()}-{uuid.uuid4().hex[:8]}" for d in days}
+    parts = dict.fromkeys(days, 0)
     try:
-        for part, lo in enumerate(range(0, len(tx), chunk_rows)):
+        for path in staged.values():
+            path.mkdir(parents=True)
+        for lo in range(0, len(tx), chunk_rows):
             chunk = tx.iloc[lo:lo + chunk_rows]
-            frame = training_frame(store, artifact.feature_service, entity_frame(chunk))
-            pq.write_table(score_frame(artifact, thresholds, frame),
-                           staged / f"part-{part:05d}.parquet")
+            frame = training_frame(store, artifact.feature_service, entity_frame(chunk),
+                                   columns=["event_timestamp", *artifact.features])
+            scored = score_frame(artifact, thresholds, frame)
+            day_of = pd.to_datetime(frame["event_timestamp"], utc=True).dt.date.to_numpy()
+            for d in days:
+                mine = scored.filter(pa.array(day_of == d))
+                if mine.num_rows:
+                    pq.write_table(mine, staged[d] / f"part-{parts[d]:05d}.parquet")
+                    parts[d] += 1
             stats.chunks += 1
             stats.max_chunk_rows = max(stats.max_chunk_rows, len(chunk))
             stats.rows += len(chunk)
             bar.update(len(chunk))
-            del frame
-        _swap_in(out, day, staged)
+            del frame, scored
+        day_of = pd.to_datetime(tx["event_timestamp"], utc=True).dt.date
+        for d in days:
+            _swap_in(out, d, staged[d])
+            stats.days.append(d.isoformat())
+            mine = tx["event_timestamp"][day_of == d]
+            if len(mine):
+                write_watermark(out, pd.Timestamp(mine.max()).to_pydatetime(), artifact.version)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        for path in staged.values():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def run(out: Path, start: date | None, end: date | None, chunk_rows: int,
         model_path: Path | None = None, root: Path | None = None,
         review: float | None = None, decline: float | None = None,
         progress: bool = True) -> RunStats:
-    """Score [start, end) day by day into `out`; see the module docstring."""
+    """Score [start, end) into `out`, day by day in effect; see the module docstring."""
     from serving.config import get_settings
     from serving.loader import resolve_model_path
 
@@ -164,17 +201,16 @@ def run(out: Path, start: date | None, end: date | None, chunk_rows: int,
     store = open_store()
     check_against_registry(artifact, store)
     stats = RunStats()
-    total = sum(pq.ParquetFile(f).metadata.num_rows for d in todo
-                for f in (transactions_dir(root) / f"date={d.isoformat()}").glob("*.parquet"))
-    with tqdm(total=total, unit="txn", desc="batch score", disable=not progress) as bar:
-        for day in todo:
-            tx = read_transactions(root, _midnight(day), _midnight(day + timedelta(days=1)))
-            bar.set_postfix_str(day.isoformat())
-            score_day(store, artifact, thresholds, tx, out, day, chunk_rows, stats, bar)
-            stats.days.append(day.isoformat())
-            if len(tx):
-                last = pd.Timestamp(tx["event_timestamp"].max()).to_pydatetime()
-                write_watermark(out, last, artifact.version)
+    rows = {d: sum(pq.ParquetFile(f).metadata.num_rows
+                   for f in (transactions_dir(root) / f"date={d.isoformat()}").glob("*.parquet"))
+            for d in todo}
+    with tqdm(total=sum(rows.values()), unit="txn", desc="batch score",
+              disable=not progress) as bar:
+        for group in day_groups(todo, rows, chunk_rows):
+            tx = read_transactions(root, _midnight(group[0]),
+                                   _midnight(group[-1] + timedelta(days=1)))
+            bar.set_postfix_str(group[-1].isoformat())
+            score_days(store, artifact, thresholds, tx, out, group, chunk_rows, stats, bar)
             del tx
     mark = read_watermark(out)
     stats.watermark = mark.isoformat() if mark else None

@@ -78,17 +78,23 @@ def labelled_entity_frame(
 
 
 def training_frame(
-    store: FeatureStore, feature_service: str, entities: pd.DataFrame
+    store: FeatureStore, feature_service: str, entities: pd.DataFrame,
+    columns: list[str] | None = None,
 ) -> pd.DataFrame:
     """Point-in-time features of `feature_service` for every entity row, keyed by transaction_id.
 
     One output row per input row, none dropped or merged (checked), in the input's order.
+    `columns`: only transaction_id and these (others, such as the velocity arrays the
+    on-demand views read, are then never converted to pandas).
     """
     if entities["transaction_id"].duplicated().any():
         raise ValueError("entity frame has duplicate transaction_id values")
     service = store.get_feature_service(feature_service)
     job = store.get_historical_features(entity_df=entities, features=service)
-    df = job.to_df()
+    if columns is None:
+        df = job.to_df()
+    else:
+        df = job.to_arrow().select(["transaction_id", *columns]).to_pandas()
     if len(df) != len(entities):
         raise RuntimeError(f"point-in-time join returned {len(df)} rows for {len(entities)}")
     df = df.set_index("transaction_id").loc[entities["transaction_id"]].reset_index()
