@@ -16,7 +16,7 @@ class BenchSettings(BaseSettings):
 
     run_dir: Path = PROJECT_DIR / ".run" / "bench"  # logs, prepared data sets, scratch
     reports_dir: Path = PROJECT_DIR / "reports"
-    workers: int = 1  # server processes, ours and `feast serve` alike
+    workers: int = 2  # server processes, ours and `feast serve` alike (one per core here)
     stream_redis_db: int = 12  # the stream benchmark writes here (flushed before and after)
     prepared_redis_db: int = 11  # online store of data sets the benchmark prepares itself
     server_start_timeout_s: float = 180.0  # a busy machine imports Feast slowly
