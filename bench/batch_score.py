@@ -1,8 +1,8 @@
 """Batch scoring: `python -m training.batch_score` over the biggest data set at hand.
 
-*Ours*: `training.batch_score` (day by day, point-in-time features in chunks through the repo's
-ASOF offline store, the served model, parquet out), run as its CLI in a child process; timed
-end to end, peak RSS from the kernel (`ru_maxrss`).  It runs twice, on the last quarter of the
+*Ours*: `training.batch_score` (consecutive days grouped up to `--chunk-rows`, point-in-time
+features through the repo's ASOF offline store, the served model, parquet out), run as its CLI
+in a child process; timed end to end, peak RSS from the kernel (`ru_maxrss`).  It runs twice, on the last quarter of the
 days and on all of them, so the report shows whether peak memory grows with the input (it
 should not: it is bounded by a day plus a chunk).  10M rows are not simulated here; the time
 for 10M is *extrapolated* linearly from the measured rate and labelled as such.
@@ -78,7 +78,8 @@ def run(sizes: Sizes, section: Section) -> None:
         section.notes.append(note)
     model = newest_model(model_ds.model_dir)
     days = _days(dataset.root)
-    section.ours_label = "python -m training.batch_score (ASOF offline store, chunked by day)"
+    section.ours_label = ("python -m training.batch_score (ASOF offline store, days grouped "
+                          "into chunks, written per day)")
     section.stock_label = ("one get_historical_features call with Feast's DuckDB offline store "
                            "+ the same model")
     section.notes.append(f"Data: {dataset.describe()}; model {model}.")
