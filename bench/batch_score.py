@@ -2,9 +2,9 @@
 
 *Ours*: `training.batch_score` (consecutive days grouped up to `--chunk-rows`, point-in-time
 features through the repo's ASOF offline store, the served model, parquet out), run as its CLI
-in a child process; timed end to end, peak RSS from the kernel (`ru_maxrss`).  It runs twice, on the last quarter of the
-days and on all of them, so the report shows whether peak memory grows with the input (it
-should not: it is bounded by a day plus a chunk).  10M rows are not simulated here; the time
+in a child process; timed end to end, peak RSS from the kernel (`ru_maxrss`).  It runs twice,
+on the last quarter of the days and on all of them, so the report shows whether peak memory
+grows with the input (it should not: it is bounded by one group of days plus a chunk).  10M rows are not simulated here; the time
 for 10M is *extrapolated* linearly from the measured rate and labelled as such.
 *Stock*: the same transactions scored the plain way with Feast's own DuckDB offline store (one
 `get_historical_features` call for the whole sample, then the same model), on a sample small
