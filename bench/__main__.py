@@ -119,6 +119,7 @@ def run_one(name: str, sizes: Sizes) -> Section:
     title, spec = BENCHMARKS[name]
     section = Section(name, title)
     section.load_before = os.getloadavg()
+    section.probe_before_ms = report.speed_probe_ms()
     t0 = time.perf_counter()
     try:
         _resolve(spec)(sizes, section)
@@ -132,6 +133,7 @@ def run_one(name: str, sizes: Sizes) -> Section:
     finally:
         section.seconds = time.perf_counter() - t0
         section.load_after = os.getloadavg()
+        section.probe_after_ms = report.speed_probe_ms()
     return section
 
 
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     sections: list[Section] = []
     try:
         for name in names:
-            print(f"== {name} ({sizes.label}), load average {_load()}", flush=True)
+            print(f"== {name} ({sizes.label}), load average {_load()}, speed probe "
+                  f"{report.speed_probe_ms():.2f} ms", flush=True)
             section = run_one(name, sizes)
             sections.append(section)
             print(report.summary_table([section]), flush=True)

@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -106,6 +107,8 @@ class Section:
     seconds: float = 0.0
     load_before: tuple[float, float, float] | None = None
     load_after: tuple[float, float, float] | None = None
+    probe_before_ms: float | None = None
+    probe_after_ms: float | None = None
 
     def missed(self) -> list[Measure]:
         return [m for m in self.measures if m.verdict().startswith("MISSED")]
@@ -114,6 +117,26 @@ class Section:
         d = asdict(self)
         d["measures"] = [m.as_dict() for m in self.measures]
         return d
+
+
+PROBE_NOTE = (
+    "Speed probe: the median time of a fixed pure-Python loop (`speed_probe_ms`), taken before "
+    "and after each benchmark. It does not depend on this project: when it is higher, the host "
+    "gave this machine less CPU (other tenants), and every number of that benchmark is slower "
+    "for it. It read from 3.2 to 6.0 ms on the same machine within minutes while it was "
+    "otherwise idle.")
+
+
+def speed_probe_ms(rounds: int = 9) -> float:
+    """Median wall time in ms of a fixed CPU-bound loop (sum of squares of 0..99,999)."""
+    import statistics
+
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        sum(i * i for i in range(100_000))
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
 
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -256,11 +279,13 @@ def render_markdown(sections: list[Section], run: dict[str, Any], machine: dict[
         if k == "packages":
             v = ", ".join(f"{p} {ver}" for p, ver in v.items() if ver)
         lines.append(f"| {k} | {v} |")
-    lines += ["", "## Summary", "", summary_table(sections), ""]
+    lines += ["", PROBE_NOTE, "", "## Summary", "", summary_table(sections), ""]
     for s in sections:
         lines += [f"## {s.name}: {s.title}", ""]
         lines.append(f"*ours*: {s.ours_label}; *stock*: {s.stock_label}. Took {s.seconds:.0f} s; "
-                     f"load average before {_load(s.load_before)}, after {_load(s.load_after)}.")
+                     f"load average before {_load(s.load_before)}, after {_load(s.load_after)}; "
+                     f"speed probe before {_fmt(s.probe_before_ms, 'ms')}, after "
+                     f"{_fmt(s.probe_after_ms, 'ms')} (see Machine).")
         lines.append("")
         if s.error:
             lines += ["**Not run:**", "", "```text", s.error, "```", ""]

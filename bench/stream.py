@@ -303,6 +303,10 @@ def _measures(section: Section, sizes: Sizes, thru: dict[str, Any], fresh: dict[
                      "events pushed one by one"),
         Measure("events/s incl. start-up and last batch", "/s",
                 thru["events"] / worker["run_s"], push["unpaced_rate"], "higher"),
+        Measure("CPU per event (all threads)", "µs", _per_event_us(worker, "cpu_s", "events"),
+                _per_event_us(push, "unpaced_cpu_s", "unpaced_events"), "lower",
+                note="CPU time of the process (user + system) over the whole run / events: "
+                     "steadier than the rates when the machine's speed varies"),
         Measure(f"freshness p50 @{sizes.fresh_rate:,.0f}/s", "ms", _ms(fresh["p50_s"]),
                 _ms(push["paced"]["p50_s"]), "lower"),
         Measure(f"freshness p99 @{sizes.fresh_rate:,.0f}/s", "ms", _ms(fresh["p99_s"]),
@@ -326,6 +330,11 @@ def _measures(section: Section, sizes: Sizes, thru: dict[str, Any], fresh: dict[
         "limit (counted as infinitely late); no Kafka in this path, so it flatters the stock "
         "side. Stock writes online only; ours also writes the offline history.",
     ]
+
+
+def _per_event_us(result: dict[str, Any], cpu_key: str, events_key: str) -> float | None:
+    cpu, events = result.get(cpu_key), result.get(events_key)
+    return cpu / events * 1e6 if cpu is not None and events else None
 
 
 def _ms(v: float | None) -> float | None:
@@ -368,7 +377,7 @@ def worker_main(a: argparse.Namespace) -> None:
     dlq_sink = KafkaDeadLetterSink(a.bootstrap, a.dlq_topic)
     flow = build_flow(source, sink, dlq_sink, **_production_extras(REPO_DIR))
     _after_start_up()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_s()
     cli_main(flow, workers_per_process=1,
              epoch_interval=timedelta(seconds=st.snapshot_interval_s),
              recovery_config=RecoveryConfig(str(a.recovery)))
@@ -386,7 +395,14 @@ def worker_main(a: argparse.Namespace) -> None:
         "rows_online": total("fraud_stream_rows_written_total", store="online"),
         "rows_offline": total("fraud_stream_rows_written_total", store="offline"),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_s": _cpu_s() - cpu0,
     }), flush=True)
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, every thread) this process has used."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _production_extras(repo: Path) -> dict[str, Any]:
@@ -445,10 +461,11 @@ def push_main(a: argparse.Namespace) -> None:
 
     for b in raw[:20]:  # warm-up: registry cache, connections
         push_one(b)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_s()
     for b in raw[20:20 + a.events]:
         push_one(b)
     unpaced_s = time.perf_counter() - t0
+    unpaced_cpu_s = _cpu_s() - cpu0
 
     limit_s = max(30.0, 4 * arrivals / max(a.events / unpaced_s, 1.0))
     limit_s = min(limit_s, 300.0)
@@ -471,7 +488,7 @@ def push_main(a: argparse.Namespace) -> None:
 
     print(json.dumps({
         "unpaced_events": a.events, "unpaced_s": unpaced_s,
-        "unpaced_rate": a.events / unpaced_s,
+        "unpaced_rate": a.events / unpaced_s, "unpaced_cpu_s": unpaced_cpu_s,
         "paced": {"rate": a.rate, "arrivals": arrivals, "limit_s": limit_s,
                   "not_done": int(np.isinf(fresh).sum()), "p50_s": q(50), "p99_s": q(99)},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -20,14 +20,18 @@ byte.
 How: every row's bytes are a sequence of tokens (constants, varints, decimal lengths, fixed-size
 values) assembled for all rows at once as numpy matrices, interleaved with variable-length
 payloads (string bytes, packed lists) by one Arrow `binary_join_element_wise`.
+
+For reading the same layout back without Feast's per-key protobuf work: `string_key_encoder`
+(the Redis key of a single string entity key) and `to_python` (a stored ValueProto as Python).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import mmh3
 import numpy as np
@@ -35,7 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.type_map import python_values_to_proto_values
+from feast.protos.feast.types.Value_pb2 import Value
+from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 from feast.value_type import ValueType
 
 V = ValueType
@@ -503,3 +508,47 @@ class RowEncoder:
             _value_column(values, batch.column(name), value_type)
         return EncodedRows(keys=keys.build(), values=values.build(),
                            values_per_row=1 + len(self.features))
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+_SCALAR_KINDS = frozenset({"int32_val", "int64_val", "float_val", "double_val", "string_val",
+                      "bool_val", "bytes_val"})
+_LIST_KINDS = frozenset({"int32_list_val", "int64_list_val", "float_list_val", "double_list_val",
+                    "string_list_val", "bool_list_val", "bytes_list_val"})
+
+
+def to_python(value: Value) -> Any:
+    """`feast_value_type_to_python_type`, with the plain scalar and list kinds inlined (the
+    hot path's only kinds); every other kind goes through Feast's own function."""
+    kind = value.WhichOneof("val")
+    if kind is None:
+        return None
+    if kind in _SCALAR_KINDS:
+        return getattr(value, kind)
+    if kind in _LIST_KINDS:
+        return list(getattr(value, kind).val)
+    return feast_value_type_to_python_type(value)
+
+
+def string_key_encoder(join_key: str, version: int, project: bytes
+                       ) -> Callable[[str], bytes] | None:
+    """`value -> serialize_entity_key(one string key) + project` without building protos.
+
+    Feast's serialization of a single string key ends with the value's length (uint32 LE) and
+    its UTF-8 bytes; the part before is constant per join key, taken from Feast's own function.
+    The encoder is returned only if it reproduces that function on probe values (else None:
+    the caller serializes through Feast)."""
+    def feast_key(value: str) -> bytes:
+        proto = EntityKeyProto(join_keys=[join_key], entity_values=[Value(string_val=value)])
+        return serialize_entity_key(proto, entity_key_serialization_version=version) + project
+
+    head = feast_key("")[: -len(project) - 4 if project else -4]
+    pack = struct.Struct("<I").pack
+
+    def encode(value: str) -> bytes:
+        raw = value.encode()
+        return head + pack(len(raw)) + raw + project
+
+    probes = ("u_1", "", "ü-ß-✓", "x" * 300)
+    return encode if all(encode(p) == feast_key(p) for p in probes) else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,9 +26,11 @@ from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
-from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
+from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from feature_repo.redis_wire import string_key_encoder, to_python
 
 Row = dict[str, Any]
 
@@ -49,25 +51,6 @@ class _ViewRead:
     join_key: str
     features: list[str]
     ttl_us: int | None
-
-
-_SCALARS = frozenset({"int32_val", "int64_val", "float_val", "double_val", "string_val",
-                      "bool_val", "bytes_val"})
-_LISTS = frozenset({"int32_list_val", "int64_list_val", "float_list_val", "double_list_val",
-                    "string_list_val", "bool_list_val", "bytes_list_val"})
-
-
-def to_python(value: Value) -> Any:
-    """`feast_value_type_to_python_type`, with the plain scalar and list kinds inlined (the
-    hot path's only kinds); every other kind goes through Feast's own function."""
-    kind = value.WhichOneof("val")
-    if kind is None:
-        return None
-    if kind in _SCALARS:
-        return getattr(value, kind)
-    if kind in _LISTS:
-        return list(getattr(value, kind).val)
-    return feast_value_type_to_python_type(value)
 
 
 def _micros(ts: datetime) -> int:
@@ -288,29 +271,6 @@ class RedisFeatureReader:
             for key, fields in self._commands(rows):
                 pipe.hmget(key, fields)  # type: ignore[arg-type]  # bytes keys are fine
             return self._decode(rows, await pipe.execute())
-
-
-def string_key_encoder(join_key: str, version: int, project: bytes
-                       ) -> Callable[[str], bytes] | None:
-    """`value -> serialize_entity_key(one string key) + project` without building protos.
-
-    Feast's serialization of a single string key ends with the value's length (uint32 LE) and
-    its UTF-8 bytes; the part before is constant per join key, taken from Feast's own function.
-    The encoder is returned only if it reproduces that function on probe values (else None:
-    the caller serializes through Feast)."""
-    def feast_key(value: str) -> bytes:
-        proto = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
-        return serialize_entity_key(proto, entity_key_serialization_version=version) + project
-
-    head = feast_key("")[: -len(project) - 4 if project else -4]
-    pack = struct.Struct("<I").pack
-
-    def encode(value: str) -> bytes:
-        raw = value.encode()
-        return head + pack(len(raw)) + raw + project
-
-    probes = ("u_1", "", "ü-ß-✓", "x" * 300)
-    return encode if all(encode(p) == feast_key(p) for p in probes) else None
 
 
 def _mmh3(key: str) -> bytes:

@@ -59,6 +59,8 @@ def parse_item(item: Any) -> Envelope | DeadLetter:
 
 Seeder = Callable[[str, TransactionEvent], UserVelocityState | None]  # (user, first event)
 _UNREAD: Any = object()
+SEED_TIMEOUT_S = 5.0  # socket timeout of the seeding reads
+_YEAR_2000_S = 946_684_800
 
 
 class OnlineStateSeeder:
@@ -89,16 +91,68 @@ class OnlineStateSeeder:
 
     def _open(self) -> None:
         from feast import FeatureStore
-        from feast.infra.online_stores.helpers import get_online_store_from_config
+        from feast.infra.online_stores.helpers import (
+            compute_versioned_name,
+            get_online_store_from_config,
+        )
+        from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
+
+        from feature_repo.materialization import redis_client
+        from feature_repo.redis_wire import field_name, string_key_encoder
 
         store = FeatureStore(repo_path=str(self._repo_path))
-        self._config = store.config
+        config = self._config = store.config
         self._view = store.get_feature_view(VELOCITY_VIEW)
-        self._online = get_online_store_from_config(store.config.online_store)
+        self._online = get_online_store_from_config(config.online_store)
+        self._redis: tuple[Any, Callable[[str], bytes], list[bytes]] | None = None
+        online = config.online_store
+        encode = string_key_encoder("user_id", config.entity_key_serialization_version,
+                                    config.project.encode())
+        if (isinstance(online, RedisOnlineStoreConfig) and online.redis_type == RedisType.redis
+                and encode is not None and [e.name for e in self._view.entity_columns]
+                == ["user_id"]):
+            name = compute_versioned_name(
+                self._view, config.registry.enable_online_feature_view_versioning)
+            fields = [field_name(name, f) for f in ROW_FIELDS] + [f"_ts:{name}".encode()]
+            self._redis = (redis_client(online.connection_string, SEED_TIMEOUT_S), encode,
+                           fields)
         self._ready = True
 
     def read(self, user_ids: list[str]) -> list[tuple[dict[str, Any], int] | None]:
-        """Stored (row, row time in us) of each user, None if absent: one online read."""
+        """Stored (row, row time in us) of each user, None if absent: one online read.
+
+        On a plain Redis online store: one pipelined HMGET per user of the hash Feast's
+        RedisOnlineStore writes, decoded as `online_read` decodes it (a quarter of its cost:
+        seeding ran at the start of every live flow, for each user it had not seen);
+        elsewhere through the online store's `online_read`.
+        """
+        if not self._ready:
+            self._open()
+        if self._redis is None:
+            return self.read_through_feast(user_ids)
+        from feast.protos.feast.types.Value_pb2 import Value
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        from feature_repo.redis_wire import to_python
+
+        client, encode, fields = self._redis
+        with client.pipeline(transaction=False) as pipe:
+            for u in user_ids:
+                pipe.hmget(encode(u), fields)
+            replies = pipe.execute()
+        out: list[tuple[dict[str, Any], int] | None] = []
+        for reply in replies:
+            ts = Timestamp.FromString(reply[-1]) if reply[-1] else None
+            if ts is None or ts.seconds < _YEAR_2000_S:  # as `read_through_feast`
+                out.append(None)
+                continue
+            row = {f: to_python(Value.FromString(raw)) if raw else None
+                   for f, raw in zip(ROW_FIELDS, reply, strict=False)}
+            out.append((row, ts.seconds * 1_000_000 + ts.nanos // 1000))
+        return out
+
+    def read_through_feast(self, user_ids: list[str]) -> list[tuple[dict[str, Any], int] | None]:
+        """`read` through the online store's `online_read` (any online store)."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
         from feast.type_map import feast_value_type_to_python_type

@@ -59,3 +59,42 @@ def test_online_seeder_reads_the_materialized_row(materialized_store) -> None:  
     assert seeder("u-never-seen") is None
     row = state.apply("live-1", stored[-1] + MIN, 3.0, "m-live")
     assert row is not None and row["recent_txn_ts"][:-1] == list(stored)[-len(row["recent_txn_ts"]) + 1:]
+
+
+@pytest.mark.integration
+def test_fast_seeding_read_equals_feast_online_read(materialized_store, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The seeder's direct Redis read gives what Feast's `online_read` gives, except that it
+    keeps the row time to the microsecond (Feast's read drops everything below the second)."""
+    from feature_repo.redis_wire import string_key_encoder
+    from streaming.features import OnlineStateSeeder
+    from streaming.velocity_sink import VelocityRow, history_table, online_writer
+
+    users = [f"u{i:03d}" for i in range(40)] + ["u-never-seen", "", "ü-✓"]
+    seeder = OnlineStateSeeder(REPO_DIR)
+    fast, feast = seeder.read(users), seeder.read_through_feast(users)
+    assert sum(r is not None for r in fast) >= 20, "the session data should hold most users"
+    assert [r and r[0] for r in fast] == [r and r[0] for r in feast]
+    assert [r and r[1] // 1_000_000 for r in fast] == [r and r[1] // 1_000_000 for r in feast]
+
+    # A row the stream writes with a sub-second time comes back exactly.
+    state = UserVelocityState()
+    row = state.apply("seed-t1", 1_790_000_000_123_456, 12.5, "m-seed")
+    assert row is not None
+    writer = online_writer(REPO_DIR)
+    try:
+        rows = [VelocityRow("seed-user", row)]
+        writer.write(rows, history_table(rows))
+        writer.flush()
+    finally:
+        writer.close()
+    try:
+        (stored,) = seeder.read(["seed-user"])
+        assert stored is not None and stored[1] == 1_790_000_000_123_456
+        assert stored[0]["recent_amounts"] == [12.5]
+        assert stored[0]["recent_merchants"] == ["m-seed"]
+    finally:
+        config = materialized_store.config
+        encode = string_key_encoder("user_id", config.entity_key_serialization_version,
+                                    config.project.encode())
+        assert encode is not None
+        redis_client.delete(encode("seed-user"))
