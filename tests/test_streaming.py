@@ -273,7 +273,11 @@ def test_produce_cli_replays_the_log_and_simulates_live(
         by_user[e.user_id].append(e.event_timestamp)
     assert len(replayed) == 300
     assert all(ts == sorted(ts) for ts in by_user.values())  # event order within a key
-    assert sum(e.user_id.startswith("live-") for e in events) == 400
+    live_ts = sorted(e.event_timestamp for e in events if e.user_id.startswith("live-"))
+    assert len(live_ts) == 400
+    # paced over the second (the i-th event is never sent before start + i/rate, even though
+    # events due within one 5 ms tick go together), each stamped when sent
+    assert (live_ts[-1] - live_ts[0]).total_seconds() >= 0.99
 
 
 # --- (a) live features -------------------------------------------------------------------
