@@ -123,8 +123,8 @@ PROBE_NOTE = (
     "Speed probe: the median time of a fixed pure-Python loop (`speed_probe_ms`), taken before "
     "and after each benchmark. It does not depend on this project: when it is higher, the host "
     "gave this machine less CPU (other tenants), and every number of that benchmark is slower "
-    "for it. It read from 3.2 to 6.0 ms on the same machine within minutes while it was "
-    "otherwise idle.")
+    "for it. On the development VM it read from 3.2 to 8.4 ms in one day, changing by 2x "
+    "within minutes while the machine was otherwise idle.")
 
 
 def speed_probe_ms(rounds: int = 9) -> float:
