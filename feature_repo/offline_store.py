@@ -112,6 +112,7 @@ def asof_join(
         feats = [r.split(":", 1)[1] for r in feature_refs if r.startswith(prefix + ":")]
         ts_field, created = src.timestamp_field, src.created_timestamp_column
         window = _window(ent[TS], _q(ts_field), fv.ttl)
+        files = _files(src)  # both passes read exactly these files
         cols = ", ".join([*(_q(k) for k in keys), f"{_q(ts_field)}::TIMESTAMPTZ AS __ts",
                           "file_index AS __fi, file_row_number AS __fr"])
         dedup = ""
@@ -119,7 +120,7 @@ def asof_join(
             cols += f", {_q(created)}::TIMESTAMPTZ AS __created"
             part = ", ".join([*(_q(k) for k in keys), "__ts"])
             dedup = f" QUALIFY row_number() OVER (PARTITION BY {part} ORDER BY __created DESC) = 1"
-        ctes.append(f"f{i} AS (SELECT {cols} FROM {_files(src)} WHERE {window}{dedup})")
+        ctes.append(f"f{i} AS (SELECT {cols} FROM {files} WHERE {window}{dedup})")
         on = " AND ".join(f"e.{_q(ek)} = f{i}.{_q(k)}" for k, ek in keys.items())
         joins.append(f"ASOF LEFT JOIN f{i} ON {on} AND e.{TS} >= f{i}.__ts")
         fresh = (f"f{i}.__ts >= e.{TS} - INTERVAL {int(fv.ttl.total_seconds() * 1e6)} MICROSECONDS"
@@ -128,7 +129,7 @@ def asof_join(
                        f"AS __rid{i}")
         base = fv.projection.name_alias or fv.name
         reads.append((f"SELECT (file_index::BIGINT << 40) + file_row_number AS __rid, "
-                      f"{', '.join(_q(f) for f in feats)} FROM {_files(src)} WHERE {window}",
+                      f"{', '.join(_q(f) for f in feats)} FROM {files} WHERE {window}",
                       feats, [f"{base}__{f}" if full_feature_names else f for f in feats]))
     table = entities
     if reads:
