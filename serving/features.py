@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from feature_repo.redis_wire import string_key_encoder, to_python
+from feature_repo.redis_wire import field_name, string_key_encoder, to_python
 
 Row = dict[str, Any]
 
@@ -209,7 +208,7 @@ class RedisFeatureReader:
         # per join key: [(read, [field bytes..., ts field])]
         self._groups: dict[str, list[tuple[_ViewRead, list[bytes | str]]]] = {}
         for r in reads:
-            fields: list[bytes | str] = [_mmh3(f"{r.view.name}:{f}") for f in r.features]
+            fields: list[bytes | str] = [field_name(r.view.name, f) for f in r.features]
             fields.append(f"_ts:{r.view.name}")
             self._groups.setdefault(r.join_key, []).append((r, fields))
         self._order = [r for group in self._groups.values() for r, _ in group]
@@ -271,10 +270,3 @@ class RedisFeatureReader:
             for key, fields in self._commands(rows):
                 pipe.hmget(key, fields)  # type: ignore[arg-type]  # bytes keys are fine
             return self._decode(rows, await pipe.execute())
-
-
-def _mmh3(key: str) -> bytes:
-    """Feast's Redis field name: murmur3_32 (unsigned) of the key, little-endian."""
-    import mmh3
-
-    return struct.pack("<I", mmh3.hash(key, signed=False))
