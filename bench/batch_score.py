@@ -20,13 +20,12 @@ import importlib.util
 import json
 import resource
 import sys
-import tempfile
 import time
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.config import Sizes, get_settings
+from bench.config import Sizes, get_settings, scratch_dir
 from bench.data import (
     Dataset,
     newest_model,
@@ -68,7 +67,6 @@ def _last_days(days: list[tuple[date, int]], rows: int) -> tuple[date, date, int
 def run(sizes: Sizes, section: Section) -> None:
     if importlib.util.find_spec("training.batch_score") is None:
         raise BenchError("not available: training.batch_score does not exist in this checkout")
-    s = get_settings()
     dataset = retrieval_dataset(min(sizes.retrieval_rows, 1_000_000))
     # A prepared data set has no model of its own: the scoring data's model (same feature
     # service, same definitions) scores it, as the served model would.
@@ -83,7 +81,7 @@ def run(sizes: Sizes, section: Section) -> None:
     section.stock_label = ("one get_historical_features call with Feast's DuckDB offline store "
                            "+ the same model")
     section.notes.append(f"Data: {dataset.describe()}; model {model}.")
-    scratch = Path(tempfile.mkdtemp(prefix="batch-", dir=s.run_dir))
+    scratch = scratch_dir("batch-")
     try:
         runs = {}
         biggest = min(sizes.batch_rows, sum(n for _, n in days))  # the most we have

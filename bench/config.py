@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +28,13 @@ class BenchSettings(BaseSettings):
 def get_settings() -> BenchSettings:
     apply_env_defaults()
     return BenchSettings()
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new scratch directory under `run_dir` (created first: a fresh checkout has none)."""
+    run_dir = get_settings().run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=run_dir))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.config import Sizes, get_settings
+from bench.config import Sizes, get_settings, scratch_dir
 from bench.data import Dataset, retrieval_dataset
 from bench.procs import BenchError, python, run_json
 from bench.report import Measure, Section, Target
@@ -60,11 +60,10 @@ def _ladder(first: int, limit: int) -> list[int]:
 
 
 def run(sizes: Sizes, section: Section) -> None:
-    s = get_settings()
     dataset = retrieval_dataset(min(sizes.retrieval_rows, 1_000_000))
     n = min(sizes.retrieval_rows, dataset.labelled)
     budget = sizes.retrieval_stock_budget_s
-    scratch = Path(tempfile.mkdtemp(prefix="retrieval-", dir=s.run_dir))
+    scratch = scratch_dir("retrieval-")
     section.ours_label = "AsofDuckDBOfflineStore (feature_repo.offline_store)"
     section.stock_label = " / ".join(STOCK.values())
     section.notes.append(f"Data: {dataset.describe()}. Entity rows: a seeded random sample of "

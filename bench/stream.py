@@ -26,7 +26,6 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import httpx
 
 from bench import profile
-from bench.config import Sizes, get_settings
+from bench.config import Sizes, get_settings, scratch_dir
 from bench.data import scoring_dataset
 from bench.procs import (
     BenchError,
@@ -74,7 +73,7 @@ def run(sizes: Sizes, section: Section) -> None:
     section.stock_label = "FeatureStore.push() per event, online (same parsed events and rows)"
     rdb = redis.Redis.from_url(redis_url)
     rdb.flushdb()
-    scratch = Path(tempfile.mkdtemp(prefix="stream-", dir=s.run_dir))
+    scratch = scratch_dir("stream-")
     try:
         with TansuBroker(log_path=log_dir / "tansu.log") as broker:
             ensure_topics(broker.bootstrap, partitions={THRU_TOPIC: 4, FRESH_TOPIC: 4,
@@ -414,10 +413,16 @@ def _production_extras(repo: Path) -> dict[str, Any]:
 
     from streaming import features
 
+    params = inspect.signature(features.build_flow).parameters
+    extras: dict[str, Any] = {}
     seeder = getattr(features, "OnlineStateSeeder", None)
-    if seeder is not None and "seed" in inspect.signature(features.build_flow).parameters:
-        return {"seed": seeder(repo)}
-    return {}
+    if seeder is not None and "seed" in params:
+        extras["seed"] = seeder(repo)
+    if "state_shards" in params:
+        from streaming.config import get_settings as streaming_settings
+
+        extras["state_shards"] = streaming_settings().state_shards
+    return extras
 
 
 def _after_start_up() -> None:

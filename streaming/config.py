@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults
 from streaming.kafka_conf import DEFAULT_BOOTSTRAP
 
+DEFAULT_STATE_SHARDS = 256  # keys of the velocity state (see `features.ShardLogic`)
+
 
 class StreamingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMING_")
@@ -24,6 +26,7 @@ class StreamingSettings(BaseSettings):
     recovery_partitions: int = 1
     snapshot_interval_s: float = 2.0  # Bytewax epoch: state snapshot + offline flush period
     backup_interval_s: float = 0.0  # how long old snapshots are kept
+    state_shards: int = Field(DEFAULT_STATE_SHARDS, ge=0)  # keys of the velocity state; 0: one per user
     source_batch_size: int = 2000
     source_fetch_wait_ms: int = 20  # longest a Kafka fetch waits for data (librdkafka: 500)
     metrics_host: str = "127.0.0.1"  # loopback unless deliberately exposed

@@ -19,6 +19,10 @@ FRESHNESS = Histogram(
     "Event produced to feature servable in the online store",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+SNAPSHOT_USERS = Counter(
+    "fraud_stream_snapshot_users_total",
+    "User states written to recovery storage (a snapshot of a shard writes all its users)",
+)
 LAG = Gauge("fraud_stream_lag_events", "Events behind the end of the topic (estimate)")
 PREDICTIONS = Counter(
     "fraud_stream_predictions_total", "Transactions scored by the streaming scorer", ["decision"]

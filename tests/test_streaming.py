@@ -134,10 +134,12 @@ def events_total(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], outcom
 class Worker:
     """`python -m streaming.features` as a subprocess on `bootstrap` with `recovery_dir`."""
 
-    def __init__(self, bootstrap: str, recovery_dir: Path, log_path: Path) -> None:
+    def __init__(self, bootstrap: str, recovery_dir: Path, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.bootstrap = bootstrap
         self.recovery_dir = recovery_dir
         self.log_path = log_path
+        self.env = env or {}
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -149,6 +151,7 @@ class Worker:
             "STREAMING_RECOVERY_DIR": str(self.recovery_dir),
             "STREAMING_METRICS_PORT": str(self.port),
             "STREAMING_SNAPSHOT_INTERVAL_S": SNAPSHOT_S,
+            **self.env,
         }
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -514,16 +517,22 @@ def test_kafka_list_and_log_sources_give_identical_rows(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("restart_shards", [None, "0"], ids=["same-layout", "layout-changed"])
 def test_worker_killed_mid_stream_loses_nothing_and_counts_nothing_twice(
-    kafka_broker: TansuBroker, store: Any, tmp_path: Path
+    kafka_broker: TansuBroker, store: Any, tmp_path: Path, restart_shards: str | None
 ) -> None:
+    """SIGKILL mid-epoch, then a restart on the same recovery directory; "layout-changed"
+    restarts with one state key per user instead of shards (`STREAMING_STATE_SHARDS=0`), so the
+    snapshot holds no state for the new layout: every user is seeded from the online store
+    while the input resumes from the snapshot's offsets."""
     run = tag()
     users = [f"kill-{run}-{u:02d}" for u in range(30)]
     rounds, round_s = 100, 0.04  # 3,000 events over ~4 s, ~750 events/s
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     recovery = tmp_path / "recovery"
     first = Worker(kafka_broker.bootstrap, recovery, tmp_path / "worker-1.log")
-    second = Worker(kafka_broker.bootstrap, recovery, tmp_path / "worker-2.log")
+    second = Worker(kafka_broker.bootstrap, recovery, tmp_path / "worker-2.log",
+                    env={"STREAMING_STATE_SHARDS": restart_shards} if restart_shards else None)
     oracle_ts: dict[str, list[int]] = defaultdict(list)
     oracle_amounts: dict[str, list[float]] = defaultdict(list)
     try:
