@@ -18,6 +18,11 @@ not acknowledged by the broker by the end of `--flush-timeout-s` (see Transactio
 Pacing wakes up at most every `--tick-ms` (default 5, the producer's own `linger.ms`) and sends
 every event due by then, each stamped when it is sent: waking up for each event (every 0.2 ms at
 5,000/s) cost a whole core here, the 5 ms tick about a quarter of one.
+
+The clock starts once the producer is ready (`TransactionProducer.wait_ready`, at most
+`--ready-timeout-s`): a new idempotent producer holds its first records about 0.5 s until the
+broker assigns it a producer id, which stamped the first events of every run half a second
+before they could leave.
 """
 
 from __future__ import annotations
@@ -202,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--topic", default=None, help="default: transactions")
     common.add_argument("--progress-s", type=float, default=5.0)
     common.add_argument("--flush-timeout-s", type=float, default=60.0)
+    common.add_argument("--ready-timeout-s", type=float, default=10.0,
+                        help="wait this long at most for the producer to be ready before the "
+                             "clock starts (connected, producer id assigned)")
     common.add_argument("--tick-ms", type=float, default=SEND_TICK_S * 1000,
                         help="pacing granularity: events due within a tick are sent together")
 
@@ -241,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_env_defaults()
     kwargs = {"topic": a.topic} if a.topic else {}
-    producer = TransactionProducer(a.bootstrap, **kwargs)
+    producer = TransactionProducer(a.bootstrap, track_ready=True, **kwargs)
+    if not producer.wait_ready(a.ready_timeout_s):
+        print(f"{a.command}: producer not ready after {a.ready_timeout_s:.0f} s (broker "
+              f"{producer.bootstrap}); sending anyway", file=sys.stderr)
     progress = _Progress(a.command, producer, a.progress_s)
     try:
         if a.command == "replay":

@@ -26,6 +26,8 @@ duplicates (the feature dataflow ignores a repeated `transaction_id`).
 from __future__ import annotations
 
 import logging
+import re
+import time
 from types import TracebackType
 from typing import Any
 
@@ -38,6 +40,8 @@ from streaming.topics import TRANSACTIONS
 log = logging.getLogger(__name__)
 
 _MAX_LOGGED_ERRORS = 10
+_IDEMP_ASSIGNED = re.compile(r'"idemp_state":\s*"Assigned"')
+READY_STATS_INTERVAL_MS = 50  # librdkafka statistics, read only for the producer-id state
 
 
 class TransactionProducer:
@@ -50,7 +54,8 @@ class TransactionProducer:
     """
 
     def __init__(
-        self, bootstrap: str | None = None, topic: str = TRANSACTIONS, **overrides: Any
+        self, bootstrap: str | None = None, topic: str = TRANSACTIONS, track_ready: bool = False,
+        **overrides: Any
     ) -> None:
         if bootstrap is None:
             from streaming.config import get_settings
@@ -62,7 +67,37 @@ class TransactionProducer:
         self.delivered = 0
         self.failed = 0
         self.errors: list[str] = []
-        self._producer = Producer(producer_conf(bootstrap, logger=log, **overrides))
+        conf = producer_conf(bootstrap, logger=log, **overrides)
+        self._idempotent = bool(conf.get("enable.idempotence"))
+        self._ready = False
+        if track_ready:  # librdkafka reports its producer-id state only in its statistics
+            conf.update({"statistics.interval.ms": READY_STATS_INTERVAL_MS,
+                         "stats_cb": self._on_stats})
+        self._track_ready = track_ready
+        self._producer = Producer(conf)
+
+    def wait_ready(self, timeout_s: float = 10.0) -> bool:
+        """Wait until a record sent now would go out at once; False if `timeout_s` ran out.
+
+        A new idempotent producer holds its records until the broker has given it a producer
+        id, which librdkafka first asks for about 0.5 s after start: records sent before are
+        stamped (CreateTime) that much before they can leave.  Live traffic comes from
+        producers that are long up, so a measurement of freshness waits for this first.
+        Needs `track_ready=True`.
+        """
+        if not self._track_ready:
+            raise ValueError("wait_ready needs a producer created with track_ready=True")
+        self._producer.list_topics(self.topic, timeout=timeout_s)  # connected, metadata known
+        deadline = time.monotonic() + timeout_s
+        while not (self._ready or not self._idempotent):
+            if time.monotonic() >= deadline:
+                return False
+            self._producer.poll(0.02)
+        return True
+
+    def _on_stats(self, stats: str) -> None:
+        if not self._ready and _IDEMP_ASSIGNED.search(stats):
+            self._ready = True
 
     def send(self, event: TransactionEvent) -> None:
         """Queue one event (non-blocking unless the local queue is full)."""

@@ -181,3 +181,18 @@ def test_conf_overrides_take_python_names_and_keep_callback_keys() -> None:
     assert conf["acks"] == "all" and conf["enable.idempotence"] is True
     group = consumer_conf("h:1", "g", enable_auto_commit=False)
     assert group["enable.auto.commit"] is False and group["session.timeout.ms"] == 6000
+
+
+@pytest.mark.integration
+def test_wait_ready_returns_once_the_broker_assigned_a_producer_id(kafka_bootstrap: str) -> None:
+    """`streaming.produce` starts its clock only then: before, records wait ~0.5 s unsent."""
+    from streaming.producer import TransactionProducer
+
+    with pytest.raises(ValueError, match="track_ready"):
+        TransactionProducer(kafka_bootstrap).wait_ready(1)
+    producer = TransactionProducer(kafka_bootstrap, track_ready=True)
+    assert producer.wait_ready(20)
+    assert producer._ready  # seen in librdkafka's statistics, not assumed after a timeout
+    plain = TransactionProducer(kafka_bootstrap, track_ready=True, enable_idempotence=False)
+    assert plain.wait_ready(20)  # no producer id to wait for
+    plain.flush(1)
