@@ -19,6 +19,7 @@ DLQ with reason "late".  A repeated `transaction_id` is ignored (counted as a du
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import zlib
 from collections.abc import Callable, Iterable
@@ -390,6 +391,7 @@ def build_flow(
     flow_id: str = "user_velocity",
     seed: Seeder | None = None,
     state_shards: int = DEFAULT_STATE_SHARDS,
+    state_step: str | None = None,
 ) -> Dataflow:
     """Events from `source` -> (user_id, VelocityRow) into `sink`; DeadLetters into `dlq_sink`.
 
@@ -399,10 +401,11 @@ def build_flow(
     can read their rows in one round trip.
 
     Per-user state is keyed by `state_shards` shards of users (`ShardLogic`), or by user when
-    0 (`VelocityLogic`).  The step id names the layout ("velocity_256shards", "velocity"), so
-    recovery never hands a shard the snapshot of another layout: after a change of
-    `state_shards` the flow resumes its input offsets and seeds every user afresh from the
-    online store, as after a crash.
+    0 (`VelocityLogic`).  The step id (`state_step`, by default "velocity_256shards" or
+    "velocity") names the layout, so recovery never hands a shard the snapshot of another
+    layout: after a change of `state_shards` the flow resumes its input offsets and seeds every
+    user afresh from the online store, as after a crash (the live worker takes its id from
+    `state_step_id`, which also never returns to a stale layout's snapshots).
     """
     flow = Dataflow(flow_id)
     raw = op.input("in", flow, source)
@@ -414,11 +417,12 @@ def build_flow(
         events = op.flat_map_batch("prefetch_state", events, partial(prefetch_states, prefetch))
     if state_shards > 0:
         keyed = op.key_on("key", events, partial(user_shard, shard_keys(state_shards)))
-        outcomes = op.stateful_batch(f"velocity_{state_shards}shards", keyed,
+        outcomes = op.stateful_batch(state_step or f"velocity_{state_shards}shards", keyed,
                                      partial(shard_logic, seed))
     else:
         keyed = op.key_on("key", events, _user_of)
-        outcomes = op.stateful_batch("velocity", keyed, partial(velocity_logic, seed))
+        outcomes = op.stateful_batch(state_step or "velocity", keyed,
+                                     partial(velocity_logic, seed))
     rows = op.branch("is_row", outcomes, _is_row)
     late = op.map("late", rows.falses, lambda kv: kv[1])
     if state_shards > 0:  # the sink's key is the user, as when keyed by user
@@ -445,8 +449,9 @@ def kafka_source(bootstrap: str, topic: str, tail: bool) -> KafkaSource:
                                    "fetch.wait.max.ms": str(s.source_fetch_wait_ms)})
 
 
-def get_flow() -> Dataflow:
-    """The live flow: Kafka `transactions` -> Feast online store + offline history + DLQ."""
+def get_flow(state_step: str | None = None) -> Dataflow:
+    """The live flow: Kafka `transactions` -> Feast online store + offline history + DLQ
+    (`state_step`: the velocity step's id, see `state_step_id`)."""
     from streaming.config import get_settings
     from streaming.sources import KafkaDeadLetterSink
     from streaming.topics import TRANSACTIONS, TRANSACTIONS_DLQ
@@ -457,7 +462,35 @@ def get_flow() -> Dataflow:
     source = kafka_source(s.bootstrap_servers, TRANSACTIONS, tail=s.tail)
     sink = VelocitySink(s.feature_repo, velocity_history_dir(), prefix="stream")
     return build_flow(source, sink, KafkaDeadLetterSink(s.bootstrap_servers, TRANSACTIONS_DLQ),
-                      seed=OnlineStateSeeder(s.feature_repo), state_shards=s.state_shards)
+                      seed=OnlineStateSeeder(s.feature_repo), state_shards=s.state_shards,
+                      state_step=state_step)
+
+
+LAYOUT_FILE = "velocity_layout.json"
+
+
+def state_step_id(recovery_dir: Path, shards: int) -> str:
+    """The velocity step's id for the state layout `shards`, never one of a stale state.
+
+    Bytewax keeps the snapshots of every step id it has seen in the recovery directory.  A
+    layout used, left, and used again would find the snapshots it left behind, older than the
+    online rows written since, and continue from them.  So each change of layout starts a new
+    generation (`LAYOUT_FILE` in the recovery directory) with step ids of its own; generation
+    0 keeps the plain ids ("velocity" is what a recovery directory of the per-user layout from
+    before shards holds, and it continues from it).
+    """
+    layout = f"{shards}shards" if shards else "per-user"
+    marker = recovery_dir / LAYOUT_FILE
+    generation = 0
+    if marker.exists():
+        last = json.loads(marker.read_text())
+        generation = int(last["generation"]) + (last["layout"] != layout)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"layout": layout, "generation": generation}))
+    tmp.replace(marker)
+    if generation == 0:
+        return "velocity" if shards == 0 else f"velocity_{shards}shards"
+    return f"velocity_{layout}_g{generation}"
 
 
 GC_THRESHOLDS = (100_000, 50, 100)  # generation 0 allocations, then collections of 0 and 1
@@ -491,9 +524,11 @@ def main() -> None:
     if not any(s.recovery_dir.glob("part-*.sqlite3")):
         s.recovery_dir.mkdir(parents=True, exist_ok=True)
         init_db_dir(s.recovery_dir, s.recovery_partitions)
-    flow = get_flow()
+    step = state_step_id(s.recovery_dir, s.state_shards)
+    flow = get_flow(step)
     tune_gc()
-    log.info("feature dataflow: %s -> online store + history", s.bootstrap_servers)
+    log.info("feature dataflow: %s -> online store + history; state step %s",
+             s.bootstrap_servers, step)
     cli_main(
         flow,
         workers_per_process=1,

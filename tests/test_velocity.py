@@ -32,7 +32,7 @@ from feature_repo.velocity import (
     window_features,
 )
 from streaming.events import DeadLetter, Envelope, parse
-from streaming.features import build_flow, shard_logic
+from streaming.features import build_flow, shard_logic, state_step_id
 from streaming.velocity_sink import VelocityRow
 
 SECOND_US = 1_000_000
@@ -552,3 +552,17 @@ def test_shard_snapshot_repickles_only_users_with_new_events_and_resumes_exactly
 
 def _states(snapshot: dict[str, bytes]) -> dict[str, UserVelocityState]:
     return {u: UserVelocityState.restore(b) for u, b in snapshot.items()}
+
+
+def test_state_step_id_never_returns_to_a_layout_left_behind(tmp_path: Any) -> None:
+    """Its snapshots would be older than the online rows written since."""
+    old = tmp_path / "old"  # a recovery directory from before shards: per-user "velocity"
+    old.mkdir()
+    assert state_step_id(old, 0) == "velocity"  # continues from the state it holds
+    assert state_step_id(old, 0) == "velocity"
+    new = tmp_path / "new"
+    new.mkdir()
+    assert [state_step_id(new, n) for n in (256, 256, 0, 0, 256, 64, 256)] == [
+        "velocity_256shards", "velocity_256shards", "velocity_per-user_g1",
+        "velocity_per-user_g1", "velocity_256shards_g2", "velocity_64shards_g3",
+        "velocity_256shards_g4"]
