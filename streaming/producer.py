@@ -31,7 +31,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from feature_repo.contract import TransactionEvent
 from streaming.kafka_conf import producer_conf
@@ -87,8 +87,12 @@ class TransactionProducer:
         """
         if not self._track_ready:
             raise ValueError("wait_ready needs a producer created with track_ready=True")
-        self._producer.list_topics(self.topic, timeout=timeout_s)  # connected, metadata known
         deadline = time.monotonic() + timeout_s
+        try:  # connected, metadata known
+            self._producer.list_topics(self.topic, timeout=timeout_s)
+        except KafkaException as exc:  # no broker answered in time
+            log.warning("producer not ready: %s", exc)
+            return False
         while not (self._ready or not self._idempotent):
             if time.monotonic() >= deadline:
                 return False

@@ -227,11 +227,12 @@ def test_produce_exits_non_zero_when_events_are_not_delivered() -> None:
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     proc = subprocess.run(
         [sys.executable, "-m", "streaming.produce", "live", "--rate", "1000", "--duration",
-         "0.05", "--bootstrap", dead, "--flush-timeout-s", "1"],
+         "0.05", "--bootstrap", dead, "--flush-timeout-s", "1", "--ready-timeout-s", "1"],
         cwd=PROJECT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "50 not delivered" in proc.stdout
+    assert "producer not ready after 1 s" in proc.stderr  # said, then sent anyway
 
 
 @pytest.mark.integration
