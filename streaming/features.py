@@ -323,11 +323,6 @@ class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSna
         return dict(pickled)  # bytes are immutable: a shallow copy is an immutable snapshot
 
 
-def shard_logic(seed: Seeder | None, resume: ShardSnapshot | None) -> ShardLogic:
-    """Builds the step's logic for a shard, from its snapshot if recovery has one."""
-    return ShardLogic(seed, resume)
-
-
 def shard_keys(shards: int) -> list[str]:
     """The shard keys, zero-padded so they sort in shard order."""
     width = len(str(max(shards - 1, 0)))
@@ -423,12 +418,8 @@ def build_flow(
     key_of = partial(user_shard, shard_keys(state_shards)) if state_shards > 0 else _user_of
     keyed = op.flat_map_batch("key", valid.trues,
                               partial(key_batch, key_of, getattr(seed, "prefetch", None)))
-    if state_shards > 0:
-        outcomes = op.stateful_batch(state_step or f"velocity_{state_shards}shards", keyed,
-                                     partial(shard_logic, seed))
-    else:
-        outcomes = op.stateful_batch(state_step or "velocity", keyed,
-                                     partial(velocity_logic, seed))
+    logic = partial(ShardLogic if state_shards > 0 else velocity_logic, seed)
+    outcomes = op.stateful_batch(state_step or _plain_step_id(state_shards), keyed, logic)
     rows = op.flat_map_batch("new_rows", outcomes, _rows_by_user)  # the sink's key: the user
     late = op.flat_map_batch("late", outcomes, _dead_letters)
     op.output("rows", rows, sink)
@@ -490,9 +481,12 @@ def state_step_id(recovery_dir: Path, shards: int) -> str:
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps({"layout": layout, "generation": generation}))
     tmp.replace(marker)
-    if generation == 0:
-        return "velocity" if shards == 0 else f"velocity_{shards}shards"
-    return f"velocity_{layout}_g{generation}"
+    return _plain_step_id(shards) if generation == 0 else f"velocity_{layout}_g{generation}"
+
+
+def _plain_step_id(shards: int) -> str:
+    """The velocity step's id in generation 0 of layout `shards` (see `state_step_id`)."""
+    return f"velocity_{shards}shards" if shards else "velocity"
 
 
 GC_THRESHOLDS = (100_000, 50, 100)  # generation 0 allocations, then collections of 0 and 1

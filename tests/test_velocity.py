@@ -32,7 +32,7 @@ from feature_repo.velocity import (
     window_features,
 )
 from streaming.events import DeadLetter, Envelope, parse
-from streaming.features import build_flow, shard_logic, state_step_id
+from streaming.features import ShardLogic, build_flow, state_step_id
 from streaming.velocity_sink import VelocityRow
 
 SECOND_US = 1_000_000
@@ -530,7 +530,7 @@ def _env(txn: str, user: str, minutes: float, merchant: str = "m1") -> Envelope:
 
 
 def test_shard_snapshot_repickles_only_users_with_new_events_and_resumes_exactly() -> None:
-    logic = shard_logic(None, None)
+    logic = ShardLogic(None, None)
     logic.on_batch([_env("a1", "ua", 0), _env("b1", "ub", 1), _env("c1", "uc", 2)])
     first = logic.snapshot()
     kept = dict(first)
@@ -541,7 +541,7 @@ def test_shard_snapshot_repickles_only_users_with_new_events_and_resumes_exactly
     assert second["ua"] != first["ua"]
     assert logic.snapshot() == second  # nothing new: the same snapshot
 
-    resumed = shard_logic(None, second)  # what Bytewax builds from recovery after a restart
+    resumed = ShardLogic(None, second)  # what Bytewax builds from recovery after a restart
     more = [_env("b2", "ub", 4), _env("a2", "ua", 3, "m2"), _env("a3", "ua", 5), _env("d1", "ud", 6)]
     got, _ = resumed.on_batch(more)
     want, _ = logic.on_batch(more)
