@@ -2,8 +2,9 @@
 
 `record(pid, seconds)` samples a live process (and its children) with py-spy, without pausing
 it (`--nonblocking`), and summarises the samples as the functions where time is spent: *self*
-(the function was running) and *total* (the function was on the stack).  py-spy is optional
-(`pip install py-spy`); without it the caller falls back to cProfile or reports no profile.
+(the function was running) and *total* (the function was on the stack).  py-spy comes with
+the `dev` extra (`make setup`); without it the caller falls back to cProfile or reports no
+profile.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def record(pid: int, seconds: float, out: Path, rate: int = 100) -> str:
     """Sample `pid` and its subprocesses for `seconds`; return a text summary (or why not)."""
     exe = py_spy()
     if exe is None:
-        return "py-spy is not installed (pip install py-spy): no profile"
+        return "py-spy is not installed (`make setup` installs it): no profile"
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
             "--rate", str(rate), "--format", "raw", "--nonblocking", "--subprocesses",

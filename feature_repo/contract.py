@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1  # Final: typed Literal[1], the default of `schema_version`
 CHANNELS = ("card_present", "online", "contactless", "atm")
 CURRENCIES = ("EUR", "USD", "GBP")
 MAX_AMOUNT = 1_000_000.0  # anything larger is treated as a data error, not a purchase

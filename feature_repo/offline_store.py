@@ -16,7 +16,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import duckdb
 import ibis
@@ -35,6 +35,7 @@ from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMeta
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.repo_config import RepoConfig
+from feast.transformation.base import Transformation
 
 from feature_repo.vectorised import twin_for
 
@@ -42,7 +43,7 @@ TS = "event_timestamp"
 
 
 class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
-    type: Literal["feature_repo.offline_store.AsofDuckDBOfflineStore"] = (  # type: ignore[assignment]
+    type: Literal["feature_repo.offline_store.AsofDuckDBOfflineStore"] = (
         "feature_repo.offline_store.AsofDuckDBOfflineStore"
     )
 
@@ -107,7 +108,8 @@ def asof_join(
         "__row", pa.array(np.arange(len(ent), dtype=np.int64))))
     ctes, joins, selects, reads = [], [], [], []
     for i, fv in enumerate(feature_views):
-        src, keys = fv.batch_source, keys_of[i]
+        # a FileSource: callers pass only views that `_supported` accepted
+        src, keys = cast(FileSource, fv.batch_source), keys_of[i]
         prefix = fv.projection.name_to_use()
         feats = [r.split(":", 1)[1] for r in feature_refs if r.startswith(prefix + ":")]
         ts_field, created = src.timestamp_field, src.created_timestamp_column
@@ -182,8 +184,9 @@ class _AsofRetrievalJob(IbisRetrievalJob):
             elif twin is not None:
                 out = twin(table.select(cols))
             if out is None:
-                out = pa.Table.from_pydict(
-                    odfv.feature_transformation.udf(table.select(cols).to_pydict())  # type: ignore[attr-defined]
+                out = pa.Table.from_pydict(  # python mode: Feast validated the transformation
+                    cast(Transformation, odfv.feature_transformation).udf(
+                        table.select(cols).to_pydict())
                 )
             for name in out.column_names:
                 if name not in table.column_names:
@@ -202,7 +205,7 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
     """Feast's DuckDB offline store with an ASOF point-in-time join (see module docstring)."""
 
     @staticmethod
-    def get_historical_features(  # type: ignore[override]
+    def get_historical_features(
         config: RepoConfig,
         feature_views: list[FeatureView],
         feature_refs: list[str],

@@ -46,8 +46,10 @@ def client_kwargs(connection_string: str) -> dict[str, Any]:
 class FraudRedisOnlineStoreConfig(RedisOnlineStoreConfig):
     """Feast's Redis config with the connection defaulting to `REDIS_URL`."""
 
-    type: Literal["feature_repo.online_store.FraudRedisOnlineStore"] = (  # type: ignore[assignment]
-        "feature_repo.online_store.FraudRedisOnlineStore"
+    # Feast picks the store class by `type`, so this subclass must narrow Feast's
+    # Literal["redis"] to its own name: a deliberate incompatible override.
+    type: Literal["feature_repo.online_store.FraudRedisOnlineStore"] = (
+        "feature_repo.online_store.FraudRedisOnlineStore"  # type: ignore[assignment]
     )
     connection_string: StrictStr = ""
     socket_timeout_s: float = 0.5

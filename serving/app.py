@@ -78,6 +78,9 @@ def create_app(settings: ServingSettings) -> FastAPI:
         # every scored request, with its vector (serving/prediction_log.py); drift vs training
         app.state.prediction_log = PredictionLog.from_settings(
             settings, manager.current.champion.artifact.path)
+        # a promotion or rollback moves drift to the new champion's training reference
+        manager.listeners.append(
+            lambda models: app.state.prediction_log.use_reference(models.champion.artifact.path))
         # Start-up objects (Feast registry, model, libraries) live as long as the process: move
         # them out of the collector's reach, so a full collection is not a latency spike.
         gc.collect()

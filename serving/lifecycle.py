@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +44,8 @@ class ModelManager:
         self.last_error: str | None = None
         self._seen = self._signature()
         self._lock = asyncio.Lock()
+        # called on the event loop with each new model set, right after it is swapped in
+        self.listeners: list[Callable[[ModelSet], None]] = []
         self._publish(None, models)
 
     @classmethod
@@ -79,6 +82,11 @@ class ModelManager:
             self._seen, self.last_error = seen, None
             self.loaded_at = datetime.now(UTC)
             self._publish(old, new)
+            for listener in self.listeners:
+                try:
+                    listener(new)
+                except Exception:  # noqa: BLE001 - the swap happened; a listener can't undo it
+                    log.exception("model swap listener failed")
             metrics.MODEL_RELOADS.labels("ok").inc()
             log.info("models reloaded", extra={"fields": new.describe()})
             return new

@@ -19,7 +19,8 @@ Sinks, each optional:
 
 Sampling (`SERVING_PREDICTION_LOG_SAMPLE`) is deterministic: a transaction is logged iff the
 hash of its id falls below the rate, so every replica and rerun logs the same transactions.
-The drift monitor (serving/drift.py) sees every vector, sampled or not.
+The drift monitor (serving/drift.py) sees every vector, sampled or not, and compares them with
+the training reference of the model serving as champion (`use_reference`, on every swap).
 
 Delivery: best effort, at most once.  Nothing here can fail or delay a request: records still
 buffered when the process dies are lost, and every loss is counted in
@@ -226,10 +227,14 @@ class PredictionLog:
     """Fan-out of scored requests to the configured sinks and the drift monitor."""
 
     def __init__(self, sinks: Sequence[ParquetSink | KafkaSink] = (), sample: float = 1.0,
-                 drift: DriftMonitor | None = None) -> None:
+                 drift: DriftMonitor | None = None, drift_window: int = 5000,
+                 drift_interval_s: float = 60.0) -> None:
         self.sinks = list(sinks)
         self.sample = sample
         self.drift = drift
+        self.drift_source: Path | None = None  # the artifact whose reference `drift` uses
+        self._drift_window = drift_window
+        self._drift_interval = drift_interval_s
 
     @classmethod
     def from_settings(cls, settings: ServingSettings, artifact_dir: Path | None = None
@@ -242,12 +247,29 @@ class PredictionLog:
                                      settings.prediction_log_flush_seconds))
         if settings.prediction_log_kafka:
             sinks.append(KafkaSink(settings.prediction_log_kafka))
-        reference = load_reference(artifact_dir) if artifact_dir is not None else None
-        drift = None
-        if reference is not None:
-            drift = DriftMonitor(reference, settings.drift_window,
-                                 settings.drift_interval_seconds)
-        return cls(sinks, settings.prediction_log_sample, drift)
+        plog = cls(sinks, settings.prediction_log_sample, drift_window=settings.drift_window,
+                   drift_interval_s=settings.drift_interval_seconds)
+        if artifact_dir is not None:
+            plog.use_reference(artifact_dir)
+        return plog
+
+    def use_reference(self, artifact_dir: Path) -> None:
+        """Measure drift against `artifact_dir`'s training reference from now on.
+
+        The scorer calls this when the champion changes (promotion, rollback, reload): the
+        window starts empty, and the old monitor's `fraud_feature_psi` gauges are removed, so
+        no PSI against the previous model's training data outlives it.  Without a reference
+        file the drift gauges stop.  Call it from the thread that calls `record`.
+        """
+        if artifact_dir == self.drift_source:
+            return
+        reference = load_reference(artifact_dir)
+        old = self.drift
+        self.drift = (None if reference is None else
+                      DriftMonitor(reference, self._drift_window, self._drift_interval))
+        self.drift_source = artifact_dir
+        if old is not None:
+            old.close()
 
     def record(self, results: Sequence[ScoreResult], events: Sequence[Any]) -> None:
         """Log one scoring call (cheap and non-blocking; never raises)."""

@@ -18,7 +18,7 @@ class StreamingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMING_")
 
     bootstrap_servers: str = Field(
-        DEFAULT_BOOTSTRAP,
+        default=DEFAULT_BOOTSTRAP,
         validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "STREAMING_BOOTSTRAP_SERVERS"),
     )
     feature_repo: Path = REPO_DIR
@@ -26,7 +26,8 @@ class StreamingSettings(BaseSettings):
     recovery_partitions: int = 1
     snapshot_interval_s: float = 2.0  # Bytewax epoch: state snapshot + offline flush period
     backup_interval_s: float = 0.0  # how long old snapshots are kept
-    state_shards: int = Field(DEFAULT_STATE_SHARDS, ge=0)  # keys of the velocity state; 0: one per user
+    # keys of the velocity state; 0: one per user
+    state_shards: int = Field(default=DEFAULT_STATE_SHARDS, ge=0)
     source_batch_size: int = 2000
     source_fetch_wait_ms: int = 20  # longest a Kafka fetch waits for data (librdkafka: 500)
     metrics_host: str = "127.0.0.1"  # loopback unless deliberately exposed

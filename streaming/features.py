@@ -25,11 +25,11 @@ import zlib
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaSource, KafkaSourceMessage
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
@@ -418,12 +418,16 @@ def build_flow(
     key_of = partial(user_shard, shard_keys(state_shards)) if state_shards > 0 else _user_of
     keyed = op.flat_map_batch("key", valid.trues,
                               partial(key_batch, key_of, getattr(seed, "prefetch", None)))
-    logic = partial(ShardLogic if state_shards > 0 else velocity_logic, seed)
+    # One type over both builders, so mypy can bind `stateful_batch`'s type parameters: their
+    # snapshot types differ, and Bytewax's `W` is invariant (the next steps take `Outcome`s).
+    logic: Callable[[Any], StatefulBatchLogic[Envelope, Any, Any]] = partial(
+        ShardLogic if state_shards > 0 else velocity_logic, seed)
     outcomes = op.stateful_batch(state_step or _plain_step_id(state_shards), keyed, logic)
     rows = op.flat_map_batch("new_rows", outcomes, _rows_by_user)  # the sink's key: the user
     late = op.flat_map_batch("late", outcomes, _dead_letters)
     op.output("rows", rows, sink)
-    op.output("dlq", op.merge("dead", valid.falses, late), dlq_sink)
+    # `_is_envelope` is false only for DeadLetters (a plain bool, not a TypeGuard for them)
+    op.output("dlq", op.merge("dead", cast(Stream[DeadLetter], valid.falses), late), dlq_sink)
     return flow
 
 

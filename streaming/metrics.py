@@ -17,7 +17,7 @@ ROWS_WRITTEN = Counter(
 FRESHNESS = Histogram(
     "fraud_stream_freshness_seconds",
     "Event produced to feature servable in the online store",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60),
 )
 SNAPSHOT_USERS = Counter(
     "fraud_stream_snapshot_users_total",

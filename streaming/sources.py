@@ -127,7 +127,7 @@ class KafkaDeadLetterSink(DynamicSink[DeadLetter]):
 
 def read_dead_letters(path_glob: Path) -> list[dict[str, Any]]:
     """All dead letters in JSON-lines files matching a glob (tests, inspection)."""
-    out = []
+    out: list[dict[str, Any]] = []
     for p in sorted(path_glob.parent.glob(path_glob.name)):
         out.extend(json.loads(line) for line in p.read_text().splitlines() if line)
     return out

@@ -268,6 +268,47 @@ def test_admin_promote_rollback_and_models(client: TestClient, model_dir: Path) 
     assert sorted(status["registry"]["versions"]) == ["v1", "v2"]
 
 
+def test_drift_follows_the_champion(tmp_path: Path, trained_artifact: Path) -> None:
+    """After a promotion the PSI is taken against the new champion's training reference (a
+    fresh window), and a rollback returns to the old one; the old gauges do not linger."""
+    d = tmp_path / "models"
+    reg = Registry(d)
+    for v in ("v1", "v2"):
+        reg.register(_clone(trained_artifact, d, v))
+    # v2's reference puts all of `txn_amount_log` in its lowest bin: the same traffic drifts
+    ref = json.loads((d / "v2" / "reference.json").read_text())
+    amount = ref["features"]["txn_amount_log"]
+    # traffic: amounts spread evenly over the training deciles of log1p(amount)
+    cuts = [amount["edges"][0] - 0.2, *amount["edges"], amount["edges"][-1] + 0.2]
+    amounts = [round(float(np.expm1((lo + hi) / 2)), 2)
+               for lo, hi in zip(cuts, cuts[1:], strict=False)]
+    amount["proportions"] = [1.0] + [0.0] * (len(amount["proportions"]) - 1)
+    amount["missing"] = 0.0
+    (d / "v2" / "reference.json").write_text(json.dumps(ref))
+
+    def psi_after_traffic(client: TestClient, tag: str) -> dict[str, float]:
+        for i in range(120):
+            r = client.post("/v1/score", json={**_txn(f"{tag}-{i}", f"u{i % 7}"),
+                                               "amount": amounts[i % len(amounts)]})
+            assert r.status_code == 200, r.text
+        plog = client.app.state.prediction_log  # type: ignore[attr-defined]
+        assert len(plog.drift._recent) == 120  # the window restarted with the swap
+        return dict(plog.drift.compute())
+
+    with TestClient(create_app(_settings(d, drift_interval_seconds=3600))) as c:
+        before = psi_after_traffic(c, "a")
+        assert before["txn_amount_log"] < 1.0
+        assert c.post("/admin/promote/v2", headers=ADMIN).status_code == 200
+        plog = c.app.state.prediction_log  # type: ignore[attr-defined]
+        assert plog.drift_source == d / "v2"
+        assert _metric("fraud_feature_psi", feature="txn_amount_log") == 0.0  # old gauge gone
+        promoted = psi_after_traffic(c, "b")
+        assert promoted["txn_amount_log"] > before["txn_amount_log"] + 1.0
+        assert c.post("/admin/rollback", headers=ADMIN).status_code == 200
+        assert psi_after_traffic(c, "c")["txn_amount_log"] == pytest.approx(
+            before["txn_amount_log"], abs=0.5)
+
+
 def test_tampered_artifact_is_refused_and_old_model_keeps_serving(
     client: TestClient, model_dir: Path
 ) -> None:

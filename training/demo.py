@@ -203,7 +203,7 @@ def _known_users(root: Path) -> list[dict[str, Any]]:
 
     tx = read_transactions(root, start=datetime.now(UTC) - timedelta(days=3))
     last = tx.sort_values("event_timestamp").groupby("user_id").tail(1)
-    return last.sample(2, random_state=1).to_dict("records")  # type: ignore[return-value]
+    return last.sample(2, random_state=1).to_dict("records")
 
 
 def _summary(s: dict[str, Any], seconds: float) -> None:
