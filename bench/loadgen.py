@@ -263,7 +263,7 @@ def _run(coro: Any) -> LoadResult:
     """Run on uvloop when installed (less client overhead per request), else asyncio's loop.
 
     The caller's heap (a benchmark process holds pandas, Feast, its data) is frozen for the
-    run: a full collection walked all of it and paused this client for up to 80 ms, time that
+    run: a full collection walked all of it and paused this client for 79 ms once, time that
     was counted as the server's latency.  The scorer freezes its start-up heap the same way.
     """
     gc.collect()

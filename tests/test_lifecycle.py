@@ -268,13 +268,10 @@ def test_admin_promote_rollback_and_models(client: TestClient, model_dir: Path) 
     assert sorted(status["registry"]["versions"]) == ["v1", "v2"]
 
 
-def test_drift_follows_the_champion(tmp_path: Path, trained_artifact: Path) -> None:
+def test_drift_follows_the_champion(model_dir: Path) -> None:
     """After a promotion the PSI is taken against the new champion's training reference (a
     fresh window), and a rollback returns to the old one; the old gauges do not linger."""
-    d = tmp_path / "models"
-    reg = Registry(d)
-    for v in ("v1", "v2"):
-        reg.register(_clone(trained_artifact, d, v))
+    d = model_dir
     # v2's reference puts all of `txn_amount_log` in its lowest bin: the same traffic drifts
     ref = json.loads((d / "v2" / "reference.json").read_text())
     amount = ref["features"]["txn_amount_log"]
