@@ -93,7 +93,7 @@ class TransactionProducer:
         except KafkaException as exc:  # no broker answered in time
             log.warning("producer not ready: %s", exc)
             return False
-        while not (self._ready or not self._idempotent):
+        while self._idempotent and not self._ready:  # only idempotence waits for an id
             if time.monotonic() >= deadline:
                 return False
             self._producer.poll(0.02)
