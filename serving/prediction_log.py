@@ -1,10 +1,10 @@
 """The prediction log: scored requests with their full feature vectors, for audits and drift.
 
 `PredictionLog.record(results, events)` runs after every scoring call.  Each record is
-`streaming.score.prediction_record` (the streaming scorer's shape: ids, request time, score,
-decision, model version, feature service, missing features, every model input) plus what a
-replay needs: `amount`, `currency`, `channel`, and for the online rows that were read,
-`feature_ages` (request time minus row time, seconds) and `stale_features`.
+`streaming.score.prediction_record`, the record the streaming scorer writes too: ids, request
+time, score, decision, model version, feature service, missing features, every model input,
+and what a replay needs: `amount`, `currency`, `channel`, and for the online rows that were
+read, `feature_ages` (request time minus row time, seconds) and `stale_features`.
 
 Sinks, each optional:
 
@@ -86,15 +86,8 @@ def sampled(transaction_id: str, rate: float) -> bool:
 
 
 def log_record(result: ScoreResult, event: Any) -> dict[str, Any]:
-    """One prediction-log record (see the module docstring)."""
-    return {
-        **prediction_record(result, event),
-        "amount": float(event.amount),
-        "currency": event.currency,
-        "channel": event.channel,
-        "stale_features": list(result.vector.stale),
-        "feature_ages": dict(result.vector.ages),
-    }
+    """One prediction-log record (see the module docstring): the streaming scorer's record."""
+    return prediction_record(result, event)
 
 
 def _json_default(v: Any) -> Any:

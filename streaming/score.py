@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def prediction_record(result: Any, event: Any) -> dict[str, Any]:
-    """The JSON record written to `predictions` (and `fraud-alerts`)."""
+    """The JSON record written to `predictions` (and `fraud-alerts`), by this flow and by the
+    HTTP scorer's prediction log alike: ids, times, score, decision, model version, feature
+    service, every model input, and what an audit replay needs (the request fields, the age
+    of each online row read and which of them were stale)."""
     return {
         "transaction_id": result.transaction_id,
         "user_id": event.user_id,
@@ -48,6 +51,11 @@ def prediction_record(result: Any, event: Any) -> dict[str, Any]:
         "missing_features": result.vector.missing,
         "features": {k: (None if isinstance(v, float) and v != v else v)
                      for k, v in result.vector.values.items()},
+        "amount": float(event.amount),
+        "currency": event.currency,
+        "channel": event.channel,
+        "stale_features": list(result.vector.stale),
+        "feature_ages": dict(result.vector.ages),
     }
 
 

@@ -45,6 +45,13 @@ def test_predictions_and_alerts_match_the_scorer(trained_artifact: Path,
         assert p["score"] == pytest.approx(r.score) and p["decision"] == r.decision
         assert p["model_version"] == trained_artifact.name
         assert set(p["features"]) == set(scorer.artifact.features)
+        # the audit fields the HTTP scorer's prediction log carries, for the same replay
+        event = next(e for e in events if e.transaction_id == p["transaction_id"])
+        assert (p["amount"], p["currency"], p["channel"]) == (
+            event.amount, event.currency, event.channel)
+        assert p["stale_features"] == list(r.vector.stale)
+        assert p["feature_ages"] == pytest.approx(r.vector.ages)
+        assert p["feature_ages"]  # one age per stored feature read
     assert sorted(a["transaction_id"] for a in alerts) == sorted(
         t for t, r in expected.items() if r.decision != "approve")
     assert all(m.key == json.loads(m.value)["user_id"].encode() for m in out)
