@@ -62,9 +62,12 @@ skew-audit: setup ## compare the scorer's prediction log with point-in-time feat
 batch-score: setup ## score the transaction log from the watermark on (first run: make batch-score START=YYYY-MM-DD)
 	$(PY) -m training.batch_score $(if $(START),--start $(START))
 
-.PHONY: stream produce
+.PHONY: stream produce compact
 stream: setup ## run the feature dataflow on Kafka: python -m streaming.features
 	$(PY) -m streaming.features
+
+compact: setup ## merge the stream's small offline-history files (safe while streaming and training)
+	$(PY) -m training.compact_history
 
 produce: setup ## replay the simulated log to Kafka: python -m streaming.produce replay --speedup 0
 	$(PY) -m streaming.produce replay --speedup 0

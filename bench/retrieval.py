@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.config import Sizes, get_settings, scratch_dir
 from bench.data import Dataset, retrieval_dataset
-from bench.procs import BenchError, python, run_json
+from bench.procs import BenchError, python, run_json, run_step
 from bench.report import Measure, Section, Target
 
 TARGET_S_PER_MILLION = 10.0
@@ -99,11 +99,86 @@ def run(sizes: Sizes, section: Section) -> None:
         runs[store] = best
     section.details = {"runs": runs, "ours_at": {str(k): v for k, v in ours_at.items()}}
     _measures(section, n, ours_full, ours_at, runs)
+    if sizes.label == "full":
+        section.details["fragmented"] = frag = _fragmented(dataset, n, scratch)
+        _fragment_measures(section, n, frag)
     if section.missed():
         prof = _child(dataset, "ours", n, timeout_s=900, profile=True)
         section.profiles[f"ours, {n:,} rows (cProfile)"] = prof.get("profile",
                                                                    prof.get("error", ""))
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+FRAGMENT_FILES = 1_800  # one hour of the feature dataflow's files (one per 2 s snapshot)
+
+
+def _fragmented(dataset: Dataset, n: int, scratch: Path) -> dict[str, Any]:
+    """Ours at `n` rows with the velocity history split into `FRAGMENT_FILES` stream files,
+    then again after `python -m training.compact_history` merged them.
+
+    Runs on a copy of the data set (hard links, its own SQLite registry from `feast apply`),
+    so the data set itself is never touched.
+    """
+    import dataclasses
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.paths import velocity_history_dir
+
+    root = scratch / "fragmented"
+    source_hist = velocity_history_dir(dataset.root)
+    shutil.copytree(dataset.root, root, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("registry.db*", "user_velocity", "*.log"))
+    hist = velocity_history_dir(root)
+    hist.mkdir(parents=True)
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(source_hist.glob("*.parquet"))])
+    table = table.sort_by("event_timestamp")
+    step = -(-table.num_rows // FRAGMENT_FILES)
+    for i in range(0, table.num_rows, step):
+        pq.write_table(table.slice(i, step), hist / f"stream-p0-{i:020d}-bench000.parquet")
+    files = len(list(hist.glob("*.parquet")))
+    d = dataclasses.replace(dataset, name=f"{dataset.name}-fragmented", root=root,
+                            registry_url=f"sqlite:///{root / 'registry.db'}")
+    logs = get_settings().run_dir / "logs"
+    feast = [str(Path(sys.executable).parent / "feast"), "-c", "feature_repo"]
+    run_step("feast apply", [*feast, "apply"], d.env(), logs / "retrieval-fragmented.log", 600)
+    before = _child(d, "ours", n, 900, out=scratch / "fragmented-before.parquet")
+    compact = python("-m", "training.compact_history", "--grace-s", "0")
+    seconds = run_step("compaction", compact, d.env(), logs / "retrieval-fragmented.log", 900)
+    seconds += run_step("compaction (deletes the merged files)", compact, d.env(),
+                        logs / "retrieval-fragmented.log", 900)
+    compacted = len(list(hist.glob("*.parquet")))
+    after = _child(d, "ours", n, 900, out=scratch / "fragmented-after.parquet")
+    out: dict[str, Any] = {"history_rows": table.num_rows, "files_before": files,
+                           "files_after": compacted, "compaction_s": seconds,
+                           "before": before, "after": after}
+    if "error" not in before and "error" not in after:
+        out["after_vs_before"] = compare(Path(after["out"]), Path(before["out"]))
+    return out
+
+
+def _fragment_measures(section: Section, n: int, frag: dict[str, Any]) -> None:
+    before, after = frag["before"], frag["after"]
+    same = frag.get("after_vs_before", {})
+    for label, r in ((f"history in {frag['files_before']:,} stream files", before),
+                     (f"after compaction ({frag['files_after']:,} files)", after)):
+        section.measures.append(Measure(
+            f"ours: training frame of {n:,} rows, {label}", "s", r.get("seconds"), None,
+            "lower", stock_missing="see the note", note=r.get("error", "")))
+    section.notes.append(
+        f"Fragmented history: the velocity history ({frag['history_rows']:,} rows) split into "
+        f"{frag['files_before']:,} files, as one hour of the feature dataflow writes it (one "
+        f"file per 2 s snapshot), on a hard-linked copy of the data set; then "
+        f"`python -m training.compact_history` ({frag['compaction_s']:.1f} s for both runs) "
+        f"merged it into {frag['files_after']:,}. Frames after vs before compaction: "
+        f"{_count(same.get('rows_differing'))} of {_count(same.get('rows_compared'))} rows "
+        "differ.")
+
+
+def _count(v: Any) -> str:
+    return f"{v:,}" if isinstance(v, int) else "?"
 
 
 def compare(ours_path: Path, stock_path: Path) -> dict[str, Any]:

@@ -1,0 +1,178 @@
+"""Compact the velocity history: merge the live stream's small parquet files into large ones.
+
+The feature dataflow writes one `stream-*.parquet` file per Bytewax snapshot (every 2 s by
+default: about 43,000 files a day), and every training retrieval lists and opens each of them.
+`python -m training.compact_history` (`make compact`) merges runs of small files, in time order,
+into files of up to `--target-rows` rows, and is safe to run while the dataflow writes and
+while trainings read:
+
+* Only complete files are read (the dataflow renames a file into place once written), and
+  rows that are identical in (user_id, event_timestamp, created_timestamp) are kept once,
+  as the point-in-time join keeps them once.
+* A merged file is renamed into place after a manifest (`.compaction-*.json`) naming the
+  files it replaces.  The replaced files stay for `--grace-s` seconds (default 1 h) and are
+  deleted by a later run: a retrieval lists the directory once and reads those files
+  twice (`feature_repo.offline_store`), so deleting them at once could fail one running
+  now.  Until then their rows exist twice, which the join does not see (see above).
+* A crash at any point loses nothing: a manifest whose merged file is missing is dropped
+  with its sources kept; one whose merged file exists finishes as usual.
+
+Backfill files (`backfill-*`) are left alone: the backfill replaces them wholesale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from feature_repo.config import apply_env_defaults
+from training.paths import velocity_history_dir
+
+log = logging.getLogger(__name__)
+
+PREFIX = "stream-"
+MANIFEST_GLOB = ".compaction-*.json"
+TARGET_ROWS = 1_000_000
+GRACE_S = 3600.0
+DEDUP_KEY = ("user_id", "event_timestamp", "created_timestamp")
+
+
+@dataclass
+class Compaction:
+    """What one run did."""
+
+    files_read: int = 0
+    rows_read: int = 0
+    files_written: int = 0
+    rows_written: int = 0
+    files_deleted: int = 0
+    pending: int = 0  # replaced files kept until their grace period ends
+    written: list[str] = field(default_factory=list)
+
+
+def compact(directory: Path | None = None, target_rows: int = TARGET_ROWS,
+            grace_s: float = GRACE_S, now: float | None = None) -> Compaction:
+    """One compaction run over `directory` (default: the velocity history); see the module
+    docstring.  `now` (epoch seconds) is for tests."""
+    directory = directory or velocity_history_dir()
+    now = time.time() if now is None else now
+    out = Compaction()
+    replaced = _finish_earlier(directory, grace_s, now, out)
+    small = []
+    for path in sorted(directory.glob(f"{PREFIX}*.parquet")):
+        if path.name in replaced:
+            continue
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows < target_rows:
+            small.append((path, rows))
+    for group in _groups(small, target_rows):
+        _merge(directory, [p for p, _ in group], now, out)
+    return out
+
+
+def _finish_earlier(directory: Path, grace_s: float, now: float, out: Compaction) -> set[str]:
+    """Delete the files replaced by earlier runs whose grace period is over; return the
+    names of those still waiting (not to be compacted again)."""
+    waiting: set[str] = set()
+    for manifest in sorted(directory.glob(MANIFEST_GLOB)):
+        m = json.loads(manifest.read_text())
+        if not (directory / m["output"]).exists():  # crashed before the rename: keep sources
+            manifest.unlink()
+            continue
+        if now - m["created"] < grace_s:
+            waiting.update(m["sources"])
+            out.pending += len(m["sources"])
+            continue
+        for name in m["sources"]:
+            path = directory / name
+            if path.exists():
+                path.unlink()
+                out.files_deleted += 1
+        manifest.unlink()
+    return waiting
+
+
+def _groups(files: list[tuple[Path, int]], target_rows: int) -> list[list[tuple[Path, int]]]:
+    """Consecutive runs of files of at most `target_rows` rows together; runs of one file
+    are left as they are."""
+    groups: list[list[tuple[Path, int]]] = []
+    current: list[tuple[Path, int]] = []
+    rows = 0
+    for f in files:
+        if current and rows + f[1] > target_rows:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(f)
+        rows += f[1]
+    groups.append(current)
+    return [g for g in groups if len(g) > 1]
+
+
+def _merge(directory: Path, sources: list[Path], now: float, out: Compaction) -> None:
+    table = pa.concat_tables([pq.read_table(p) for p in sources], promote_options="default")
+    out.files_read += len(sources)
+    out.rows_read += table.num_rows
+    table = _distinct(table)
+    # Named after its first source, so a directory listing stays in time order.
+    stem = sources[0].name.removesuffix(".parquet")
+    name = f"{stem}-c{uuid.uuid4().hex[:8]}.parquet"
+    tmp = directory / f".{name}.tmp"
+    pq.write_table(table, tmp, row_group_size=128 * 1024)
+    manifest = directory / f".compaction-{uuid.uuid4().hex}.json"
+    manifest_tmp = manifest.with_suffix(".tmp")
+    manifest_tmp.write_text(json.dumps({"output": name, "created": now,
+                                        "sources": [p.name for p in sources]}))
+    os.replace(manifest_tmp, manifest)
+    os.replace(tmp, directory / name)  # from here on the merged rows are visible
+    out.files_written += 1
+    out.rows_written += table.num_rows
+    out.pending += len(sources)
+    out.written.append(name)
+    log.info("compacted %d files (%d rows) into %s", len(sources), table.num_rows, name)
+
+
+def _distinct(table: pa.Table) -> pa.Table:
+    """The first of the rows that share `DEDUP_KEY` (the writer makes such rows identical:
+    a replay after a crash rewrites the same rows)."""
+    if not set(DEDUP_KEY) <= set(table.column_names):
+        return table
+    first = (table.select(list(DEDUP_KEY))
+             .append_column("__i", pa.array(range(table.num_rows), pa.int64()))
+             .group_by(list(DEDUP_KEY), use_threads=False)
+             .aggregate([("__i", "min")]))
+    if first.num_rows == table.num_rows:
+        return table
+    return table.take(np.sort(first["__i_min"].to_numpy()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", type=Path, default=None,
+                   help="history directory (default: $FRAUD_DATA_DIR/features/user_velocity)")
+    p.add_argument("--target-rows", type=int, default=TARGET_ROWS,
+                   help="rows per merged file (default %(default)s)")
+    p.add_argument("--grace-s", type=float, default=GRACE_S,
+                   help="seconds a replaced file is kept for running readers (default "
+                        "%(default)s)")
+    a = p.parse_args(argv)
+    apply_env_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    t0 = time.perf_counter()
+    r = compact(a.dir, a.target_rows, a.grace_s)
+    print(f"compaction: {r.files_read} files ({r.rows_read:,} rows) merged into "
+          f"{r.files_written} ({r.rows_written:,} rows); {r.files_deleted} replaced files "
+          f"deleted, {r.pending} kept for the grace period; {time.perf_counter() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
