@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,7 @@ def test_compaction_keeps_every_training_frame(feature_data: Path, store: Any,
     # at most 11 of the 31 files' rows per merged file: three merged files, none left alone
     target = int(history.num_rows * 0.38)
     first = compact(directory, target_rows=target, grace_s=GRACE_S, now=1000.0)
+    assert first is not None
     assert (first.files_read, first.files_written) == (len(sources), 3)
     assert first.rows_read == history.num_rows + pq.ParquetFile(sources[5]).metadata.num_rows
     distinct = history.group_by(list(DEDUP_KEY)).aggregate([]).num_rows
@@ -98,10 +101,12 @@ def test_compaction_keeps_every_training_frame(feature_data: Path, store: Any,
     # within the grace period: nothing deleted, nothing compacted again
     again = compact(directory, target_rows=target, grace_s=GRACE_S,
                     now=1000.0 + GRACE_S - 1)
+    assert again is not None
     assert (again.files_read, again.files_deleted, again.pending) == (0, 0, len(sources))
 
     done = compact(directory, target_rows=target, grace_s=GRACE_S,
                    now=1000.0 + GRACE_S)
+    assert done is not None
     assert done.files_deleted == len(sources) and done.pending == 0
     assert not any(p.exists() for p in sources) and not list(directory.glob(".compaction-*"))
     assert sorted(p.name for p in directory.glob("*.parquet")) == sorted(first.written)
@@ -120,12 +125,19 @@ def test_a_crash_before_the_merged_file_is_in_place_keeps_the_sources(tmp_path: 
     (directory / ".compaction-dead.json").write_text(json.dumps(
         {"output": "stream-p0-missing.parquet", "created": 0.0,
          "sources": [p.name for p in _split_plain]}))
-    (directory / ".stream-p0-missing.parquet.tmp").write_bytes(b"partial")
-    r = compact(directory, target_rows=100, grace_s=0, now=10.0)
+    partial = directory / ".stream-p0-missing.parquet.tmp"
+    partial.write_bytes(b"partial")
+    os.utime(partial, (5.0, 5.0))
+    young = directory / ".stream-p0-being-written.parquet.tmp"  # the dataflow's, in progress
+    young.write_bytes(b"partial")
+    r = compact(directory, target_rows=100, grace_s=3, now=10.0)
+    assert r is not None
     assert r.files_deleted == 0 and r.files_read == 3  # the sources are compacted afresh
+    assert not partial.exists() and young.exists()  # older than the grace period: a crash's
     assert not (directory / ".compaction-dead.json").exists()
     assert _rows(directory) == 6 + 6  # merged + sources during the grace period
-    assert compact(directory, target_rows=100, grace_s=0, now=11.0).files_deleted == 3
+    done = compact(directory, target_rows=100, grace_s=3, now=13.0)
+    assert done is not None and done.files_deleted == 3
     assert _rows(directory) == 6
 
 
@@ -139,7 +151,7 @@ def test_backfill_and_large_files_are_left_alone(tmp_path: Path) -> None:
                    directory / "stream-p0-1.parquet")
     pq.write_table(small, directory / "stream-p0-2.parquet")
     r = compact(directory, target_rows=10, grace_s=0)
-    assert (r.files_read, r.files_written) == (0, 0)  # one small stream file: nothing to merge
+    assert r is not None and (r.files_read, r.files_written) == (0, 0)  # one small stream file: nothing to merge
     assert len(list(directory.glob("*.parquet"))) == 4
 
 
@@ -154,3 +166,16 @@ def test_cli_reports_what_it_did(tmp_path: Path, capsys: pytest.CaptureFixture[s
     main(["--dir", str(directory), "--grace-s", "0"])
     assert "4 replaced files deleted" in capsys.readouterr().out
     assert [pq.read_table(p).num_rows for p in directory.glob("*.parquet")] == [4]
+
+
+def test_one_run_at_a_time(tmp_path: Path) -> None:
+    directory = tmp_path / "h"
+    directory.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"user_id": [f"u{i}"]}), directory / f"stream-p0-{i}.parquet")
+    with (directory / ".compaction.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert compact(directory, grace_s=0) is None
+        assert len(list(directory.glob("*.parquet"))) == 2
+    r = compact(directory, grace_s=0)
+    assert r is not None and r.files_written == 1

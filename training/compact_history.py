@@ -15,7 +15,10 @@ while trainings read:
   twice (`feature_repo.offline_store`), so deleting them at once could fail one running
   now.  Until then their rows exist twice, which the join does not see (see above).
 * A crash at any point loses nothing: a manifest whose merged file is missing is dropped
-  with its sources kept; one whose merged file exists finishes as usual.
+  with its sources kept; one whose merged file exists finishes as usual.  Temporary files
+  left by a crash (this job's or the dataflow's) are deleted once older than the grace period.
+* One run at a time: a run that finds another one running (a lock on `.compaction.lock`)
+  does nothing.
 
 Backfill files (`backfill-*`) are left alone: the backfill replaces them wholesale.
 """
@@ -23,6 +26,7 @@ Backfill files (`backfill-*`) are left alone: the backfill replaces them wholesa
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -61,12 +65,23 @@ class Compaction:
 
 
 def compact(directory: Path | None = None, target_rows: int = TARGET_ROWS,
-            grace_s: float = GRACE_S, now: float | None = None) -> Compaction:
+            grace_s: float = GRACE_S, now: float | None = None) -> Compaction | None:
     """One compaction run over `directory` (default: the velocity history); see the module
-    docstring.  `now` (epoch seconds) is for tests."""
+    docstring.  None if another run holds the lock.  `now` (epoch seconds) is for tests."""
     directory = directory or velocity_history_dir()
-    now = time.time() if now is None else now
+    with (directory / ".compaction.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        return _compact(directory, target_rows, grace_s, time.time() if now is None else now)
+
+
+def _compact(directory: Path, target_rows: int, grace_s: float, now: float) -> Compaction:
     out = Compaction()
+    for tmp in directory.glob(".*.tmp"):  # a crashed writer's (the dataflow's or ours)
+        if now - tmp.stat().st_mtime >= grace_s:
+            tmp.unlink(missing_ok=True)
     replaced = _finish_earlier(directory, grace_s, now, out)
     small = []
     for path in sorted(directory.glob(f"{PREFIX}*.parquet")):
@@ -169,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
     r = compact(a.dir, a.target_rows, a.grace_s)
+    if r is None:
+        print("compaction: another run holds the lock; nothing done")
+        return
     print(f"compaction: {r.files_read} files ({r.rows_read:,} rows) merged into "
           f"{r.files_written} ({r.rows_written:,} rows); {r.files_deleted} replaced files "
           f"deleted, {r.pending} kept for the grace period; {time.perf_counter() - t0:.1f}s")
