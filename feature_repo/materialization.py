@@ -65,6 +65,7 @@ from pydantic import Field as ConfigField
 
 from feature_repo import redis_wire
 from feature_repo.online_store import client_kwargs
+from feature_repo.parquet_files import live_files
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -235,8 +236,7 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
         path = Path(source.path.removeprefix("file://"))
         if "://" in source.path.removeprefix("file://") or not path.exists():
             return None
-        files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() \
-            else [path]
+        files = [p for p in live_files(path) if p.is_file()] if path.is_dir() else [path]
         if not files or not fv.features or config.entity_key_serialization_version < 3:
             return None
         return _Plan(

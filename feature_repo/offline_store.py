@@ -37,6 +37,7 @@ from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.repo_config import RepoConfig
 from feast.transformation.base import Transformation
 
+from feature_repo.parquet_files import live_files
 from feature_repo.vectorised import twin_for
 
 TS = "event_timestamp"
@@ -52,8 +53,9 @@ def _files(source: FileSource) -> str:
     """The source's parquet files as a DuckDB list, listed once, so that `file_index` names
     the same file in both passes of `asof_join` even if the stream adds a file meanwhile."""
     path = Path(source.path)
-    files = sorted(str(p) for p in path.glob("**/*.parquet")) if path.is_dir() else [str(path)]
-    quoted = ["'" + f.replace("'", "''") + "'" for f in files or [f"{path}/**/*.parquet"]]
+    files = live_files(path) if path.is_dir() else [path]
+    names = [str(f) for f in files] or [f"{path}/**/*.parquet"]
+    quoted = ["'" + f.replace("'", "''") + "'" for f in names]
     return f"read_parquet([{', '.join(quoted)}])"
 
 

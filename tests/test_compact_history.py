@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from training.compact_history import DEDUP_KEY, compact, main
+from feature_repo.parquet_files import live_files
+from training.compact_history import DEDUP_KEY, Compaction, compact, main
 from training.paths import velocity_history_dir
 
 GRACE_S = 600.0
@@ -96,6 +97,7 @@ def test_compaction_keeps_every_training_frame(feature_data: Path, store: Any,
     assert first.rows_written == distinct < first.rows_read  # the replayed rows kept once
     assert first.files_deleted == 0 and first.pending == len(sources)
     assert all(p.exists() for p in sources)  # a running retrieval may still read them
+    assert [p.name for p in live_files(directory)] == sorted(first.written)  # new ones don't
     pd.testing.assert_frame_equal(_frame(store, directory, entities), before)
 
     # within the grace period: nothing deleted, nothing compacted again
@@ -114,31 +116,66 @@ def test_compaction_keeps_every_training_frame(feature_data: Path, store: Any,
     pd.testing.assert_frame_equal(_frame(store, directory, entities), before)
 
 
+def _small_files(directory: Path, n: int, start: int = 0) -> list[Path]:
+    directory.mkdir(exist_ok=True)
+    paths = [directory / f"stream-p0-{i:020d}-{i:08x}.parquet" for i in range(start, start + n)]
+    for i, p in enumerate(paths, start):
+        pq.write_table(pa.table({"user_id": [f"u{i}", f"v{i}"], "v": [i, i]}), p)
+    return paths
+
+
 def test_a_crash_before_the_merged_file_is_in_place_keeps_the_sources(tmp_path: Path) -> None:
     directory = tmp_path / "h"
-    table = pa.table({"user_id": ["u1", "u2"], "v": [1, 2]})
-    _split_plain = [directory / f"stream-p0-{i:020d}-x.parquet" for i in range(3)]
-    directory.mkdir()
-    for p in _split_plain:
-        pq.write_table(table, p)
+    sources = _small_files(directory, 3)
     # a manifest written, its merged file never renamed into place
     (directory / ".compaction-dead.json").write_text(json.dumps(
-        {"output": "stream-p0-missing.parquet", "created": 0.0,
-         "sources": [p.name for p in _split_plain]}))
+        {"output": "stream-p0-missing.parquet", "created": 0.0, "rows": 6,
+         "sources": [p.name for p in sources]}))
     partial = directory / ".stream-p0-missing.parquet.tmp"
     partial.write_bytes(b"partial")
-    os.utime(partial, (5.0, 5.0))
+    os.utime(partial, (100.0, 100.0))
     young = directory / ".stream-p0-being-written.parquet.tmp"  # the dataflow's, in progress
     young.write_bytes(b"partial")
-    r = compact(directory, target_rows=100, grace_s=3, now=10.0)
+    r = compact(directory, target_rows=100, grace_s=3, now=1000.0)
     assert r is not None
     assert r.files_deleted == 0 and r.files_read == 3  # the sources are compacted afresh
-    assert not partial.exists() and young.exists()  # older than the grace period: a crash's
     assert not (directory / ".compaction-dead.json").exists()
+    assert not partial.exists() and young.exists()  # only a crash's leftover is removed
     assert _rows(directory) == 6 + 6  # merged + sources during the grace period
-    done = compact(directory, target_rows=100, grace_s=3, now=13.0)
+    done = compact(directory, target_rows=100, grace_s=3, now=1003.0)
     assert done is not None and done.files_deleted == 3
     assert _rows(directory) == 6
+
+
+def test_a_torn_merged_file_is_removed_and_its_sources_kept(tmp_path: Path) -> None:
+    directory = tmp_path / "h"
+    sources = _small_files(directory, 3)
+    first = compact(directory, target_rows=100, grace_s=60, now=0.0)
+    assert first is not None and len(first.written) == 1
+    merged = directory / first.written[0]
+    merged.write_bytes(merged.read_bytes()[:-20])  # what a power loss could leave
+    (directory / ".compaction-junk.json").write_text('{"output": ')  # a torn manifest
+    again = compact(directory, target_rows=100, grace_s=60, now=100.0)
+    assert again is not None and again.files_deleted == 0
+    assert not merged.exists() and all(p.exists() for p in sources)
+    assert (directory / ".compaction-junk.json.bad").exists()
+    assert again.files_read == 3 and again.rows_written == 6  # merged afresh
+
+
+def test_merged_names_do_not_grow_and_a_missing_directory_is_nothing_to_do(
+        tmp_path: Path) -> None:
+    assert compact(tmp_path / "never-streamed") == Compaction()
+    directory = tmp_path / "h"
+    names = []
+    for run in range(25):  # each run: two new files merged with the previous merged file
+        _small_files(directory, 2, start=2 * run)
+        r = compact(directory, target_rows=1000, grace_s=0, now=float(run))
+        assert r is not None
+        names += r.written
+    assert len({len(n) for n in names}) == 1  # one length: no suffix added per run
+    live = live_files(directory)  # the last merged file; its sources wait for the next run
+    assert [p.name for p in live] == names[-1:]
+    assert pq.read_table(live[0]).num_rows == 2 * 2 * 25
 
 
 def test_backfill_and_large_files_are_left_alone(tmp_path: Path) -> None:

@@ -6,17 +6,22 @@ default: about 43,000 files a day), and every training retrieval lists and opens
 into files of up to `--target-rows` rows, and is safe to run while the dataflow writes and
 while trainings read:
 
-* Only complete files are read (the dataflow renames a file into place once written), and
-  rows that are identical in (user_id, event_timestamp, created_timestamp) are kept once,
-  as the point-in-time join keeps them once.
+* Only complete files are read (the dataflow renames a file into place once written).
+  Within a merged file, rows identical in (user_id, event_timestamp, created_timestamp) are
+  kept once, as the point-in-time join keeps them once.
 * A merged file is renamed into place after a manifest (`.compaction-*.json`) naming the
-  files it replaces.  The replaced files stay for `--grace-s` seconds (default 1 h) and are
-  deleted by a later run: a retrieval lists the directory once and reads those files
-  twice (`feature_repo.offline_store`), so deleting them at once could fail one running
-  now.  Until then their rows exist twice, which the join does not see (see above).
-* A crash at any point loses nothing: a manifest whose merged file is missing is dropped
-  with its sources kept; one whose merged file exists finishes as usual.  Temporary files
-  left by a crash (this job's or the dataflow's) are deleted once older than the grace period.
+  files it replaces.  From then on readers do not list those files
+  (`feature_repo.parquet_files.live_files`, used by the offline store and the
+  materialization engine), but one that listed them just before may still read them: a
+  retrieval lists the directory once and reads its files twice.  So they stay for
+  `--grace-s` seconds (default 1 h) and are deleted by a later run.  Readers that do not use
+  `live_files` (Feast's own offline stores) see their rows twice meanwhile, which a
+  point-in-time join keeps once (see above).
+* A crash at any point loses nothing: merged files and manifests are fsynced before they are
+  renamed into place; a manifest whose merged file is missing, or does not hold the rows the
+  manifest says, is dropped with its sources kept (and the bad merged file removed).
+  Temporary files a crash left behind (this job's or the dataflow's) are deleted once older
+  than `TMP_MIN_AGE_S` (10 min).
 * One run at a time: a run that finds another one running (a lock on `.compaction.lock`)
   does nothing.
 
@@ -30,6 +35,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,14 +46,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_repo.config import apply_env_defaults
+from feature_repo.parquet_files import COMPACTION_MANIFESTS
 from training.paths import velocity_history_dir
 
 log = logging.getLogger(__name__)
 
 PREFIX = "stream-"
-MANIFEST_GLOB = ".compaction-*.json"
 TARGET_ROWS = 1_000_000
 GRACE_S = 3600.0
+TMP_MIN_AGE_S = 600.0  # a temporary file this old is a crash's leftover, not being written
+MERGED_SUFFIX = re.compile(r"(-c[0-9a-f]{8})+$")
 DEDUP_KEY = ("user_id", "event_timestamp", "created_timestamp")
 
 
@@ -69,6 +77,8 @@ def compact(directory: Path | None = None, target_rows: int = TARGET_ROWS,
     """One compaction run over `directory` (default: the velocity history); see the module
     docstring.  None if another run holds the lock.  `now` (epoch seconds) is for tests."""
     directory = directory or velocity_history_dir()
+    if not directory.is_dir():  # nothing streamed yet
+        return Compaction()
     with (directory / ".compaction.lock").open("a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -80,12 +90,15 @@ def compact(directory: Path | None = None, target_rows: int = TARGET_ROWS,
 def _compact(directory: Path, target_rows: int, grace_s: float, now: float) -> Compaction:
     out = Compaction()
     for tmp in directory.glob(".*.tmp"):  # a crashed writer's (the dataflow's or ours)
-        if now - tmp.stat().st_mtime >= grace_s:
-            tmp.unlink(missing_ok=True)
-    replaced = _finish_earlier(directory, grace_s, now, out)
+        try:
+            if now - tmp.stat().st_mtime >= TMP_MIN_AGE_S:
+                tmp.unlink(missing_ok=True)
+        except FileNotFoundError:  # renamed into place meanwhile
+            pass
+    busy = _finish_earlier(directory, grace_s, now, out)
     small = []
     for path in sorted(directory.glob(f"{PREFIX}*.parquet")):
-        if path.name in replaced:
+        if path.name in busy:
             continue
         rows = pq.ParquetFile(path).metadata.num_rows
         if rows < target_rows:
@@ -97,24 +110,41 @@ def _compact(directory: Path, target_rows: int, grace_s: float, now: float) -> C
 
 def _finish_earlier(directory: Path, grace_s: float, now: float, out: Compaction) -> set[str]:
     """Delete the files replaced by earlier runs whose grace period is over; return the
-    names of those still waiting (not to be compacted again)."""
-    waiting: set[str] = set()
-    for manifest in sorted(directory.glob(MANIFEST_GLOB)):
-        m = json.loads(manifest.read_text())
-        if not (directory / m["output"]).exists():  # crashed before the rename: keep sources
-            manifest.unlink()
+    names of the files still in a grace period, as sources or merged files (not to be merged
+    again before it ends)."""
+    manifests = []
+    for path in directory.glob(COMPACTION_MANIFESTS):
+        try:
+            m = json.loads(path.read_text())
+            manifests.append((float(m["created"]), path, str(m["output"]),
+                              [str(n) for n in m["sources"]], m.get("rows")))
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable compaction manifest %s: set aside, its sources kept", path)
+            path.replace(path.with_name(path.name + ".bad"))
+    busy: set[str] = set()
+    for created, path, output, sources, rows in sorted(manifests):
+        if not _complete(directory / output, rows):  # crashed before or while writing it
+            (directory / output).unlink(missing_ok=True)
+            path.unlink()
             continue
-        if now - m["created"] < grace_s:
-            waiting.update(m["sources"])
-            out.pending += len(m["sources"])
+        if now - created < grace_s:
+            busy.update([output, *sources])
+            out.pending += len(sources)
             continue
-        for name in m["sources"]:
-            path = directory / name
-            if path.exists():
-                path.unlink()
+        for name in sources:
+            source = directory / name
+            if source.exists():
+                source.unlink()
                 out.files_deleted += 1
-        manifest.unlink()
-    return waiting
+        path.unlink()
+    return busy
+
+
+def _complete(merged: Path, rows: int | None) -> bool:
+    try:
+        return pq.ParquetFile(merged).metadata.num_rows == rows or rows is None
+    except (OSError, pa.ArrowException):  # missing, or not a whole parquet file
+        return False
 
 
 def _groups(files: list[tuple[Path, int]], target_rows: int) -> list[list[tuple[Path, int]]]:
@@ -134,26 +164,48 @@ def _groups(files: list[tuple[Path, int]], target_rows: int) -> list[list[tuple[
 
 
 def _merge(directory: Path, sources: list[Path], now: float, out: Compaction) -> None:
-    table = pa.concat_tables([pq.read_table(p) for p in sources], promote_options="default")
+    try:
+        table = pa.concat_tables([pq.read_table(p) for p in sources],
+                                 promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        log.warning("not merged, schemas differ: %s .. %s (%s)", sources[0].name,
+                    sources[-1].name, exc)
+        return
     out.files_read += len(sources)
     out.rows_read += table.num_rows
     table = _distinct(table)
-    # Named after its first source, so a directory listing stays in time order.
-    stem = sources[0].name.removesuffix(".parquet")
+    # Named after its first source (without earlier merge suffixes): the listing stays in
+    # time order and names do not grow when a merged file is merged again.
+    stem = MERGED_SUFFIX.sub("", sources[0].name.removesuffix(".parquet"))
     name = f"{stem}-c{uuid.uuid4().hex[:8]}.parquet"
     tmp = directory / f".{name}.tmp"
-    pq.write_table(table, tmp, row_group_size=128 * 1024)
+    with tmp.open("wb") as f:
+        pq.write_table(table, f, row_group_size=128 * 1024)
+        f.flush()
+        os.fsync(f.fileno())
     manifest = directory / f".compaction-{uuid.uuid4().hex}.json"
-    manifest_tmp = manifest.with_suffix(".tmp")
-    manifest_tmp.write_text(json.dumps({"output": name, "created": now,
-                                        "sources": [p.name for p in sources]}))
+    manifest_tmp = directory / f".{manifest.name}.tmp"
+    with manifest_tmp.open("w") as f:
+        json.dump({"output": name, "created": now, "rows": table.num_rows,
+                   "sources": [p.name for p in sources]}, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(manifest_tmp, manifest)
-    os.replace(tmp, directory / name)  # from here on the merged rows are visible
+    os.replace(tmp, directory / name)  # from here on readers list it instead of its sources
+    _fsync_dir(directory)
     out.files_written += 1
     out.rows_written += table.num_rows
     out.pending += len(sources)
     out.written.append(name)
     log.info("compacted %d files (%d rows) into %s", len(sources), table.num_rows, name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _distinct(table: pa.Table) -> pa.Table:
