@@ -216,3 +216,43 @@ def test_one_run_at_a_time(tmp_path: Path) -> None:
         assert len(list(directory.glob("*.parquet"))) == 2
     r = compact(directory, grace_s=0)
     assert r is not None and r.files_written == 1
+
+
+def test_the_service_loop_compacts_and_exports_metrics(tmp_path: Path) -> None:
+    """`--every-s` (the docker-compose `history-compactor`): runs again and again, with
+    Prometheus metrics; stopped from outside."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from streaming.localproc import free_port
+
+    directory = tmp_path / "h"
+    _small_files(directory, 4)
+    port = free_port()
+    log = (tmp_path / "compactor.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.compact_history", "--dir", str(directory),
+         "--grace-s", "0", "--every-s", "0.2", "--metrics-port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, text = time.monotonic() + 60, ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+            except httpx.HTTPError:
+                text = ""
+            if 'fraud_history_compaction_files_total{action="deleted"} 4.0' in text:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "compactor.log").read_text()
+        assert 'fraud_history_compaction_files_total{action="read"} 4.0' in text, text
+        assert 'fraud_history_compaction_files_total{action="deleted"} 4.0' in text, text
+        assert "fraud_history_compaction_last_success_timestamp_seconds" in text
+        assert [pq.read_table(p).num_rows for p in directory.glob("*.parquet")] == [8]
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()

@@ -34,11 +34,14 @@ PROJECT_COMMANDS = {
     "feature-dataflow": "python -m streaming.features",
     "stream-scorer": "python -m streaming.score",
     "producer": "python -m streaming.produce live --rate 200",
+    "history-compactor": "python -m training.compact_history --every-s 3600 --metrics-host "
+                         "0.0.0.0 --metrics-port 9103",
 }
 ONE_SHOT = {"init", "train"}
 REQUIRED_SERVICES = INFRA | set(PROJECT_COMMANDS) | {"init"}
 # Where Prometheus must find each service's metrics.
-SCRAPE_TARGETS = {("scorer", 8000), ("feature-dataflow", 9101), ("stream-scorer", 9102)}
+SCRAPE_TARGETS = {("scorer", 8000), ("feature-dataflow", 9101), ("stream-scorer", 9102),
+                  ("history-compactor", 9103)}
 DATA_DIR = "/var/lib/fraudstream/data"
 COMMON_ENV = {
     "REDIS_URL": "redis://redis:6379/0",
@@ -267,7 +270,7 @@ def test_volumes(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -
             else:
                 assert (ROOT / source).exists(), f"{name} bind-mounts missing {source}"
             assert not target.startswith("/var/lib/fraudstream") or not source.startswith(".")
-    for name in ("init", "feature-dataflow", "scorer"):
+    for name in ("init", "feature-dataflow", "scorer", "history-compactor"):
         assert volume_mounts(services[name]).get(DATA_DIR) == "fraud-data", name
     dataflow = services["feature-dataflow"]
     recovery = environment(dataflow)["STREAMING_RECOVERY_DIR"]

@@ -40,6 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -222,6 +223,52 @@ def _distinct(table: pa.Table) -> pa.Table:
     return table.take(np.sort(first["__i_min"].to_numpy()))
 
 
+def _metrics() -> tuple[Any, Any, Any]:
+    from prometheus_client import Counter, Gauge
+
+    runs = Counter("fraud_history_compactions_total", "History compaction runs", ["outcome"])
+    files = Counter("fraud_history_compaction_files_total",
+                    "History files merged (read), written and deleted", ["action"])
+    last = Gauge("fraud_history_compaction_last_success_timestamp_seconds",
+                 "When the last history compaction run ended without error")
+    return runs, files, last
+
+
+def run_forever(directory: Path | None, target_rows: int, grace_s: float, every_s: float,
+                metrics_host: str, metrics_port: int) -> None:
+    """`compact` every `every_s` seconds, with Prometheus metrics on metrics_host:port (the
+    docker-compose `history-compactor` service).  A failed run is logged and retried at the
+    next period; the process only ends when it is stopped (stopping it mid-run is safe)."""
+    from prometheus_client import start_http_server
+
+    runs, files, last = _metrics()
+    if metrics_port:
+        start_http_server(metrics_port, addr=metrics_host)
+    while True:
+        try:
+            r = compact(directory, target_rows, grace_s)
+        except Exception:  # noqa: BLE001 - keep the service up; the counter shows the failure
+            log.exception("history compaction failed")
+            runs.labels("failed").inc()
+        else:
+            if r is None:
+                runs.labels("locked").inc()
+            else:
+                runs.labels("ok").inc()
+                files.labels("read").inc(r.files_read)
+                files.labels("written").inc(r.files_written)
+                files.labels("deleted").inc(r.files_deleted)
+                last.set_to_current_time()
+                print(_summary(r), flush=True)
+        time.sleep(every_s)
+
+
+def _summary(r: Compaction) -> str:
+    return (f"compaction: {r.files_read} files ({r.rows_read:,} rows) merged into "
+            f"{r.files_written} ({r.rows_written:,} rows); {r.files_deleted} replaced files "
+            f"deleted, {r.pending} kept for the grace period")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=None,
@@ -231,17 +278,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grace-s", type=float, default=GRACE_S,
                    help="seconds a replaced file is kept for running readers (default "
                         "%(default)s)")
+    p.add_argument("--every-s", type=float, default=0.0,
+                   help="run again every this many seconds, for ever (a service); default: once")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="with --every-s: address of the Prometheus /metrics endpoint")
+    p.add_argument("--metrics-port", type=int, default=9103,
+                   help="with --every-s: its port (0: none; default %(default)s)")
     a = p.parse_args(argv)
     apply_env_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if a.every_s > 0:
+        run_forever(a.dir, a.target_rows, a.grace_s, a.every_s, a.metrics_host, a.metrics_port)
+        return
     t0 = time.perf_counter()
     r = compact(a.dir, a.target_rows, a.grace_s)
     if r is None:
         print("compaction: another run holds the lock; nothing done")
         return
-    print(f"compaction: {r.files_read} files ({r.rows_read:,} rows) merged into "
-          f"{r.files_written} ({r.rows_written:,} rows); {r.files_deleted} replaced files "
-          f"deleted, {r.pending} kept for the grace period; {time.perf_counter() - t0:.1f}s")
+    print(f"{_summary(r)}; {time.perf_counter() - t0:.1f}s")
 
 
 if __name__ == "__main__":
