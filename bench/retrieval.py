@@ -133,6 +133,7 @@ def _fragmented(dataset: Dataset, n: int, scratch: Path) -> dict[str, Any]:
 
     root = scratch / "fragmented"
     source_hist = velocity_history_dir(dataset.root)
+
     def link(src: str, dst: str) -> None:
         try:
             os.link(src, dst)

@@ -3,8 +3,9 @@
 `training.compact_history` merges small files into one and writes, next to it, a manifest
 (`.compaction-*.json`: {"output": name, "sources": [names], ...}, names in the manifest's
 directory).  Once the merged file is in place its sources are replaced: they stay on disk for a
-grace period, for readers that listed them before the merge, and are then deleted.  Every
-reader of a directory source lists it through `live_files`, so none lists a replaced file.
+grace period, for readers that listed them before the merge, and are then deleted.  The
+project's readers of a directory source (the offline store, the materialization engine) list
+it through `live_files`, so they never list a replaced file.
 """
 
 from __future__ import annotations
