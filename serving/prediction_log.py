@@ -85,11 +85,6 @@ def sampled(transaction_id: str, rate: float) -> bool:
     return int.from_bytes(digest, "big") < rate * 2**64
 
 
-def log_record(result: ScoreResult, event: Any) -> dict[str, Any]:
-    """One prediction-log record (see the module docstring): the streaming scorer's record."""
-    return prediction_record(result, event)
-
-
 def _json_default(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else str(v)  # numpy scalars
 
@@ -271,7 +266,7 @@ class PredictionLog:
                 self.drift.observe(r.vector.values for r in results)
             if not self.sinks:
                 return
-            records = [log_record(r, e) for r, e in zip(results, events, strict=True)
+            records = [prediction_record(r, e) for r, e in zip(results, events, strict=True)
                        if sampled(r.transaction_id, self.sample)]
             if records:
                 for sink in self.sinks:
