@@ -2,25 +2,57 @@
 
 Schema version 1.  A transaction is `{schema_version, transaction_id, user_id, merchant_id,
 amount, currency, channel, event_timestamp}` with `event_timestamp` an ISO-8601 string with a
-timezone (serialised as UTC) and `amount` in major units of `currency`.
+timezone (serialised as UTC) and `amount` a JSON number in major units of `currency`.
+
+Strict on purpose, for the HTTP API and the stream alike: no string-to-number coercion
+(`"12.5"` is refused), no epoch numbers for timestamps (pydantic would guess seconds or
+milliseconds from the size), and an event may lie at most `max_future_seconds()` ahead of the
+receiver's clock (`future_excess_s`): the API answers 422 and the stream dead-letters it with
+reason "future", so no single event can move a user's clock far ahead.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+)
 
 SCHEMA_VERSION: Final = 1  # Final: typed Literal[1], the default of `schema_version`
 CHANNELS = ("card_present", "online", "contactless", "atm")
 CURRENCIES = ("EUR", "USD", "GBP")
 MAX_AMOUNT = 1_000_000.0  # anything larger is treated as a data error, not a purchase
+# How far ahead of the receiver's clock an event_timestamp may lie (seconds): one setting, read
+# by the scorer and the stream alike.
+MAX_FUTURE_SECONDS_ENV = "FRAUD_MAX_FUTURE_SECONDS"
+DEFAULT_MAX_FUTURE_SECONDS = 300.0
+_ISO_8601 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?\s*(Z|z|[+-]\d{2}(:?\d{2})?)")
 
 Channel = Literal["card_present", "online", "contactless", "atm"]
 Currency = Literal["EUR", "USD", "GBP"]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\w.:-]+$")]
+
+
+def _iso_text(value: Any) -> Any:
+    """Timestamps are ISO-8601 text with a zone (or datetimes, from Python and parquet)."""
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and _ISO_8601.fullmatch(value.strip()):
+        return value
+    raise ValueError("timestamp must be an ISO-8601 string with a timezone, "
+                     "e.g. 2026-12-05T10:00:00Z")
 
 
 def _utc(value: datetime) -> datetime:
@@ -38,9 +70,10 @@ def _finite_amount(value: float) -> float:
     return value
 
 
-AwareDatetime = Annotated[datetime, AfterValidator(_utc)]
-Amount = Annotated[
-    float, Field(gt=0, le=MAX_AMOUNT, allow_inf_nan=False), AfterValidator(_finite_amount)
+AwareDatetime = Annotated[datetime, BeforeValidator(_iso_text), AfterValidator(_utc)]
+Amount = Annotated[  # Strict: a JSON number, no "12.5" strings, no true -> 1.0
+    float, Strict(), Field(gt=0, le=MAX_AMOUNT, allow_inf_nan=False),
+    AfterValidator(_finite_amount),
 ]
 
 
@@ -57,6 +90,18 @@ class TransactionEvent(BaseModel):
     currency: Currency
     channel: Channel
     event_timestamp: AwareDatetime
+
+
+def max_future_seconds() -> float:
+    """The bound on event time ahead of the receiver's clock: `FRAUD_MAX_FUTURE_SECONDS`."""
+    raw = os.environ.get(MAX_FUTURE_SECONDS_ENV)
+    return DEFAULT_MAX_FUTURE_SECONDS if raw in (None, "") else float(raw)
+
+
+def future_excess_s(event_timestamp: datetime, now: datetime, bound_s: float) -> float | None:
+    """Seconds by which `event_timestamp` lies beyond `now + bound_s`, or None if within it."""
+    excess = (event_timestamp - now).total_seconds() - bound_s
+    return excess if excess > 0 else None
 
 
 def to_micros(ts: datetime) -> int:

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults
+from feature_repo.contract import MAX_FUTURE_SECONDS_ENV, max_future_seconds
 
 
 class ServingSettings(BaseSettings):
@@ -26,7 +27,10 @@ class ServingSettings(BaseSettings):
     feature_repo: Path = REPO_DIR
     review_threshold: float | None = None  # default: from the model metadata
     decline_threshold: float | None = None
-    max_future_seconds: float = 300.0  # event_timestamp may lie at most this far ahead
+    # event_timestamp may lie at most this far ahead: one setting for the API and the stream
+    max_future_seconds: float = Field(
+        default_factory=max_future_seconds,
+        validation_alias=MAX_FUTURE_SECONDS_ENV)
     max_body_bytes: int = 1_000_000
     max_batch: Annotated[int, Field(ge=1, le=1000)] = 1000  # /v1/score/batch; the schema caps it at 1,000
     retry_after_seconds: int = 2

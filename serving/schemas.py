@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field
 
 from feature_repo.contract import (
     Amount,
@@ -17,14 +17,6 @@ from feature_repo.contract import (
 )
 
 
-def _timestamp_text(value: Any) -> Any:
-    # Without this, pydantic reads a JSON number as epoch seconds *or* milliseconds (guessed
-    # from its size): the contract's timestamps are ISO-8601 strings.
-    if value is not None and not isinstance(value, str | datetime):
-        raise ValueError("event_timestamp must be an ISO-8601 string with a timezone")
-    return value
-
-
 class TransactionIn(BaseModel):
     """A transaction to score; `event_timestamp` defaults to now and must carry a timezone."""
 
@@ -33,10 +25,10 @@ class TransactionIn(BaseModel):
     transaction_id: Identifier
     user_id: Identifier
     merchant_id: Identifier
-    amount: Annotated[Amount, Strict()]  # a JSON number: no "12.5" strings, no true -> 1.0
+    amount: Amount  # the contract's: a JSON number, no "12.5" strings
     currency: Currency
     channel: Channel
-    event_timestamp: Annotated[AwareDatetime | None, BeforeValidator(_timestamp_text)] = None
+    event_timestamp: AwareDatetime | None = None  # ISO-8601 with a zone; no epoch numbers
 
     def to_event(self) -> TransactionEvent:
         return TransactionEvent(
