@@ -38,7 +38,7 @@ MAX_AMOUNT = 1_000_000.0  # anything larger is treated as a data error, not a pu
 MAX_FUTURE_SECONDS_ENV = "FRAUD_MAX_FUTURE_SECONDS"
 DEFAULT_MAX_FUTURE_SECONDS = 300.0
 _ISO_8601 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?\s*(Z|z|[+-]\d{2}(:?\d{2})?)")
+    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?\s*(Z|z|[+-]\d{2}(:?\d{2})?)?")  # no zone: `_utc` says so
 
 Channel = Literal["card_present", "online", "contactless", "atm"]
 Currency = Literal["EUR", "USD", "GBP"]

@@ -20,7 +20,10 @@ class ServingSettings(BaseSettings):
     port: int = 8000
     workers: int = 1
     model_dir: Path = PROJECT_DIR / "artifacts" / "models"
-    model_version: str | None = None  # pins a version; default: the registry's champion
+    model_version: str | None = None  # pins a registered version; default: the registry's champion
+    # Development only: serve an unregistered pin, or the newest artifact directory when the
+    # registry is missing.  Off, the scorer fails closed (serving/loader.py).
+    allow_unregistered_models: bool = False
     reload_interval_s: float = 5.0  # poll registry.json for changes; 0 disables
     api_key: SecretStr | None = None  # if set, /v1/score* require it in X-API-Key
     admin_api_key: SecretStr | None = None  # /admin/* require it; unset: admin API disabled

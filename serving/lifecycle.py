@@ -5,7 +5,9 @@ poller noticing that `registry.json` changed) builds and verifies a complete new
 worker thread, then replaces `current` in one assignment on the event loop.
 
 Guarantees: a request that has read `current` finishes on that model set; a model set that fails
-verification (hash, registration, feature service) is refused and the old one keeps serving;
+verification (hash, registration, feature service), or a registry that is missing, empty,
+unreadable or inconsistent (serving/loader.py: fail closed), is refused with an ERROR log,
+`fraud_model_registry_ok` 0, and the old set keeps serving;
 reloads are serialised, so two admin calls never interleave.  The poller retries a refused
 registry state only once the file changes again.
 """
@@ -47,6 +49,7 @@ class ModelManager:
         # called on the event loop with each new model set, right after it is swapped in
         self.listeners: list[Callable[[ModelSet], None]] = []
         self._publish(None, models)
+        metrics.REGISTRY_OK.set(1)
 
     @classmethod
     def start(cls, settings: ServingSettings) -> ModelManager:
@@ -75,11 +78,13 @@ class ModelManager:
             except Exception as exc:
                 self._seen, self.last_error = seen, str(exc)
                 metrics.MODEL_RELOADS.labels("refused").inc()
+                metrics.REGISTRY_OK.set(0)
                 log.error("model reload refused, keeping %s: %s",
                           self.current.champion.artifact.version, exc)
                 raise
             old, self.current = self.current, new
             self._seen, self.last_error = seen, None
+            metrics.REGISTRY_OK.set(1)
             self.loaded_at = datetime.now(UTC)
             self._publish(old, new)
             for listener in self.listeners:

@@ -1,10 +1,17 @@
 """Start-up and reload: find, verify and bind the model artifacts to the feature store.
 
-What serves is decided, in order, by `SERVING_MODEL_VERSION` (a pin: that version alone), the
-model registry `<model_dir>/registry.json` (its champion and challenger), or the newest version
-directory in `model_dir`.  Every artifact is verified before it is unpickled: its sha256 against
-its metadata and, for registered versions, against the hash recorded at registration; then its
-feature service against the Feast registry.
+What serves is decided by `SERVING_MODEL_VERSION` (a pin: that version alone) or else by the
+model registry `<model_dir>/registry.json` (its champion and challenger).  Every artifact is
+verified before it is unpickled: its sha256 against the hash recorded at registration and
+against its metadata; then its feature service against the Feast registry.
+
+Fail closed: the trust anchor is the registry.  A version serves only if the registry names it
+(as champion, challenger or pin) with the hash it recorded; a registry that is missing, empty,
+unreadable or inconsistent (a champion it does not list, a champion that its own history does
+not lead to, a version without a hash) is refused, and a running scorer keeps what it serves.
+Artifact directories are not trusted by their presence: the "newest directory" fallback and
+pins of unregistered versions exist only behind `SERVING_ALLOW_UNREGISTERED_MODELS`, a
+development flag.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from serving.config import ServingSettings
 from serving.features import OnlineFeatures
 from serving.models import Challenger, ModelSet
 from serving.scoring import Scorer, thresholds_for
-from training.registry import Mode, Registry, RegistryError
+from training.registry import Mode, Registry, RegistryError, check_consistent
 
 
 @dataclass(frozen=True)
@@ -33,14 +40,14 @@ class ModelPlan:
     """What to serve, before anything is loaded."""
 
     champion: ModelRef
-    source: str  # "pinned", "registry" or "newest"
+    source: str  # "pinned", "registry" or "newest" (development flag only)
     challenger: ModelRef | None = None
     mode: Mode = "shadow"
     share: float = 0.0
 
 
 def resolve_plan(settings: ServingSettings) -> ModelPlan:
-    """The pinned version, else the registry's champion and challenger, else the newest dir."""
+    """The pinned version, else the registry's champion and challenger (fail closed)."""
     try:
         return _plan(settings)
     except RegistryError as exc:
@@ -49,22 +56,38 @@ def resolve_plan(settings: ServingSettings) -> ModelPlan:
 
 def _plan(settings: ServingSettings) -> ModelPlan:
     reg = Registry(settings.model_dir)
-    state = reg.state() if reg.exists() else None
+    dev = settings.allow_unregistered_models
+    try:
+        state = check_consistent(reg.state()) if reg.exists() else None
+    except RegistryError:
+        if not dev:
+            raise
+        state = None
 
     def ref(version: str) -> ModelRef:
         entry = reg.entry(version, state)
         return ModelRef(settings.model_dir / entry["path"], entry["sha256"])
 
-    if settings.model_version:
-        if state is not None and settings.model_version in state["versions"]:
-            return ModelPlan(ref(settings.model_version), "pinned")
-        return ModelPlan(ModelRef(settings.model_dir / settings.model_version), "pinned")
+    pin = settings.model_version
+    if pin:
+        if state is not None and pin in state["versions"]:
+            return ModelPlan(ref(pin), "pinned")
+        if dev:
+            return ModelPlan(ModelRef(settings.model_dir / pin), "pinned")
+        raise RegistryError(
+            f"SERVING_MODEL_VERSION={pin} is not registered in {reg.path}: register it "
+            "(python -m training.registry register DIR) or, in development only, set "
+            "SERVING_ALLOW_UNREGISTERED_MODELS=true")
     if state is not None and state["champion"]:
         spec = reg.challenger(state)
         if spec is None:
             return ModelPlan(ref(state["champion"]), "registry")
         return ModelPlan(ref(state["champion"]), "registry", ref(spec.version), spec.mode,
                          spec.share)
+    if not dev:
+        problem = "does not exist" if state is None else "names no champion"
+        raise RegistryError(f"{reg.path} {problem}: nothing verified to serve (train, or "
+                            "promote a registered version)")
     versions = sorted(p for p in settings.model_dir.glob("*/metadata.json"))
     if not versions:
         raise ArtifactError(f"no model artifact under {settings.model_dir}: run `make train`")

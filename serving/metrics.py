@@ -44,6 +44,10 @@ CHALLENGER_SCORE_DIFF = Histogram(
     ["version"], buckets=(-0.5, -0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
 )
 MODEL_RELOADS = Counter("fraud_model_reloads_total", "Model set reloads", ["outcome"])
+REGISTRY_OK = Gauge(
+    "fraud_model_registry_ok",
+    "1 while the model registry describes a verified model set; 0 after a refused reload "
+    "(the scorer keeps serving what it had)")
 PREDICTION_LOG = Counter(
     "fraud_prediction_log_records_total", "Prediction log records by sink and outcome",
     ["sink", "outcome"],  # outcome: written | delivered | failed | dropped

@@ -636,7 +636,8 @@ def edit_metadata(artifact: Path, **changes: Any) -> None:
 
 
 def start(artifact: Path) -> None:
-    with TestClient(create_app(settings_for(artifact))):
+    """Start a scorer pinned to `artifact`, unregistered (the development flag allows it)."""
+    with TestClient(create_app(settings_for(artifact, allow_unregistered_models=True))):
         pass
 
 

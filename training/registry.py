@@ -77,6 +77,26 @@ def lineage(state: dict[str, Any]) -> list[str]:
     return stack
 
 
+def check_consistent(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` if what it says is servable, else RegistryError: every version has a path and a
+    sha256, the champion is registered and is where the history leads, the challenger is
+    registered.  A registry edited by hand into any other shape is refused, not guessed at."""
+    for version, entry in state["versions"].items():
+        if not isinstance(entry, dict) or not entry.get("path") or not entry.get("sha256"):
+            raise RegistryError(f"version {version!r} has no recorded path and sha256")
+    champion, chain = state["champion"], lineage(state)
+    if champion is not None and champion not in state["versions"]:
+        raise RegistryError(f"the champion {champion!r} is not a registered version")
+    if champion != (chain[-1] if chain else None):
+        raise RegistryError(f"the champion {champion!r} is not where the promotion history "
+                            f"leads ({chain[-1] if chain else None!r})")
+    challenger = state["challenger"]
+    if challenger is not None and (not isinstance(challenger, dict)
+                                   or challenger.get("version") not in state["versions"]):
+        raise RegistryError(f"the challenger {challenger!r} is not a registered version")
+    return state
+
+
 class Registry:
     """Read and change `<model_dir>/registry.json`; every change is one locked transaction."""
 
