@@ -284,6 +284,7 @@ def test_redis_stopped_or_killed_is_a_quick_503_and_recovers_by_itself(
     body = {"transaction_id": f"{user}-q", "user_id": user, "merchant_id": merchant,
             "amount": 25.0, "currency": "EUR", "channel": "online"}
     artifact = clone_artifact(trained_artifact, tmp_path / "models", "faults-redis")
+    Registry(artifact.parent).register(artifact)
     scorer_env = {"SERVING_MODEL_DIR": str(artifact.parent), "SERVING_MODEL_VERSION": artifact.name,
                   "SERVING_RELOAD_INTERVAL_S": "0", "SERVING_RETRY_AFTER_SECONDS": "2",
                   "SERVING_LOOKUP_TIMEOUT_S": str(LOOKUP_TIMEOUT_S)}
@@ -734,7 +735,7 @@ def test_corrupt_artifact_is_refused_at_start_up_naming_the_file(
     spoil, message = CORRUPTIONS[damage]
     spoil(artifact)
     settings = ServingSettings(model_dir=artifact.parent, model_version=artifact.name,
-                               reload_interval_s=0)
+                               reload_interval_s=0, allow_unregistered_models=True)
     with pytest.raises(ArtifactError, match=message) as err:
         with TestClient(create_app(settings)):
             pass
