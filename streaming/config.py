@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults
+from feature_repo.contract import MAX_FUTURE_SECONDS_ENV, max_future_seconds
 from streaming.kafka_conf import DEFAULT_BOOTSTRAP
 
 DEFAULT_STATE_SHARDS = 256  # keys of the velocity state (see `features.ShardLogic`)
@@ -34,6 +36,16 @@ class StreamingSettings(BaseSettings):
     metrics_port: int = 9101
     score_metrics_port: int = 9102
     tail: bool = True  # keep waiting for new events at the end of the topic
+    # Where a partition resumes when its offset lies past the log's end or its topic was
+    # recreated (a lost log; `streaming.sources.KafkaInput`): "earliest" re-reads the new log
+    # (replays are idempotent), "latest" skips what it already holds.
+    offset_reset: Literal["earliest", "latest"] = "earliest"
+    # How long the DLQ sink retries a dead letter the broker does not take, before it counts
+    # it in `fraud_stream_dlq_failed_total`, logs it at ERROR and goes on (`KafkaDeadLetterSink`)
+    dlq_retry_s: float = Field(default=30.0, ge=0)
+    # event_timestamp may lie at most this far ahead: one setting for the API and the stream
+    max_future_seconds: float = Field(
+        default_factory=max_future_seconds, validation_alias=MAX_FUTURE_SECONDS_ENV)
 
 
 @lru_cache

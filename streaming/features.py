@@ -14,6 +14,14 @@ is lost and nothing is counted twice (at-least-once delivery, exactly-once effec
 Late events: an event up to `feature_repo.velocity.ALLOWED_LATENESS_US` (10 min) behind its
 user's newest event is merged into the state and counts from then on; an older one goes to the
 DLQ with reason "late".  A repeated `transaction_id` is ignored (counted as a duplicate).
+
+Future events: an event more than `max_future_s` (`FRAUD_MAX_FUTURE_SECONDS`, 300 s, the API's
+bound) ahead of the reference clock goes to the DLQ with reason "future" before it reaches any
+state, so it never moves a user's clock.  The reference clock is min(wall clock, the Kafka
+record's timestamp), deterministic when a crash replays the record; for a log record (no
+ingestion time) the wall clock.  A user's newest event is therefore at most 300 s ahead of
+real time, and the lateness window (10 min behind it) cannot be pushed past real events; the
+default bound must stay below `ALLOWED_LATENESS_US` (tested).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -28,36 +37,59 @@ from pathlib import Path
 from typing import Any, cast
 
 import bytewax.operators as op
-from bytewax.connectors.kafka import KafkaSource, KafkaSourceMessage
+from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
-from feature_repo.contract import TransactionEvent, to_micros
+from feature_repo.contract import TransactionEvent, max_future_seconds, to_micros
 from feature_repo.velocity import ROW_FIELDS, LateEventError, StateSnapshot, UserVelocityState
 from streaming import metrics
 from streaming.config import DEFAULT_STATE_SHARDS
-from streaming.events import DeadLetter, Envelope, parse
+from streaming.events import DeadLetter, Envelope, future_reason, parse
+from streaming.sources import KafkaInput
 from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow
 
 log = logging.getLogger(__name__)
 
 Outcome = VelocityRow | DeadLetter | None
-APPLIED, DUPLICATE, LATE, INVALID = (
-    metrics.EVENTS.labels(o) for o in ("applied", "duplicate", "late", "invalid")
+APPLIED, DUPLICATE, LATE, INVALID, FUTURE = (
+    metrics.EVENTS.labels(o) for o in ("applied", "duplicate", "late", "invalid", "future")
 )
 
 
-def parse_item(item: Any) -> Envelope | DeadLetter:
-    """Kafka message, raw bytes or a log record -> validated event or dead letter."""
+def parse_item(
+    item: Any, now_s: float | None = None, max_future_s: float | None = None
+) -> Envelope | DeadLetter:
+    """Kafka message, raw bytes or a log record -> validated event or dead letter.
+
+    With `max_future_s`, an event more than that far ahead of the reference clock is a
+    "future" dead letter: the reference is min(`now_s` (wall clock, epoch seconds), the Kafka
+    record's timestamp), or `now_s` for anything else.
+    """
+    now_s = time.time() if now_s is None else now_s
     if isinstance(item, KafkaSourceMessage):
         ts_type, ts_ms = item.timestamp if item.timestamp else (0, 0)
-        out = parse(item.value or b"", ts_ms / 1000 if ts_type else None)
+        produced_at = ts_ms / 1000 if ts_type else None
+        origin = (item.topic, item.partition, item.offset)
+        value = item.value or b""
+        out = parse(value, produced_at, origin)
         if isinstance(out, DeadLetter):
-            return DeadLetter(out.reason, out.original, item.key)
+            return DeadLetter(out.reason, out.original, item.key, origin)
+        if max_future_s is not None:
+            ref = now_s if produced_at is None else min(now_s, produced_at)
+            reason = future_reason(out.event, ref, max_future_s)
+            if reason is not None:
+                return DeadLetter(reason, value, item.key, origin)
         return out
-    return parse(item)
+    out = parse(item)
+    if max_future_s is not None and isinstance(out, Envelope):
+        reason = future_reason(out.event, now_s, max_future_s)
+        if reason is not None:
+            e = out.event
+            return DeadLetter(reason, e.model_dump_json().encode(), e.user_id.encode())
+    return out
 
 
 Seeder = Callable[[str, TransactionEvent], UserVelocityState | None]  # (user, first event)
@@ -344,7 +376,8 @@ def update_velocity(
         row = state.apply(e.transaction_id, to_micros(e.event_timestamp), e.amount, e.merchant_id)
     except LateEventError as exc:
         LATE.inc()
-        return state, DeadLetter(f"late: {exc}", e.model_dump_json().encode(), e.user_id.encode())
+        return state, DeadLetter(f"late: {exc}", e.model_dump_json().encode(), e.user_id.encode(),
+                                 env.origin)
     if row is None:
         DUPLICATE.inc()
         return state, None
@@ -363,8 +396,9 @@ def key_batch(
     return [(key_of(env), env) for env in batch]
 
 
-def _parse_batch(items: list[Any]) -> list[Envelope | DeadLetter]:
-    return [parse_item(item) for item in items]
+def _parse_batch(max_future_s: float, items: list[Any]) -> list[Envelope | DeadLetter]:
+    now_s = time.time()  # one wall clock per micro-batch
+    return [parse_item(item, now_s, max_future_s) for item in items]
 
 
 def _user_of(env: Envelope) -> str:
@@ -381,7 +415,7 @@ def _dead_letters(batch: list[tuple[str, Outcome]]) -> list[DeadLetter]:
 
 def _is_envelope(x: Envelope | DeadLetter) -> bool:
     if isinstance(x, DeadLetter):
-        INVALID.inc()
+        (FUTURE if x.reason.startswith("future:") else INVALID).inc()
         return False
     return True
 
@@ -394,11 +428,14 @@ def build_flow(
     seed: Seeder | None = None,
     state_shards: int = DEFAULT_STATE_SHARDS,
     state_step: str | None = None,
+    max_future_s: float | None = None,
 ) -> Dataflow:
     """Events from `source` -> (user_id, VelocityRow) into `sink`; DeadLetters into `dlq_sink`.
 
     `seed(user_id, event)` gives the state a user starts from when the flow first sees it, at
     `event` (the live flow reads the online store; the backfill and tests start from nothing).
+    `max_future_s` bounds event time ahead of the reference clock (default:
+    `FRAUD_MAX_FUTURE_SECONDS`, read when the flow is built; see "Future events" above).
     A seed with a `prefetch(user_ids)` method is given each micro-batch's users first, so it
     can read their rows in one round trip.
 
@@ -413,7 +450,8 @@ def build_flow(
     raw = op.input("in", flow, source)
     # Batch-wise steps: one Python call per micro-batch instead of one per event (Bytewax's
     # per-item calls of `map`/`key_on` cost more than the small functions they ran).
-    parsed = op.flat_map_batch("parse", raw, _parse_batch)
+    bound = max_future_seconds() if max_future_s is None else max_future_s
+    parsed = op.flat_map_batch("parse", raw, partial(_parse_batch, bound))
     valid = op.branch("valid", parsed, _is_envelope)
     key_of = partial(user_shard, shard_keys(state_shards)) if state_shards > 0 else _user_of
     keyed = op.flat_map_batch("key", valid.trues,
@@ -431,8 +469,9 @@ def build_flow(
     return flow
 
 
-def kafka_source(bootstrap: str, topic: str, tail: bool) -> KafkaSource:
-    """The live flow's Kafka input (batch size and fetch wait from `StreamingSettings`).
+def kafka_source(bootstrap: str, topic: str, tail: bool) -> KafkaInput:
+    """The live flow's Kafka input (batch size, fetch wait and offset-reset policy from
+    `StreamingSettings`; see `streaming.sources.KafkaInput` for lost logs).
 
     `fetch.wait.max.ms` bounds how long the broker may hold a fetch while it has less than
     `fetch.min.bytes` (1) to answer with: librdkafka's 500 ms default added 130-260 ms to every
@@ -441,9 +480,10 @@ def kafka_source(bootstrap: str, topic: str, tail: bool) -> KafkaSource:
     from streaming.config import get_settings
 
     s = get_settings()
-    return KafkaSource([bootstrap], [topic], tail=tail, batch_size=s.source_batch_size,
-                       add_config={"socket.keepalive.enable": "true",
-                                   "fetch.wait.max.ms": str(s.source_fetch_wait_ms)})
+    return KafkaInput(bootstrap, topic, tail=tail, batch_size=s.source_batch_size,
+                      offset_reset=s.offset_reset,
+                      add_config={"socket.keepalive.enable": "true",
+                                  "fetch.wait.max.ms": str(s.source_fetch_wait_ms)})
 
 
 def get_flow(state_step: str | None = None) -> Dataflow:
@@ -458,9 +498,10 @@ def get_flow(state_step: str | None = None) -> Dataflow:
     s = get_settings()
     source = kafka_source(s.bootstrap_servers, TRANSACTIONS, tail=s.tail)
     sink = VelocitySink(s.feature_repo, velocity_history_dir(), prefix="stream")
-    return build_flow(source, sink, KafkaDeadLetterSink(s.bootstrap_servers, TRANSACTIONS_DLQ),
-                      seed=OnlineStateSeeder(s.feature_repo), state_shards=s.state_shards,
-                      state_step=state_step)
+    dlq = KafkaDeadLetterSink(s.bootstrap_servers, TRANSACTIONS_DLQ, s.dlq_retry_s)
+    return build_flow(source, sink, dlq, seed=OnlineStateSeeder(s.feature_repo),
+                      state_shards=s.state_shards, state_step=state_step,
+                      max_future_s=s.max_future_seconds)
 
 
 LAYOUT_FILE = "velocity_layout.json"

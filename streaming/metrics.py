@@ -8,6 +8,19 @@ EVENTS = Counter(
     "fraud_stream_events_total", "Events read by the feature dataflow, by outcome", ["outcome"]
 )
 DLQ = Counter("fraud_stream_dlq_total", "Events sent to the dead-letter topic", ["reason"])
+DLQ_FAILED = Counter(
+    "fraud_stream_dlq_failed_total",
+    "Dead letters the dead-letter sink could not write within its retry budget (logged, skipped)",
+    ["reason"],
+)
+OFFSET_RESETS = Counter(
+    "fraud_stream_offset_resets_total",
+    "Input partitions whose offset lay past the log's end or whose topic was recreated",
+    ["partition"],
+)
+SOURCE_ERRORS = Counter(
+    "fraud_stream_source_errors_total", "Errors reported by the Kafka input (not raised)", ["code"]
+)
 WRITE_BATCHES = Counter(
     "fraud_stream_write_batches_total", "Micro-batches written to the online store"
 )

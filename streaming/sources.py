@@ -1,20 +1,38 @@
-"""Bytewax sources and dead-letter sinks besides Kafka's own connectors."""
+"""Bytewax sources and dead-letter sinks: the transaction log, Kafka in, dead letters out."""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pyarrow.parquet as pq
+from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import Producer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from streaming import metrics
 from streaming.events import DeadLetter
-from streaming.kafka_conf import producer_conf
+from streaming.kafka_conf import admin_conf, consumer_conf, producer_conf
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = ["transaction_id", "user_id", "merchant_id", "amount", "currency", "channel",
             "event_timestamp"]
@@ -70,6 +88,197 @@ class ParquetLogSource(FixedPartitionedSource[dict[str, Any], tuple[int, int]]):
         return _LogPartition(self._files, self._batch_size, resume_state)
 
 
+
+# --- Kafka in ------------------------------------------------------------------------------
+
+KafkaMessage = KafkaSourceMessage[bytes | None, bytes | None]
+CHECK_TIMEOUT_S = 2.0  # of one log check (topic id, end offset) and of a blocking offset query
+
+
+class _KafkaPartition(StatefulSourcePartition[KafkaMessage, int]):
+    """One partition of `KafkaInput`: the snapshot is the offset of the next record to read
+    (`OFFSET_BEGINNING`, -2, before the first), as in Bytewax's `KafkaSource`."""
+
+    def __init__(self, consumer: Consumer, admin: AdminClient, tp: TopicPartition,
+                 resume: int | None, batch_size: int, reset: str, check_every_s: float) -> None:
+        self._consumer, self._admin, self._tp = consumer, admin, tp
+        self._batch_size, self._reset_to, self._check_every_s = batch_size, reset, check_every_s
+        self._eof = False
+        self._topic_id: str | None = None
+        self._check: tuple[Future[Any], Future[Any]] | None = None
+        self._next_check = time.monotonic()  # at once: learns the topic id
+        self._offset = OFFSET_BEGINNING if resume is None else resume
+        if self._offset >= 0:
+            try:
+                low, high = consumer.get_watermark_offsets(tp, CHECK_TIMEOUT_S, cached=False)
+            except KafkaException as exc:
+                log.warning("partition %d: resume offset %d not checked against the log (%s); "
+                            "the running check will", tp.partition, self._offset, exc)
+            else:
+                if self._offset > high:
+                    self._offset = self._reset_offset(
+                        f"resume offset {self._offset} lies past the log's end ({high})", low, high)
+        consumer.assign([TopicPartition(tp.topic, tp.partition, self._offset)])
+
+    def next_batch(self) -> list[KafkaMessage]:
+        if self._eof:
+            raise StopIteration
+        try:
+            msgs = self._consumer.consume(self._batch_size, 0.001)
+        except KafkaException as exc:  # never crash the worker: count, log, try again
+            self._error(exc.args[0] if exc.args else None)
+            msgs = []
+        batch = []
+        for msg in msgs:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    self._eof = True  # emit this batch, stop at the next call
+                    break
+                self._error(error)
+                continue
+            batch.append(_source_message(msg))
+        if batch:
+            self._offset = (batch[-1].offset or 0) + 1
+        if self._check is not None or time.monotonic() >= self._next_check:
+            self._check_log()
+        return batch
+
+    def _error(self, error: KafkaError | None) -> None:
+        code = error.name() if isinstance(error, KafkaError) else "unknown"
+        metrics.SOURCE_ERRORS.labels(code).inc()
+        log.warning("partition %d: consume error %s (at offset %d)", self._tp.partition, error,
+                    self._offset)
+
+    def _check_log(self) -> None:
+        """Without blocking: ask for the topic's id and the partition's end, and once both
+        answered, reset the offset if the topic was recreated or the log ends before it."""
+        if self._check is None:
+            topic, part = self._tp.topic, self._tp.partition
+            described = self._admin.describe_topics(
+                TopicCollection([topic]), request_timeout=CHECK_TIMEOUT_S)[topic]
+            tp = TopicPartition(topic, part)
+            ends = self._admin.list_offsets({tp: OffsetSpec.latest()},
+                                            request_timeout=CHECK_TIMEOUT_S)
+            self._check = (described, next(iter(ends.values())))
+            return
+        if not all(f.done() for f in self._check):
+            return
+        (described, end), self._check = self._check, None
+        self._next_check = time.monotonic() + self._check_every_s
+        try:
+            topic_id, high = str(described.result().topic_id), int(end.result().offset)
+        except KafkaException as exc:  # broker unreachable: next time
+            log.debug("partition %d: log check failed: %s", self._tp.partition, exc)
+            return
+        if self._topic_id is None:
+            self._topic_id = topic_id
+        if topic_id != self._topic_id:
+            why = f"topic {self._tp.topic} was recreated (id {self._topic_id} -> {topic_id})"
+        elif self._offset > high:
+            why = f"offset {self._offset} lies past the log's end ({high})"
+        else:
+            return
+        self._topic_id = topic_id
+        try:
+            low, high = self._consumer.get_watermark_offsets(self._tp, CHECK_TIMEOUT_S,
+                                                             cached=False)
+        except KafkaException:
+            low, high = OFFSET_BEGINNING, OFFSET_END  # resolved by the consumer
+        self._offset = self._reset_offset(why, low, high)
+        self._consumer.assign([TopicPartition(self._tp.topic, self._tp.partition, self._offset)])
+
+    def _reset_offset(self, why: str, low: int, high: int) -> int:
+        new = low if self._reset_to == "earliest" else high
+        metrics.OFFSET_RESETS.labels(str(self._tp.partition)).inc()
+        log.warning("partition %d: %s: the log was lost or replaced; resuming at the %s "
+                    "offset %d (STREAMING_OFFSET_RESET=%s)", self._tp.partition, why,
+                    self._reset_to, new, self._reset_to)
+        return new
+
+    def snapshot(self) -> int:
+        return self._offset
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _source_message(msg: Message) -> KafkaMessage:
+    return KafkaSourceMessage(
+        key=msg.key(), value=msg.value(), topic=msg.topic(),
+        headers=cast(list[tuple[str, bytes]], msg.headers() or []),
+        latency=msg.latency(), offset=msg.offset(), partition=msg.partition(),
+        timestamp=msg.timestamp())
+
+
+class KafkaInput(FixedPartitionedSource[KafkaMessage, int]):
+    """A Kafka topic as Bytewax input, one input partition per Kafka partition, that notices
+    a lost log (drop-in for Bytewax's `KafkaSource`: same partition keys "{i}-{topic}", same
+    snapshots, the offset to read next, so existing recovery directories resume).
+
+    Delivery: with recovery, offsets are snapshotted with the state; a restart resumes from
+    them (at-least-once input, duplicates removed downstream by `transaction_id`).
+
+    Lost log: a broker that lost its log (Tansu's memory storage after a restart, a topic
+    deleted and recreated) keeps the consumer fetching at offsets the new log reaches only
+    much later, and Tansu does not answer OFFSET_OUT_OF_RANGE.  So each partition checks,
+    when built from a resume offset and then every `check_every_s` while running (without
+    blocking the flow), whether the topic's id changed or its offset lies past the log's end;
+    then it logs a WARNING, counts `fraud_stream_offset_resets_total{partition}` and resumes
+    by `offset_reset` (`STREAMING_OFFSET_RESET`): "earliest" (default) re-reads the new log
+    from its start (events already applied are ignored as duplicates), "latest" skips to its
+    end.  librdkafka applies the same policy (`auto.offset.reset`) where a broker does answer
+    OFFSET_OUT_OF_RANGE.  Records of the new log read at the old offsets before the check
+    noticed are read again after the reset: nothing is skipped.  Consume errors other than
+    the end of a partition are logged and counted (`fraud_stream_source_errors_total`),
+    never raised.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, tail: bool = True, batch_size: int = 1000,
+                 offset_reset: str = "earliest", add_config: dict[str, Any] | None = None,
+                 check_every_s: float = 2.0) -> None:
+        if offset_reset not in ("earliest", "latest"):
+            raise ValueError(f"offset_reset must be 'earliest' or 'latest', not {offset_reset!r}")
+        self._bootstrap, self._topic, self._tail = bootstrap, topic, tail
+        self._batch_size, self._reset, self._check_every_s = (batch_size, offset_reset,
+                                                              check_every_s)
+        self._add_config = add_config or {}
+        self._admin: AdminClient | None = None
+
+    def _admin_client(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = AdminClient(admin_conf(self._bootstrap, logger=log))
+        return self._admin
+
+    def list_parts(self) -> list[str]:
+        meta = self._admin_client().list_topics(self._topic, timeout=30).topics[self._topic]
+        if meta.error is not None:
+            raise RuntimeError(f"cannot list the partitions of {self._topic!r}: {meta.error}")
+        return [f"{i}-{self._topic}" for i in sorted(meta.partitions)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
+        idx, topic = for_part.split("-", 1)
+        if topic != self._topic:
+            raise ValueError(f"partition {for_part!r} is not of topic {self._topic!r}")
+        conf = consumer_conf(
+            self._bootstrap, "fraudstream-unused",  # no group: offsets live in the snapshots
+            logger=log, **{"enable.auto.commit": False, "enable.partition.eof": not self._tail,
+                           "auto.offset.reset": self._reset, **self._add_config})
+        return _KafkaPartition(Consumer(conf), self._admin_client(), TopicPartition(topic, int(idx)),
+                               resume_state, self._batch_size, self._reset, self._check_every_s)
+
+
+# --- dead letters out --------------------------------------------------------------------------
+
+
+def _lost(d: DeadLetter, why: str) -> None:
+    """Count and log a dead letter that could not be written (the flow goes on)."""
+    metrics.DLQ_FAILED.labels(d.reason.split(":")[0]).inc()
+    topic, partition, offset = d.origin or (None, None, None)
+    log.error("dead letter not written (%s): key=%r topic=%s partition=%s offset=%s size=%d "
+              "reason=%.200s", why, d.key, topic, partition, offset, len(d.original), d.reason)
+
+
 class _JsonlPartition(StatelessSinkPartition[DeadLetter]):
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,16 +286,24 @@ class _JsonlPartition(StatelessSinkPartition[DeadLetter]):
 
     def write_batch(self, items: list[DeadLetter]) -> None:
         for d in items:
-            self._f.write(d.to_json().decode() + "\n")
+            try:
+                self._f.write(d.to_json().decode() + "\n")
+            except OSError as exc:
+                _lost(d, str(exc))
+                continue
             metrics.DLQ.labels(d.reason.split(":")[0]).inc()
-        self._f.flush()
+        try:
+            self._f.flush()
+        except OSError as exc:
+            log.error("dead-letter file not flushed: %s", exc)
 
     def close(self) -> None:
         self._f.close()
 
 
 class JsonlDeadLetterSink(DynamicSink[DeadLetter]):
-    """Dead letters appended to a JSON-lines file (backfills, which have no broker)."""
+    """Dead letters appended to a JSON-lines file (backfills, which have no broker), one
+    `DeadLetter.to_json` per line (bounded: 64 KiB of the original at most)."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -95,34 +312,124 @@ class JsonlDeadLetterSink(DynamicSink[DeadLetter]):
         return _JsonlPartition(self._path.with_suffix(f".{worker_index}.jsonl"))
 
 
+# Errors after which the same record may well go through: retried until the budget is spent.
+# Any other error (too large, invalid record ...) is the record's own: it is sent once more
+# without its original, then given up.
+_TRANSIENT = frozenset({
+    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT,
+    KafkaError._QUEUE_FULL, KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC,
+    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+})
+_PENDING = object()  # no delivery report yet
+
+
 class _KafkaDlqPartition(StatelessSinkPartition[DeadLetter]):
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self._producer = Producer(producer_conf(bootstrap))
+    def __init__(self, bootstrap: str, topic: str, retry_s: float) -> None:
+        attempt_ms = max(1000, int(min(retry_s, 10.0) * 1000))
+        # Not idempotent: a long-lived producer must ride through broker restarts (see
+        # `producer_conf`); a duplicated dead letter is harmless.
+        self._conf = producer_conf(bootstrap, logger=log, enable_idempotence=False,
+                                   delivery_timeout_ms=attempt_ms,
+                                   request_timeout_ms=min(attempt_ms, 10_000))
+        self._producer = Producer(self._conf)
         self._topic = topic
+        self._retry_s = retry_s
 
     def write_batch(self, items: list[DeadLetter]) -> None:
-        for d in items:
-            self._producer.produce(self._topic, value=d.to_json(), key=d.key,
-                                   headers={"reason": d.reason[:200]})
-            metrics.DLQ.labels(d.reason.split(":")[0]).inc()
-        # At-least-once: the batch is acknowledged before the epoch (and offsets) advance.
-        remaining = self._producer.flush(30)
-        if remaining:
-            raise RuntimeError(f"{remaining} dead letters not acknowledged by the broker")
+        try:
+            self._write(items)
+        except Exception:  # never out of write_batch: the flow must go on
+            log.exception("dead-letter sink failed on a batch of %d", len(items))
+            for d in items:
+                _lost(d, "sink error")
+
+    def _write(self, items: list[DeadLetter]) -> None:
+        deadline = time.monotonic() + self._retry_s
+        pending = [(d, d.to_json(), False) for d in items]  # (letter, value, without original)
+        backoff = 0.1
+        while pending:
+            retry, wait = [], False
+            for (d, value, bare), error in zip(pending, self._attempt(pending, deadline),
+                                               strict=True):
+                if error is None:
+                    metrics.DLQ.labels(d.reason.split(":")[0]).inc()
+                elif error.code() not in _TRANSIENT and not error.retriable():
+                    if bare:
+                        _lost(d, str(error))
+                    else:  # the record's own fault: once more, without the original
+                        retry.append((d, d.to_json(max_original=0), True))
+                elif time.monotonic() < deadline:
+                    retry.append((d, value, bare))
+                    wait = True
+                else:
+                    _lost(d, f"{error} after {self._retry_s:g} s of retries")
+            pending = retry
+            if wait:
+                time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
+                backoff = min(backoff * 2, 5.0)
+
+    def _attempt(self, pending: list[tuple[DeadLetter, bytes, bool]],
+                 deadline: float) -> list[KafkaError | None]:
+        """Produce each record and wait for its report; its error, or None once delivered."""
+        reports: list[Any] = [_PENDING] * len(pending)
+
+        def report(i: int, err: KafkaError | None, _msg: Message) -> None:
+            reports[i] = err
+
+        for i, (d, value, _) in enumerate(pending):
+            while True:
+                try:
+                    self._producer.produce(self._topic, value=value, key=d.key,
+                                           headers={"reason": d.reason[:200]},
+                                           on_delivery=partial(report, i))
+                    break
+                except BufferError:  # local queue full: let it drain, within the budget
+                    if time.monotonic() > deadline:
+                        reports[i] = KafkaError(KafkaError._QUEUE_FULL)
+                        break
+                    self._producer.poll(0.1)
+                except KafkaException as exc:  # e.g. larger than message.max.bytes
+                    reports[i] = exc.args[0]
+                    break
+        self._producer.flush(max(1.0, deadline - time.monotonic()))
+        if _PENDING in reports:  # not reported in time: withdraw them, they count as failed
+            self._producer.purge()
+            self._producer.poll(0)
+        out = [KafkaError(KafkaError._MSG_TIMED_OUT) if r is _PENDING else r for r in reports]
+        if any(e is not None and e.fatal() for e in out):
+            self._producer = Producer(self._conf)
+        return out
 
     def close(self) -> None:
-        self._producer.flush(30)
+        self._producer.flush(min(self._retry_s, 30.0))
 
 
 class KafkaDeadLetterSink(DynamicSink[DeadLetter]):
-    """Dead letters to a Kafka topic as `{"reason", "original"}` JSON (at-least-once)."""
+    """Dead letters to a Kafka topic as bounded JSON (`DeadLetter.to_json`: reason, at most
+    64 KiB of the original, its size and coordinates); key: the original key; header `reason`.
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    Delivery: at-least-once while the broker takes the letters within `retry_s`
+    (`STREAMING_DLQ_RETRY_S`, 30 s): `write_batch` returns, and the epoch and input offsets
+    advance, once each letter is acknowledged, retrying with exponential backoff (0.1 s to 5 s)
+    while errors are transient (broker down, timeouts).  A letter the broker refuses for
+    itself (too large for the topic, invalid) is sent once more without its original.  A letter
+    still not written then is counted in `fraud_stream_dlq_failed_total{reason}`, logged at
+    ERROR with its key, reason, topic, partition and offset, and skipped: `write_batch` never
+    raises, so a poison record or a DLQ that is down never stops or crash-loops the flow (it
+    slows it by at most `retry_s` per batch with dead letters).
+    """
+
+    def __init__(self, bootstrap: str, topic: str, retry_s: float = 30.0) -> None:
         self._bootstrap = bootstrap
         self._topic = topic
+        self._retry_s = retry_s
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaDlqPartition:
-        return _KafkaDlqPartition(self._bootstrap, self._topic)
+        return _KafkaDlqPartition(self._bootstrap, self._topic, self._retry_s)
 
 
 def read_dead_letters(path_glob: Path) -> list[dict[str, Any]]:

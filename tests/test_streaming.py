@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from feature_repo.contract import TransactionEvent, to_micros
 from feature_repo.velocity import ROW_FIELDS, window_features
 from streaming.broker import TansuBroker
+from streaming.events import decode_original
 from streaming.features import build_flow
 from streaming.kafka_conf import consumer_conf
 from streaming.localproc import free_port
@@ -436,7 +437,10 @@ def test_bad_events_go_to_the_dlq_and_the_worker_keeps_going(
     for kind, (value, reason) in bad.items():
         (letter,) = letters[keys[kind].encode()]
         assert reason in letter["reason"], (kind, letter["reason"])
-        assert letter["original"] == value.decode("utf-8", "replace")  # nothing lost
+        assert decode_original(letter) == value  # nothing lost (not UTF-8: base64)
+        assert letter["size"] == len(value) and letter["truncated"] is False
+        assert letter["topic"] == "transactions" and letter["partition"] in range(4)
+        assert isinstance(letter["offset"], int)  # where the original is in the topic
     (late,) = letters[late_user.encode()]
     assert late["reason"].startswith("late:")
     assert json.loads(late["original"])["transaction_id"] == f"{run}-l1"
