@@ -79,17 +79,25 @@ def parse_item(
             return DeadLetter(out.reason, out.original, item.key, origin)
         if max_future_s is not None:
             ref = now_s if produced_at is None else min(now_s, produced_at)
-            reason = future_reason(out.event, ref, max_future_s)
+            reason = _future(out.event, ref, max_future_s)
             if reason is not None:
                 return DeadLetter(reason, value, item.key, origin)
         return out
     out = parse(item)
     if max_future_s is not None and isinstance(out, Envelope):
-        reason = future_reason(out.event, now_s, max_future_s)
+        reason = _future(out.event, now_s, max_future_s)
         if reason is not None:
             e = out.event
             return DeadLetter(reason, e.model_dump_json().encode(), e.user_id.encode())
     return out
+
+
+def _future(event: TransactionEvent, ref_s: float, bound_s: float) -> str | None:
+    """`future_reason`, with a float fast path for the events clearly within the bound (a
+    quarter of the parse step's cost otherwise)."""
+    if event.event_timestamp.timestamp() < ref_s + bound_s - 0.001:
+        return None
+    return future_reason(event, ref_s, bound_s)
 
 
 Seeder = Callable[[str, TransactionEvent], UserVelocityState | None]  # (user, first event)

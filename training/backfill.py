@@ -3,8 +3,10 @@
 Runs `streaming.features.build_flow` (the very flow the Kafka worker runs) over the
 day-partitioned log and writes its rows to the offline history of `user_velocity_fv`
 (`$FRAUD_DATA_DIR/features/user_velocity/backfill-*.parquet`), replacing earlier backfill
-files.  Rows written by the live stream (`stream-*.parquet`) are kept.  Invalid records go to
-`$FRAUD_DATA_DIR/dlq/backfill.*.jsonl`.  Online values come from `feast materialize`.
+files.  Rows written by the live stream (`stream-*.parquet`) are kept.  Invalid, late and future
+records (more than `FRAUD_MAX_FUTURE_SECONDS` ahead of the wall clock: the log has no ingestion
+time) go to `$FRAUD_DATA_DIR/dlq/backfill.*.jsonl`, as bounded JSON like the live DLQ's.
+Online values come from `feast materialize`.
 """
 
 from __future__ import annotations
