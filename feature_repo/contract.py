@@ -37,8 +37,7 @@ MAX_AMOUNT = 1_000_000.0  # anything larger is treated as a data error, not a pu
 # by the scorer and the stream alike.
 MAX_FUTURE_SECONDS_ENV = "FRAUD_MAX_FUTURE_SECONDS"
 DEFAULT_MAX_FUTURE_SECONDS = 300.0
-_ISO_8601 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?\s*(Z|z|[+-]\d{2}(:?\d{2})?)?")  # no zone: `_utc` says so
+_EPOCH_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")  # "1700000000"
 
 Channel = Literal["card_present", "online", "contactless", "atm"]
 Currency = Literal["EUR", "USD", "GBP"]
@@ -46,10 +45,11 @@ Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, patte
 
 
 def _iso_text(value: Any) -> Any:
-    """Timestamps are ISO-8601 text with a zone (or datetimes, from Python and parquet)."""
+    """Timestamps are ISO-8601 text (pydantic parses it; `_utc` wants a zone) or datetimes (from
+    Python and parquet); never epoch numbers, as numbers or as text."""
     if isinstance(value, datetime):
         return value
-    if isinstance(value, str) and _ISO_8601.fullmatch(value.strip()):
+    if isinstance(value, str) and not _EPOCH_TEXT.fullmatch(value):
         return value
     raise ValueError("timestamp must be an ISO-8601 string with a timezone, "
                      "e.g. 2026-12-05T10:00:00Z")

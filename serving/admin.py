@@ -14,9 +14,18 @@ from fastapi.responses import JSONResponse
 
 from serving.artifact import ArtifactError
 from serving.deps import ManagerDep, require_admin_key
+from serving.schemas import ErrorOut
 from training.registry import RegistryError, UnknownVersion
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: {"model": ErrorOut, "description": "admin API disabled, or X-API-Key is not "
+          "SERVING_ADMIN_API_KEY"},
+    404: {"model": ErrorOut, "description": "unknown version"},
+    409: {"model": ErrorOut, "description": "refused: verification failed or nothing to do; "
+          "the models that were serving keep serving"},
+}
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)],
+                   responses=_ERRORS)
 
 
 def _refused(exc: Exception) -> JSONResponse:

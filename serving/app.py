@@ -6,7 +6,8 @@ shadow/canary challenger, see `serving.models`); handlers get the current model 
 (`serving.lifecycle`).  With SERVING_API_KEY set, scoring needs it in `X-API-Key` (401).
 Errors: 422 naming the field for invalid input, 413 for oversized bodies, 503 with Retry-After
 when Redis is unavailable or slower than SERVING_LOOKUP_TIMEOUT_S (the deadline of a request's
-online lookup and of /ready's ping), never a 500 with a traceback.
+online lookup and of /ready's ping), and 503 `{"detail": "overloaded"}` with Retry-After when
+the scorer itself has no capacity (`serving.admission`), never a 500 with a traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis.exceptions
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
@@ -28,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from threadpoolctl import threadpool_limits
 
 from serving.admin import router as admin_router
+from serving.admission import OVERLOAD_REJECTIONS, Admission, LoopLag, Overloaded
 from serving.config import ServingSettings
 from serving.deps import ModelsDep, require_api_key
 from serving.lifecycle import ModelManager
@@ -62,11 +64,22 @@ def _out(r: ScoreResult, explain: bool) -> ScoreOut:
                     missing_features=r.vector.missing, features=features)
 
 
+def _field(error: dict[str, Any]) -> str:
+    """The dotted path of a validation error: "amount", "transactions.3.amount", "query.explain";
+    "body" for the body as a whole (invalid JSON: pydantic's loc is a character position)."""
+    if error["type"] == "json_invalid":
+        return "body"
+    return ".".join(str(p) for p in error["loc"] if p != "body") or "body"
+
+
 def _jsonable(v: object) -> object:
     return None if isinstance(v, float) and v != v else v  # NaN -> null
 
 
 def create_app(settings: ServingSettings) -> FastAPI:
+    admission = Admission(settings.max_inflight_rows)
+    loop_lag = LoopLag()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One request scores a handful of rows: OpenMP thread fan-out only adds latency, and
@@ -85,14 +98,14 @@ def create_app(settings: ServingSettings) -> FastAPI:
         # them out of the collector's reach, so a full collection is not a latency spike.
         gc.collect()
         gc.freeze()
-        poller = None
+        tasks = [asyncio.create_task(loop_lag.run())]
         if settings.reload_interval_s > 0 and manager.current.source != "pinned":
-            poller = asyncio.create_task(manager.poll())
+            tasks.append(asyncio.create_task(manager.poll()))
         yield
-        if poller is not None:
-            poller.cancel()
+        for task in tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await poller
+                await task
         manager.close()
         app.state.prediction_log.close()
 
@@ -103,15 +116,18 @@ def create_app(settings: ServingSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         found = exc.errors()
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body",
-             "message": e["msg"], "type": e["type"]}
-            for e in found[:MAX_LISTED_ERRORS]
-        ]
+        errors = [{"field": _field(e), "message": e["msg"], "type": e["type"]}
+                  for e in found[:MAX_LISTED_ERRORS]]
         if len(found) > MAX_LISTED_ERRORS:  # a 1 MB body of unknown keys: no 10 MB answer
             errors.append({"field": "body", "type": "too_many_errors",
                            "message": f"{len(found) - MAX_LISTED_ERRORS} more problems not listed"})
         return JSONResponse({"detail": errors}, 422)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("overloaded: %s", exc)
+        return JSONResponse({"detail": "overloaded"}, 503,
+                            headers={"Retry-After": str(settings.retry_after_seconds)})
 
     @app.exception_handler(redis.exceptions.RedisError)
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
@@ -131,19 +147,25 @@ def create_app(settings: ServingSettings) -> FastAPI:
     async def _score(models: ModelSet, txns: list[TransactionIn]) -> list[ScoreResult]:
         _check_time(txns)
         events = [t.to_event() for t in txns]
-        try:
-            # the deadline interrupts only the lookup: the model runs after the last await
-            async with asyncio.timeout(settings.lookup_timeout_s):
+        with admission.admit(len(events)):
+            try:
+                # the lookup's deadline (SERVING_LOOKUP_TIMEOUT_S) covers the lookup only
                 results = (await models.score_async(events)).results
-        except TimeoutError as exc:
-            raise redis.exceptions.TimeoutError(
-                f"online lookup exceeded {settings.lookup_timeout_s} s") from exc
-        except REDIS_ERRORS as exc:
-            raise redis.exceptions.ConnectionError(str(exc)) from exc
+            except (TimeoutError, redis.exceptions.TimeoutError) as exc:
+                if loop_lag.recent_max() >= settings.lookup_timeout_s / 2:  # we were slow
+                    OVERLOAD_REJECTIONS.labels("saturated").inc()
+                    raise Overloaded("lookup deadline missed while the event loop lagged "
+                                     f"{loop_lag.recent_max():.3f} s") from exc
+                raise redis.exceptions.TimeoutError(
+                    f"online lookup exceeded {settings.lookup_timeout_s} s") from exc
+            except REDIS_ERRORS as exc:
+                raise redis.exceptions.ConnectionError(str(exc)) from exc
         app.state.prediction_log.record(results, events)
         return results
 
-    keyed = [Depends(require_api_key)]
+    # X-API-Key is declared (and checked) on the scoring routes only when SERVING_API_KEY is
+    # set: the published OpenAPI says what this app enforces.
+    keyed = [Depends(require_api_key)] if settings.api_key is not None else []
 
     @app.post("/v1/score", response_model=ScoreOut, dependencies=keyed, responses=SCORING_ERRORS)
     async def score(
@@ -195,7 +217,8 @@ def create_app(settings: ServingSettings) -> FastAPI:
         return JSONResponse({"ready": ok, "checks": checks}, 200 if ok else 503,
                             headers=None if ok else {"Retry-After": str(settings.retry_after_seconds)})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

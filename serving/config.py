@@ -40,6 +40,9 @@ class ServingSettings(BaseSettings):
     # Deadline of a request's online lookup: past it the answer is a 503, whatever Redis does
     # (each socket operation is also bounded by the online store's own 0.5 s timeouts).
     lookup_timeout_s: Annotated[float, Field(gt=0)] = 0.5
+    # Admission limit: transactions being scored at once; past it, 503 "overloaded" at once
+    # (serving/admission.py).  A batch larger than this alone is still admitted when idle.
+    max_inflight_rows: Annotated[int, Field(ge=1)] = 2000
     log_level: str = "INFO"
     access_log: bool = False
     # Prediction log (serving/prediction_log.py) and drift gauges (serving/drift.py)

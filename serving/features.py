@@ -63,8 +63,10 @@ def _is_missing(v: Any) -> bool:
 class OnlineFeatures:
     """Reads and assembles the feature service's vector for a batch of entity rows."""
 
-    def __init__(self, store: FeatureStore, feature_service: str) -> None:
+    def __init__(self, store: FeatureStore, feature_service: str,
+                 lookup_timeout_s: float | None = None) -> None:
         self.store = store
+        self.lookup_timeout_s = lookup_timeout_s  # deadline of `fetch_async`, if any
         service = store.get_feature_service(feature_service)
         self.output: list[str] = []
         self._direct: dict[str, list[str]] = {}  # view -> features the model reads directly
@@ -132,7 +134,12 @@ class OnlineFeatures:
         ]
 
     async def fetch_async(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
-        """Stored rows per view, all views read concurrently."""
+        """Stored rows per view, all views read concurrently; TimeoutError past
+        `lookup_timeout_s` (the deadline covers the lookup only, never assembly or model)."""
+        async with asyncio.timeout(self.lookup_timeout_s):
+            return await self._fetch_async(rows)
+
+    async def _fetch_async(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
         if self._redis is not None:
             return await self._redis.fetch_async(rows)
         return list(

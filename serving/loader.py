@@ -105,7 +105,7 @@ def _scorer(ref: ModelRef, store: FeatureStore, settings: ServingSettings,
     check_against_registry(artifact, store)
     service = artifact.feature_service
     if service not in features:  # models of one feature service share one lookup
-        features[service] = OnlineFeatures(store, service)
+        features[service] = OnlineFeatures(store, service, settings.lookup_timeout_s)
     thresholds = thresholds_for(artifact, settings.review_threshold, settings.decline_threshold)
     try:
         return Scorer(artifact, features[service], thresholds)

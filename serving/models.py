@@ -83,25 +83,25 @@ class ModelSet:
     async def _shadow(self, txns: Sequence[TransactionEvent], shadow: Scorer) -> Scored:
         if self.shares_features:
             vectors = await self.champion.vectors_async(txns)
-            results = self.champion.predict(txns, vectors)
-            return Scored(results, self._shadow_scores(shadow, txns, vectors, results))
+            results = await self.champion.predict_async(txns, vectors)
+            return Scored(results, await self._shadow_scores(shadow, txns, vectors, results))
         champ, own = await asyncio.gather(
             self.champion.vectors_async(txns), shadow.vectors_async(txns), return_exceptions=True
         )
         if isinstance(champ, BaseException):
             raise champ
-        results = self.champion.predict(txns, champ)
+        results = await self.champion.predict_async(txns, champ)
         if isinstance(own, BaseException):
             self._shadow_failed(shadow, own)
             return Scored(results)
-        return Scored(results, self._shadow_scores(shadow, txns, own, results))
+        return Scored(results, await self._shadow_scores(shadow, txns, own, results))
 
-    def _shadow_scores(self, shadow: Scorer, txns: Sequence[TransactionEvent],
+    async def _shadow_scores(self, shadow: Scorer, txns: Sequence[TransactionEvent],
                        vectors: list[FeatureVector], champion: list[ScoreResult]
                        ) -> list[ScoreResult]:
         version = shadow.artifact.version
         try:
-            out = shadow.predict(txns, vectors, observe=False)
+            out = await shadow.predict_async(txns, vectors, observe=False)
         except Exception as exc:  # noqa: BLE001 - a shadow never fails the request
             self._shadow_failed(shadow, exc)
             return []
@@ -131,7 +131,7 @@ class ModelSet:
         else:
             main_vec, canary_vec = await asyncio.gather(
                 self.champion.vectors_async(main_txns), ch.scorer.vectors_async(canary_txns))
-        main = iter(self.champion.predict(main_txns, main_vec))
-        tried = iter(ch.scorer.predict(canary_txns, canary_vec))
+        main = iter(await self.champion.predict_async(main_txns, main_vec))
+        tried = iter(await ch.scorer.predict_async(canary_txns, canary_vec))
         metrics.CANARY_REQUESTS.labels(ch.scorer.artifact.version).inc(len(canary_txns))
         return Scored([next(tried) if c else next(main) for c in canary])

@@ -86,8 +86,10 @@ class ErrorOut(BaseModel):
 
 # The error answers of the scoring routes, for their OpenAPI description.
 SCORING_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "the body could not be read as JSON"},
     401: {"model": ErrorOut, "description": "SERVING_API_KEY is set and X-API-Key is not it"},
     413: {"model": ErrorOut, "description": "request body larger than SERVING_MAX_BODY_BYTES"},
     422: {"model": ValidationErrorOut, "description": "invalid input, naming each field"},
-    503: {"model": ErrorOut, "description": "online feature store unavailable (Retry-After)"},
+    503: {"model": ErrorOut, "description": "online feature store unavailable, or the scorer "
+          "overloaded (`{\"detail\": \"overloaded\"}`); both with Retry-After"},
 }

@@ -6,6 +6,7 @@ decide identically.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from serving.features import FeatureVector, OnlineFeatures
 # Up to this many rows a request is scored row by row through the compiled trees; larger
 # batches amortise predict_proba's fixed cost better (measured crossover: 40-60 rows).
 FAST_PATH_MAX_ROWS = 32
+# A batch of this many rows or more assembles its vectors and runs its model in a worker
+# thread, so one large batch cannot hold the event loop while other requests' lookups wait.
+OFFLOAD_ROWS = 64
 
 Decision = Literal["approve", "review", "decline"]
 
@@ -112,15 +116,27 @@ class Scorer:
         return self.predict(txns, self.features.assemble(rows, fetched))
 
     async def vectors_async(self, txns: Sequence[TransactionEvent]) -> list[FeatureVector]:
-        """The feature service's vectors for a batch, without blocking the event loop on Redis."""
+        """The feature service's vectors for a batch, without blocking the event loop on Redis
+        (nor on assembly, for a batch of `OFFLOAD_ROWS` or more)."""
         if not txns:
             return []
         rows = [entity_row(t) for t in txns]
         t0 = time.perf_counter()
         fetched = await self.features.fetch_async(rows)
         metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
+        if len(rows) >= OFFLOAD_ROWS:
+            return await asyncio.to_thread(self.features.assemble, rows, fetched)
         return self.features.assemble(rows, fetched)
+
+    async def predict_async(self, txns: Sequence[TransactionEvent], vectors: list[FeatureVector],
+                            observe: bool = True) -> list[ScoreResult]:
+        """`predict`, in a worker thread for a batch of `OFFLOAD_ROWS` or more: the event loop
+        keeps serving other requests' lookups meanwhile (the thread still shares the GIL, but
+        yields it every switch interval instead of holding the loop for the whole batch)."""
+        if len(txns) >= OFFLOAD_ROWS:
+            return await asyncio.to_thread(self.predict, txns, vectors, observe)
+        return self.predict(txns, vectors, observe)
 
     async def score_async(self, txns: Sequence[TransactionEvent]) -> list[ScoreResult]:
         """Score a batch without blocking the event loop on Redis."""
-        return self.predict(txns, await self.vectors_async(txns))
+        return await self.predict_async(txns, await self.vectors_async(txns))

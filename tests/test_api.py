@@ -38,6 +38,7 @@ from serving.config import ServingSettings
 from serving.logs import JsonFormatter
 from tests.conftest import SIM_END
 from training.paths import velocity_history_dir
+from training.registry import Registry
 from training.retrieval import read_transactions
 
 pytestmark = pytest.mark.integration
@@ -582,6 +583,7 @@ def down_client(trained_artifact: Path, tmp_path_factory: pytest.TempPathFactory
     artifact = shutil.copytree(trained_artifact, models / "down-test")
     meta = json.loads((artifact / "metadata.json").read_text())
     (artifact / "metadata.json").write_text(json.dumps({**meta, "version": "down-test"}))
+    Registry(models).register(Path(artifact))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REDIS_URL", f"redis://127.0.0.1:{closed_port()}/15")
         with TestClient(create_app(settings_for(artifact))) as c:
