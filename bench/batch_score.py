@@ -44,7 +44,7 @@ def _days(root: Path) -> list[tuple[date, int]]:
     """(day, rows) of the day-partitioned log, oldest first."""
     import pyarrow.parquet as pq
 
-    from training.paths import transactions_dir
+    from feature_repo.paths import transactions_dir
 
     out = []
     for d in sorted((transactions_dir(root)).glob("date=*")):
@@ -184,7 +184,7 @@ def stock_main(a: argparse.Namespace) -> dict[str, Any]:
     import pandas as pd
 
     from bench.retrieval import open_store
-    from serving.artifact import load_artifact
+    from scoring.artifact import load_artifact
     from training.retrieval import entity_frame, read_transactions
 
     if a.model is None:
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     # of scoring (Feast's imports alone take seconds).
     import feast  # noqa: F401
 
-    import serving.loader  # noqa: F401
+    import scoring.loader  # noqa: F401
     import training.batch_score  # noqa: F401
     import training.retrieval  # noqa: F401
 

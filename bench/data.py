@@ -208,7 +208,7 @@ def _model_loads(d: Dataset, model_dir: Path, log: Path) -> bool:
     path = newest_model(model_dir)
     if path is None:
         return False
-    code = ("import sys, pathlib; from serving.artifact import load_artifact; "
+    code = ("import sys, pathlib; from scoring.artifact import load_artifact; "
             "load_artifact(pathlib.Path(sys.argv[1]))")
     try:
         run_step("load model", python("-c", code, str(path)), d.env(), log, timeout_s=300)

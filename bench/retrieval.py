@@ -129,7 +129,7 @@ def _fragmented(dataset: Dataset, n: int, scratch: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from training.paths import velocity_history_dir
+    from feature_repo.paths import velocity_history_dir
 
     root = scratch / "fragmented"
     source_hist = velocity_history_dir(dataset.root)

@@ -12,10 +12,10 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from serving.artifact import ArtifactError
+from scoring.artifact import ArtifactError
+from scoring.registry import RegistryError, UnknownVersion
 from serving.deps import ManagerDep, require_admin_key
 from serving.schemas import ErrorOut
-from training.registry import RegistryError, UnknownVersion
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorOut, "description": "admin API disabled, or X-API-Key is not "

@@ -1,7 +1,7 @@
 """`create_app(settings)`: the FastAPI scorer.
 
 The lifespan opens the feature store once and loads the verified models (champion, optional
-shadow/canary challenger, see `serving.models`); handlers get the current model set through
+shadow/canary challenger, see `scoring.models`); handlers get the current model set through
 `ModelsDep`, and `/admin` (`serving.admin`) reloads, promotes and rolls back without a restart
 (`serving.lifecycle`).  With SERVING_API_KEY set, scoring needs it in `X-API-Key` (401).
 Errors: 422 naming the field for invalid input, 413 for oversized bodies, 503 with Retry-After
@@ -28,15 +28,16 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from threadpoolctl import threadpool_limits
 
+from scoring.models import ModelSet
+from scoring.prediction_log import PredictionLog
+from scoring.scorer import ScoreResult
 from serving.admin import router as admin_router
 from serving.admission import OVERLOAD_REJECTIONS, Admission, LoopLag, Overloaded
 from serving.config import ServingSettings
 from serving.deps import ModelsDep, require_api_key
 from serving.lifecycle import ModelManager
 from serving.limits import BodySizeLimit
-from serving.models import ModelSet
 from serving.observe import RequestObserver
-from serving.prediction_log import PredictionLog
 from serving.schemas import (
     SCORING_ERRORS,
     BatchIn,
@@ -45,7 +46,6 @@ from serving.schemas import (
     ScoreOut,
     TransactionIn,
 )
-from serving.scoring import ScoreResult
 
 log = logging.getLogger("serving")
 MAX_LISTED_ERRORS = 50  # a 422 names at most this many problems, then says how many more
@@ -88,7 +88,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         manager = ModelManager.start(settings)
         app.state.settings, app.state.models = settings, manager
         log.info("models loaded", extra={"fields": manager.current.describe()})
-        # every scored request, with its vector (serving/prediction_log.py); drift vs training
+        # every scored request, with its vector (scoring/prediction_log.py); drift vs training
         app.state.prediction_log = PredictionLog.from_settings(
             settings, manager.current.champion.artifact.path)
         # a promotion or rollback moves drift to the new champion's training reference

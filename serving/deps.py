@@ -13,10 +13,10 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 from pydantic import SecretStr
 
+from scoring.models import ModelSet
+from scoring.scorer import Scorer
 from serving.config import ServingSettings
 from serving.lifecycle import ModelManager
-from serving.models import ModelSet
-from serving.scoring import Scorer
 
 
 async def get_manager(request: Request) -> ModelManager:

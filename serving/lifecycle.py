@@ -6,7 +6,7 @@ worker thread, then replaces `current` in one assignment on the event loop.
 
 Guarantees: a request that has read `current` finishes on that model set; a model set that fails
 verification (hash, registration, feature service), or a registry that is missing, empty,
-unreadable or inconsistent (serving/loader.py: fail closed), is refused with an ERROR log,
+unreadable or inconsistent (scoring/loader.py: fail closed), is refused with an ERROR log,
 `fraud_model_registry_ok` 0, and the old set keeps serving;
 reloads are serialised, so two admin calls never interleave.  The poller retries a refused
 registry state only once the file changes again.
@@ -26,11 +26,11 @@ from typing import Any
 from feast import FeatureStore
 from prometheus_client import Gauge
 
+from scoring.loader import build_model_set, open_store
+from scoring.models import ModelSet
+from scoring.registry import Registry, RegistryError, registry_file
 from serving import metrics
 from serving.config import ServingSettings
-from serving.loader import build_model_set, open_store
-from serving.models import ModelSet
-from training.registry import Registry, RegistryError, registry_file
 
 log = logging.getLogger("serving.lifecycle")
 Signature = tuple[int, int, int] | None

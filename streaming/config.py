@@ -37,7 +37,7 @@ class StreamingSettings(BaseSettings):
     score_metrics_port: int = 9102
     tail: bool = True  # keep waiting for new events at the end of the topic
     # Where a partition resumes when its offset lies past the log's end or its topic was
-    # recreated (a lost log; `streaming.sources.KafkaInput`): "earliest" re-reads the new log
+    # recreated (a lost log; `streaming.kafka_input.KafkaInput`): "earliest" re-reads the new log
     # (replays are idempotent), "latest" skips what it already holds.
     offset_reset: Literal["earliest", "latest"] = "earliest"
     # How long the DLQ sink retries a dead letter the broker does not take, before it counts

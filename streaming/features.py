@@ -48,7 +48,7 @@ from feature_repo.velocity import ROW_FIELDS, LateEventError, StateSnapshot, Use
 from streaming import metrics
 from streaming.config import DEFAULT_STATE_SHARDS
 from streaming.events import DeadLetter, Envelope, future_reason, parse
-from streaming.sources import KafkaInput
+from streaming.kafka_input import KafkaInput
 from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow
 
 log = logging.getLogger(__name__)
@@ -479,7 +479,7 @@ def build_flow(
 
 def kafka_source(bootstrap: str, topic: str, tail: bool) -> KafkaInput:
     """The live flow's Kafka input (batch size, fetch wait and offset-reset policy from
-    `StreamingSettings`; see `streaming.sources.KafkaInput` for lost logs).
+    `StreamingSettings`; see `streaming.kafka_input.KafkaInput` for lost logs).
 
     `fetch.wait.max.ms` bounds how long the broker may hold a fetch while it has less than
     `fetch.min.bytes` (1) to answer with: librdkafka's 500 ms default added 130-260 ms to every
@@ -497,11 +497,11 @@ def kafka_source(bootstrap: str, topic: str, tail: bool) -> KafkaInput:
 def get_flow(state_step: str | None = None) -> Dataflow:
     """The live flow: Kafka `transactions` -> Feast online store + offline history + DLQ
     (`state_step`: the velocity step's id, see `state_step_id`)."""
+    from feature_repo.paths import velocity_history_dir
     from streaming.config import get_settings
     from streaming.sources import KafkaDeadLetterSink
     from streaming.topics import TRANSACTIONS, TRANSACTIONS_DLQ
     from streaming.velocity_sink import VelocitySink
-    from training.paths import velocity_history_dir
 
     s = get_settings()
     source = kafka_source(s.bootstrap_servers, TRANSACTIONS, tail=s.tail)

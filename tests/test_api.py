@@ -32,13 +32,13 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
+from feature_repo.paths import velocity_history_dir
+from scoring.artifact import ArtifactError
+from scoring.registry import Registry
 from serving.app import create_app
-from serving.artifact import ArtifactError
 from serving.config import ServingSettings
 from serving.logs import JsonFormatter
 from tests.conftest import SIM_END
-from training.paths import velocity_history_dir
-from training.registry import Registry
 from training.retrieval import read_transactions
 
 pytestmark = pytest.mark.integration

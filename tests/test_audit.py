@@ -24,17 +24,17 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from feature_repo.contract import TransactionEvent, to_micros
+from feature_repo.paths import features_dir, velocity_history_dir
 from feature_repo.velocity import ROW_FIELDS
+from scoring.features import FeatureVector
+from scoring.prediction_log import KafkaSink, ParquetSink, PredictionLog, sampled
+from scoring.scorer import ScoreResult
 from serving import drift
 from serving.app import create_app
 from serving.config import ServingSettings
-from serving.features import FeatureVector
-from serving.prediction_log import KafkaSink, ParquetSink, PredictionLog, sampled
-from serving.scoring import ScoreResult
 from streaming.velocity_sink import VelocityRow, history_table
 from tests.conftest import SIM_END
 from training import batch_score, skew_audit
-from training.paths import features_dir, velocity_history_dir
 from training.retrieval import read_transactions
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from feature_repo.parquet_files import live_files
+from feature_repo.paths import velocity_history_dir
 from training.compact_history import DEDUP_KEY, Compaction, compact, main
-from training.paths import velocity_history_dir
 
 GRACE_S = 600.0
 

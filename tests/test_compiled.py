@@ -11,8 +11,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from serving.artifact import load_artifact
-from serving.compiled import _unwrap, compile_model
+from scoring.artifact import load_artifact
+from scoring.compiled import _unwrap, compile_model
 
 
 def probe_rows(model: HistGradientBoostingClassifier, n: int, seed: int) -> np.ndarray:

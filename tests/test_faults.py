@@ -50,8 +50,9 @@ from fastapi.testclient import TestClient
 from feature_repo.config import REPO_DIR
 from feature_repo.contract import TransactionEvent, to_micros
 from feature_repo.velocity import ROW_FIELDS, UserVelocityState
+from scoring.artifact import METADATA_FILE, MODEL_FILE, ArtifactError, sha256_file
+from scoring.registry import Registry
 from serving.app import create_app
-from serving.artifact import METADATA_FILE, MODEL_FILE, ArtifactError, sha256_file
 from serving.config import ServingSettings
 from streaming.broker import TansuBroker
 from streaming.kafka_conf import consumer_conf
@@ -60,7 +61,6 @@ from streaming.producer import TransactionProducer
 from streaming.topics import TRANSACTIONS, TRANSACTIONS_DLQ, ensure_topics
 from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow, rows_frame
 from tests.test_streaming import Worker, event, events_total, history, wait_for
-from training.registry import Registry
 
 pytestmark = pytest.mark.integration
 

@@ -34,9 +34,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
+from scoring.registry import Registry
 from serving.app import create_app
 from serving.config import ServingSettings
-from training.registry import Registry
 
 pytestmark = pytest.mark.integration
 

@@ -25,19 +25,20 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-from serving.app import create_app
-from serving.artifact import (
+from scoring.artifact import (
     METADATA_FILE,
     MODEL_FILE,
     save_artifact,
     service_feature_names,
     sha256_file,
 )
+from scoring.models import in_canary
+from scoring.registry import Registry, RegistryError, lineage
+from serving.app import create_app
 from serving.config import ServingSettings
-from serving.models import in_canary
 from tests.conftest import PROJECT
 from training.model import make_pipeline
-from training.registry import Registry, RegistryError, lineage, main
+from training.registry import main
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 
 from feature_repo.contract import request_fields
+from feature_repo.paths import features_dir, velocity_history_dir
 from feature_repo.velocity import ROW_FIELDS
-from serving.artifact import service_feature_names
+from scoring.artifact import service_feature_names
 from tests.conftest import SIM_END
-from training.paths import features_dir, velocity_history_dir
 from training.retrieval import entity_frame
 
 pytestmark = pytest.mark.integration

@@ -22,10 +22,10 @@ import pytest
 
 from feature_repo.contract import to_micros
 from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
+from feature_repo.paths import features_dir, labels_path, velocity_history_dir
 from feature_repo.transforms import TRANSACTION_FEATURES, transaction_features
 from feature_repo.velocity import HORIZON_US, HOUR_US, MINUTE_US, ROW_FIELDS, window_features
 from training.batch_features import WINDOW_DAYS, build_profiles
-from training.paths import features_dir, labels_path, velocity_history_dir
 from training.retrieval import entity_frame, read_transactions, training_frame
 from training.simulate import SimConfig, simulate, write
 

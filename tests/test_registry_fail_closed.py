@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.artifact import MODEL_FILE, sha256_file
+from scoring.artifact import MODEL_FILE, sha256_file
+from scoring.registry import Registry
 from tests.test_faults import serve
 from tests.test_lifecycle import _clone, _txn
 from tests.test_streaming import wait_for
-from training.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -36,12 +36,12 @@ from fastapi.testclient import TestClient
 
 from feature_repo.contract import TransactionEvent
 from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
+from feature_repo.paths import velocity_history_dir
+from scoring.loader import load_scorer
+from scoring.scorer import Scorer, ScoreResult
 from serving.app import create_app
 from serving.config import ServingSettings
-from serving.loader import load_scorer
-from serving.scoring import Scorer, ScoreResult
 from tests.conftest import SIM_END
-from training.paths import velocity_history_dir
 from training.retrieval import (
     entity_frame,
     labelled_entity_frame,

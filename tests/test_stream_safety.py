@@ -34,9 +34,10 @@ from streaming.config import StreamingSettings
 from streaming.events import MAX_ORIGINAL_BYTES, DeadLetter, decode_original
 from streaming.features import build_flow
 from streaming.kafka_conf import consumer_conf
+from streaming.kafka_input import KafkaInput
 from streaming.localproc import free_port
 from streaming.producer import TransactionProducer
-from streaming.sources import KafkaDeadLetterSink, KafkaInput, read_dead_letters
+from streaming.sources import KafkaDeadLetterSink, read_dead_letters
 from streaming.topics import TRANSACTIONS, TRANSACTIONS_DLQ
 from streaming.velocity_sink import VelocityRow
 from tests.test_streaming import (

@@ -11,8 +11,8 @@ import pytest
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from feature_repo.contract import TransactionEvent
+from scoring.loader import load_scorer
 from serving.config import ServingSettings
-from serving.loader import load_scorer
 from streaming.score import BatchScorer, build_flow
 from tests.conftest import SIM_END
 

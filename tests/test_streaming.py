@@ -33,6 +33,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from feature_repo.contract import TransactionEvent, to_micros
+from feature_repo.paths import velocity_history_dir
 from feature_repo.velocity import ROW_FIELDS, window_features
 from streaming.broker import TansuBroker
 from streaming.events import decode_original
@@ -43,7 +44,6 @@ from streaming.producer import TransactionProducer
 from streaming.sources import JsonlDeadLetterSink, ParquetLogSource
 from streaming.topics import TRANSACTIONS_DLQ, ensure_topics
 from streaming.velocity_sink import VelocityRow
-from training.paths import velocity_history_dir
 
 PROJECT = Path(__file__).resolve().parents[1]
 DOCS = PROJECT / "docs"

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.artifact import (
+from feature_repo.paths import labels_path, transactions_dir
+from scoring.artifact import (
     METADATA_FILE,
     MODEL_FILE,
     ArtifactError,
@@ -22,7 +23,6 @@ from serving.artifact import (
     service_feature_names,
 )
 from tests.conftest import run_module
-from training.paths import labels_path, transactions_dir
 from training.retrieval import labelled_entity_frame, read_transactions, training_frame
 from training.simulate import SimConfig, simulate
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from bytewax.testing import run_main
 
 from feature_repo.config import apply_env_defaults, data_dir
+from feature_repo.paths import transactions_dir, velocity_history_dir
 from streaming.features import build_flow
 from streaming.sources import JsonlDeadLetterSink, ParquetLogSource
 from streaming.velocity_sink import VelocitySink
-from training.paths import transactions_dir, velocity_history_dir
 
 
 def backfill(root: Path | None = None, batch_size: int = 5000) -> int:

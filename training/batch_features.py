@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 
 from feature_repo.config import apply_env_defaults, data_dir
-from training.paths import features_dir, labels_path, transactions_dir
+from feature_repo.paths import features_dir, labels_path, transactions_dir
 
 WINDOW_DAYS = 30
 

@@ -7,7 +7,7 @@ Scores every transaction of the log (`training.retrieval.read_transactions`) wit
 start <= event day < end through the model's own feature service
 (`training.retrieval.training_frame`: the same feature definitions and on-demand functions as
 online, each transaction as of its own event time), the online scorer's artifact loader
-(`serving.artifact.load_artifact`, hash-checked) and thresholds (`serving.scoring.thresholds_for`
+(`scoring.artifact.load_artifact`, hash-checked) and thresholds (`scoring.scorer.thresholds_for`
 with the SERVING_* overrides).  Without `--model` the model is the one the scorer would serve.
 
 Consecutive days of at most `--chunk-rows` transactions in all share one retrieval (its fixed
@@ -43,9 +43,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from feature_repo.config import data_dir
-from serving.artifact import Artifact, check_against_registry, load_artifact
-from serving.scoring import Thresholds, thresholds_for
-from training.paths import transactions_dir
+from feature_repo.paths import transactions_dir
+from scoring.artifact import Artifact, check_against_registry, load_artifact
+from scoring.scorer import Thresholds, thresholds_for
 from training.retrieval import entity_frame, open_store, read_transactions, training_frame
 
 WATERMARK_FILE = "_watermark.json"
@@ -177,8 +177,8 @@ def run(out: Path, start: date | None, end: date | None, chunk_rows: int,
         review: float | None = None, decline: float | None = None,
         progress: bool = True) -> RunStats:
     """Score [start, end) into `out`, day by day in effect; see the module docstring."""
-    from serving.config import get_settings
-    from serving.loader import resolve_model_path
+    from scoring.config import get_settings
+    from scoring.loader import resolve_model_path
 
     if chunk_rows < 1:
         raise ValueError("--chunk-rows must be at least 1")

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from feature_repo.config import apply_env_defaults
 from feature_repo.parquet_files import COMPACTION_MANIFESTS
-from training.paths import velocity_history_dir
+from feature_repo.paths import velocity_history_dir
 
 log = logging.getLogger(__name__)
 

@@ -150,11 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     print("    " + "\n    ".join(summary["materialized"]))
     step("train the model from point-in-time features (get_historical_features)")
     run(py, "-m", "training.train")
-    from serving.artifact import load_artifact
-    from serving.config import get_settings
-    from serving.loader import resolve_model_path
+    from scoring.artifact import load_artifact
+    from scoring.config import get_settings
+    from scoring.loader import resolve_model_path
+    from scoring.registry import Registry
     from training.config import get_settings as training_settings
-    from training.registry import Registry
 
     new = sorted(p for p in training_settings().model_dir.glob("v*/metadata.json"))[-1].parent
     registry = Registry(training_settings().model_dir)

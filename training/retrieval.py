@@ -18,7 +18,7 @@ from feast import FeatureStore
 
 from feature_repo.config import REPO_DIR, apply_env_defaults, data_dir
 from feature_repo.contract import REQUEST_FIELDS
-from training.paths import labels_path, transactions_dir
+from feature_repo.paths import labels_path, transactions_dir
 
 ENTITY_COLUMNS = ["transaction_id", "user_id", "merchant_id", "event_timestamp"]
 

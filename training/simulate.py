@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_repo.config import apply_env_defaults
-from training.paths import labels_path, transactions_dir
+from feature_repo.paths import labels_path, transactions_dir
 
 US_PER_DAY = 86_400_000_000
 US_PER_HOUR = 3_600_000_000

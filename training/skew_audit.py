@@ -2,7 +2,7 @@
 
 `python -m training.skew_audit [--log-dir DIR] [--threshold 0.01] [--since T] [--until T]`
 
-Replays every request in the scorer's prediction log (serving/prediction_log.py) through
+Replays every request in the scorer's prediction log (scoring/prediction_log.py) through
 Feast's `get_historical_features` at the request's own timestamp, with the feature service the
 request was scored with (entity rows from `training.retrieval.entity_frame`, so request data
 goes through the same on-demand transformations), and compares each model input:
@@ -16,7 +16,7 @@ goes through the same on-demand transformations), and compares each model input:
   corrupted row, or a transformation that differs).
 
 Drift: the population stability index of the logged vectors against the training reference
-saved with the model (`<model-dir>/<version>/reference.json`, see serving/drift.py).
+saved with the model (`<model-dir>/<version>/reference.json`, see scoring/drift.py).
 
 Prints a per-feature table, writes a JSON report (`--report`) and exits 1 when the worst
 feature's mismatch rate exceeds `--threshold`, 2 when there is nothing to audit.
@@ -42,8 +42,8 @@ import pyarrow.dataset as ds
 from feast import FeatureStore
 
 from feature_repo.config import PROJECT_DIR
-from serving.drift import load_reference, psi_by_feature
-from serving.prediction_log import LOG_SCHEMA
+from scoring.drift import load_reference, psi_by_feature
+from scoring.prediction_log import LOG_SCHEMA
 from training.config import get_settings
 from training.retrieval import entity_frame, open_store, training_frame
 
@@ -313,7 +313,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.config import get_settings as serving_settings
+    from scoring.config import get_settings as serving_settings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--log-dir", type=Path, default=serving_settings().prediction_log_dir,

@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from serving.artifact import save_artifact, service_feature_names
-from serving.drift import write_reference
+from scoring.artifact import save_artifact, service_feature_names
+from scoring.drift import write_reference
+from scoring.registry import Registry
 from training.config import TrainingSettings, get_settings
 from training.model import make_pipeline
-from training.registry import Registry
 from training.retrieval import labelled_entity_frame, open_store, training_frame
 
 LIBRARIES = ("feast", "scikit-learn", "pandas", "numpy", "pyarrow", "joblib")
@@ -138,7 +138,7 @@ def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path
         "retrieval_seconds": round(t_ret, 2),
     }
     save_artifact(out, model, meta)
-    # training distribution of every input: the drift reference (serving/drift.py)
+    # training distribution of every input: the drift reference (scoring/drift.py)
     write_reference(out, {f: frame.loc[~test, f] for f in features})
     plot_curves(curves, out / "roc_pr.png")
     Registry(settings.model_dir).register(out)

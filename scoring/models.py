@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from feature_repo.contract import TransactionEvent
-from serving import metrics
-from serving.features import FeatureVector
-from serving.scoring import Scorer, ScoreResult
-from training.registry import Mode
+from scoring import metrics
+from scoring.features import FeatureVector
+from scoring.registry import Mode
+from scoring.scorer import Scorer, ScoreResult
 
-log = logging.getLogger("serving.models")
+log = logging.getLogger("scoring.models")
 
 
 def in_canary(user_id: str, share: float) -> bool:

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from feast import FeatureStore
 
-from serving.artifact import ArtifactError, check_against_registry, load_artifact
-from serving.config import ServingSettings
-from serving.features import OnlineFeatures
-from serving.models import Challenger, ModelSet
-from serving.scoring import Scorer, thresholds_for
-from training.registry import Mode, Registry, RegistryError, check_consistent
+from scoring.artifact import ArtifactError, check_against_registry, load_artifact
+from scoring.config import ScoringSettings
+from scoring.features import OnlineFeatures
+from scoring.models import Challenger, ModelSet
+from scoring.registry import Mode, Registry, RegistryError, check_consistent
+from scoring.scorer import Scorer, thresholds_for
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ModelPlan:
     share: float = 0.0
 
 
-def resolve_plan(settings: ServingSettings) -> ModelPlan:
+def resolve_plan(settings: ScoringSettings) -> ModelPlan:
     """The pinned version, else the registry's champion and challenger (fail closed)."""
     try:
         return _plan(settings)
@@ -54,7 +54,7 @@ def resolve_plan(settings: ServingSettings) -> ModelPlan:
         raise ArtifactError(f"model registry: {exc}") from exc
 
 
-def _plan(settings: ServingSettings) -> ModelPlan:
+def _plan(settings: ScoringSettings) -> ModelPlan:
     reg = Registry(settings.model_dir)
     dev = settings.allow_unregistered_models
     try:
@@ -94,12 +94,12 @@ def _plan(settings: ServingSettings) -> ModelPlan:
     return ModelPlan(ModelRef(versions[-1].parent), "newest")
 
 
-def resolve_model_path(settings: ServingSettings) -> Path:
+def resolve_model_path(settings: ScoringSettings) -> Path:
     """Directory of the model that answers requests (the champion)."""
     return resolve_plan(settings).champion.path
 
 
-def _scorer(ref: ModelRef, store: FeatureStore, settings: ServingSettings,
+def _scorer(ref: ModelRef, store: FeatureStore, settings: ScoringSettings,
             features: dict[str, OnlineFeatures]) -> Scorer:
     artifact = load_artifact(ref.path, expected_sha256=ref.sha256)
     check_against_registry(artifact, store)
@@ -113,7 +113,7 @@ def _scorer(ref: ModelRef, store: FeatureStore, settings: ServingSettings,
         raise ArtifactError(f"model {artifact.version}: {exc}") from exc
 
 
-def build_model_set(settings: ServingSettings, store: FeatureStore) -> ModelSet:
+def build_model_set(settings: ScoringSettings, store: FeatureStore) -> ModelSet:
     """Load and verify every model of the plan (blocking: run it off the event loop).
 
     Raises ArtifactError for anything that must not serve; nothing is half-built.
@@ -128,10 +128,10 @@ def build_model_set(settings: ServingSettings, store: FeatureStore) -> ModelSet:
     return ModelSet(champion, challenger, plan.source)
 
 
-def open_store(settings: ServingSettings) -> FeatureStore:
+def open_store(settings: ScoringSettings) -> FeatureStore:
     return FeatureStore(repo_path=str(settings.feature_repo))
 
 
-def load_scorer(settings: ServingSettings) -> Scorer:
+def load_scorer(settings: ScoringSettings) -> Scorer:
     """The champion alone, with its own feature store (the streaming scorer's entry point)."""
     return _scorer(resolve_plan(settings).champion, open_store(settings), settings, {})

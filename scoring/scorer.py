@@ -15,10 +15,10 @@ from typing import Any, Literal
 import numpy as np
 
 from feature_repo.contract import TransactionEvent, request_fields
-from serving import metrics
-from serving.artifact import Artifact
-from serving.compiled import compile_model
-from serving.features import FeatureVector, OnlineFeatures
+from scoring import metrics
+from scoring.artifact import Artifact
+from scoring.compiled import compile_model
+from scoring.features import FeatureVector, OnlineFeatures
 
 # Up to this many rows a request is scored row by row through the compiled trees; larger
 # batches amortise predict_proba's fixed cost better (measured crossover: 40-60 rows).

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from serving import metrics
+from scoring import metrics
 
-log = logging.getLogger("serving.drift")
+log = logging.getLogger("scoring.drift")
 
 REFERENCE_FILE = "reference.json"
 BINS = 10

@@ -1,7 +1,7 @@
 """The prediction log: scored requests with their full feature vectors, for audits and drift.
 
 `PredictionLog.record(results, events)` runs after every scoring call.  Each record is
-`streaming.score.prediction_record`, the record the streaming scorer writes too: ids, request
+`prediction_record`, the record the streaming scorer writes too: ids, request
 time, score, decision, model version, feature service, missing features, every model input,
 and what a replay needs: `amount`, `currency`, `channel`, and for the online rows that were
 read, `feature_ages` (request time minus row time, seconds) and `stale_features`.
@@ -19,7 +19,7 @@ Sinks, each optional:
 
 Sampling (`SERVING_PREDICTION_LOG_SAMPLE`) is deterministic: a transaction is logged iff the
 hash of its id falls below the rate, so every replica and rerun logs the same transactions.
-The drift monitor (serving/drift.py) sees every vector, sampled or not, and compares them with
+The drift monitor (scoring/drift.py) sees every vector, sampled or not, and compares them with
 the training reference of the model serving as champion (`use_reference`, on every swap).
 
 Delivery: best effort, at most once.  Nothing here can fail or delay a request: records still
@@ -38,20 +38,19 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from serving import metrics
-from serving.config import ServingSettings
-from serving.drift import DriftMonitor, load_reference
-from serving.scoring import ScoreResult
-from streaming.score import prediction_record
+from scoring import metrics
+from scoring.config import ScoringSettings
+from scoring.drift import DriftMonitor, load_reference
+from scoring.scorer import ScoreResult
 
-log = logging.getLogger("serving.prediction_log")
+log = logging.getLogger("scoring.prediction_log")
 
 # The parquet log's columns; `features` and `feature_ages` are JSON objects (name -> value),
 # which keeps ints ints and floats exact whatever a batch happens to contain.
@@ -75,6 +74,32 @@ LOG_SCHEMA = pa.schema([
 ])
 _JSON_COLUMNS = ("features", "feature_ages")
 _TIME_COLUMNS = ("event_timestamp", "scored_at")
+
+
+def prediction_record(result: Any, event: Any) -> dict[str, Any]:
+    """The JSON record written to `predictions` (and `fraud-alerts`), by the stream scorer and
+    the HTTP scorer's prediction log alike: ids, times, score, decision, model version, feature
+    service, every model input, and what an audit replay needs (the request fields, the age
+    of each online row read and which of them were stale)."""
+    return {
+        "transaction_id": result.transaction_id,
+        "user_id": event.user_id,
+        "merchant_id": event.merchant_id,
+        "event_timestamp": event.event_timestamp.isoformat(),
+        "scored_at": datetime.now(UTC).isoformat(),
+        "score": result.score,
+        "decision": result.decision,
+        "model_version": result.model_version,
+        "feature_service": result.feature_service,
+        "missing_features": result.vector.missing,
+        "features": {k: (None if isinstance(v, float) and v != v else v)
+                     for k, v in result.vector.values.items()},
+        "amount": float(event.amount),
+        "currency": event.currency,
+        "channel": event.channel,
+        "stale_features": list(result.vector.stale),
+        "feature_ages": dict(result.vector.ages),
+    }
 
 
 def sampled(transaction_id: str, rate: float) -> bool:
@@ -225,7 +250,7 @@ class PredictionLog:
         self._drift_interval = drift_interval_s
 
     @classmethod
-    def from_settings(cls, settings: ServingSettings, artifact_dir: Path | None = None
+    def from_settings(cls, settings: ScoringSettings, artifact_dir: Path | None = None
                       ) -> PredictionLog:
         """Sinks from the settings; drift against `artifact_dir`'s reference.json, if any."""
         sinks: list[ParquetSink | KafkaSink] = []
