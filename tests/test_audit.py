@@ -26,10 +26,10 @@ from prometheus_client import REGISTRY
 from feature_repo.contract import TransactionEvent, to_micros
 from feature_repo.paths import features_dir, velocity_history_dir
 from feature_repo.velocity import ROW_FIELDS
+from scoring import drift
 from scoring.features import FeatureVector
 from scoring.prediction_log import KafkaSink, ParquetSink, PredictionLog, sampled
 from scoring.scorer import ScoreResult
-from serving import drift
 from serving.app import create_app
 from serving.config import ServingSettings
 from streaming.velocity_sink import VelocityRow, history_table
