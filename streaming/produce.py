@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
               "0 <= --fraud-share <= 1", file=sys.stderr)
         return 2
     from feature_repo.config import apply_env_defaults, data_dir
-    from training.paths import transactions_dir
+    from feature_repo.paths import transactions_dir
 
     apply_env_defaults()
     kwargs = {"topic": a.topic} if a.topic else {}

@@ -2,7 +2,7 @@
 
 `python -m streaming.score` (or `python -m bytewax.run streaming.score:get_flow`) reads
 `transactions`, scores each source micro-batch with one online lookup per feature view through
-`serving.scoring.Scorer` (imported, not over HTTP), writes every prediction to `predictions`
+`scoring.scorer.Scorer` (imported, not over HTTP), writes every prediction to `predictions`
 and an alert to `fraud-alerts` when the decision is not approve.
 
 Delivery: at-least-once.  Without recovery the flow starts at the end of the topic (new
@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 import bytewax.operators as op
@@ -26,6 +25,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
+from scoring.prediction_log import prediction_record
 from streaming import metrics
 from streaming.events import Envelope
 from streaming.features import parse_item
@@ -33,44 +33,18 @@ from streaming.features import parse_item
 log = logging.getLogger(__name__)
 
 
-def prediction_record(result: Any, event: Any) -> dict[str, Any]:
-    """The JSON record written to `predictions` (and `fraud-alerts`), by this flow and by the
-    HTTP scorer's prediction log alike: ids, times, score, decision, model version, feature
-    service, every model input, and what an audit replay needs (the request fields, the age
-    of each online row read and which of them were stale)."""
-    return {
-        "transaction_id": result.transaction_id,
-        "user_id": event.user_id,
-        "merchant_id": event.merchant_id,
-        "event_timestamp": event.event_timestamp.isoformat(),
-        "scored_at": datetime.now(UTC).isoformat(),
-        "score": result.score,
-        "decision": result.decision,
-        "model_version": result.model_version,
-        "feature_service": result.feature_service,
-        "missing_features": result.vector.missing,
-        "features": {k: (None if isinstance(v, float) and v != v else v)
-                     for k, v in result.vector.values.items()},
-        "amount": float(event.amount),
-        "currency": event.currency,
-        "channel": event.channel,
-        "stale_features": list(result.vector.stale),
-        "feature_ages": dict(result.vector.ages),
-    }
-
-
 class BatchScorer:
     """Scores micro-batches; the Scorer is loaded once per worker, on first use."""
 
     def __init__(self, scorer: Any = None) -> None:
-        self._scorer: Any = scorer  # a serving.scoring.Scorer; loaded from settings if None
+        self._scorer: Any = scorer  # a scoring.scorer.Scorer; loaded from settings if None
 
     def __call__(self, batch: list[Any]) -> list[tuple[str, dict[str, Any]]]:
         if self._scorer is None:
             from threadpoolctl import threadpool_limits
 
-            from serving.config import get_settings
-            from serving.loader import load_scorer
+            from scoring.config import get_settings
+            from scoring.loader import load_scorer
 
             threadpool_limits(1)
             self._scorer = load_scorer(get_settings())
