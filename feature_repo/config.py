@@ -2,7 +2,8 @@
 
 Feast expands `${VAR}` in feature_store.yaml but has no defaults, so every entry point calls
 `apply_env_defaults()` before opening the store; the Makefile exports the same defaults for the
-`feast` CLI.
+`feast` CLI.  A bare `feast` command without them stops on `require_env` with one line naming
+the variable (not SQLAlchemy's traceback for the unexpanded `${FEAST_REGISTRY_URL}`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+import click
 
 REPO_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = REPO_DIR.parent
@@ -27,6 +30,24 @@ def apply_env_defaults() -> None:
     os.environ.setdefault("FRAUD_DATA_DIR", str(data_dir()))
     os.environ.setdefault("FEAST_REGISTRY_URL", f"sqlite:///{data_dir() / 'registry.db'}")
     os.environ.setdefault("REDIS_URL", DEFAULT_REDIS_URL)
+
+
+class MissingEnvironmentError(click.ClickException):
+    """A variable feature_store.yaml expands is unset.
+
+    A `ClickException`, so the `feast` CLI prints it as one `Error: ...` line and exits 1.
+    """
+
+
+def require_env(names: list[str]) -> None:
+    """Raise `MissingEnvironmentError` naming the first of `names` that is unset or empty."""
+    for name in names:
+        if not os.environ.get(name):
+            raise MissingEnvironmentError(
+                f"{name} is not set, and feature_store.yaml needs it. Use the Makefile "
+                "(make apply, make materialize), or export the defaults first: export "
+                "FRAUD_DATA_DIR=$PWD/data FEAST_REGISTRY_URL=sqlite:///$PWD/data/registry.db"
+            )
 
 
 def redis_connection_string(url: str) -> str:

@@ -8,7 +8,10 @@ connection settings differ:
 * the connection comes from the conventional `REDIS_URL` (default redis://127.0.0.1:6379/0)
   unless `connection_string` is set in the YAML;
 * socket connect/read timeouts are bounded (`socket_timeout_s`), so a Redis outage fails fast
-  instead of hanging a request.
+  instead of hanging a request;
+* `require_env` lists environment variables the YAML expands: Feast builds this config while it
+  reads feature_store.yaml, before the registry, so an unset one is reported in one line
+  (`feature_repo.config.require_env`) instead of as the registry's SQLAlchemy traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Literal
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 from pydantic import StrictStr
 
-from feature_repo.config import DEFAULT_REDIS_URL, redis_connection_string
+from feature_repo.config import DEFAULT_REDIS_URL, redis_connection_string, require_env
 
 
 def _connection_from_env() -> str:
@@ -53,8 +56,10 @@ class FraudRedisOnlineStoreConfig(RedisOnlineStoreConfig):
     )
     connection_string: StrictStr = ""
     socket_timeout_s: float = 0.5
+    require_env: list[str] = []
 
     def model_post_init(self, __context: object) -> None:
+        require_env(self.require_env)
         if not self.connection_string:
             self.connection_string = _connection_from_env()
         if "socket_timeout" not in self.connection_string:
