@@ -14,9 +14,9 @@ from fastapi.security import APIKeyHeader
 from pydantic import SecretStr
 
 from scoring.models import ModelSet
-from scoring.scorer import Scorer
 from serving.config import ServingSettings
 from serving.lifecycle import ModelManager
+from serving.service import ScoringService
 
 
 async def get_manager(request: Request) -> ModelManager:
@@ -30,10 +30,9 @@ async def get_models(request: Request) -> ModelSet:
     return manager.current
 
 
-async def get_scorer(request: Request) -> Scorer:
-    """The champion of the current model set."""
-    manager: ModelManager = request.app.state.models
-    return manager.current.champion
+async def get_service(request: Request) -> ScoringService:
+    service: ScoringService = request.app.state.service
+    return service
 
 
 def _settings(request: Request) -> ServingSettings:
@@ -72,4 +71,4 @@ async def require_admin_key(request: Request, x_api_key: ApiKey) -> None:
 
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 ModelsDep = Annotated[ModelSet, Depends(get_models)]
-ScorerDep = Annotated[Scorer, Depends(get_scorer)]
+ServiceDep = Annotated[ScoringService, Depends(get_service)]

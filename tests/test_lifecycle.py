@@ -289,7 +289,7 @@ def test_drift_follows_the_champion(model_dir: Path) -> None:
             r = client.post("/v1/score", json={**_txn(f"{tag}-{i}", f"u{i % 7}"),
                                                "amount": amounts[i % len(amounts)]})
             assert r.status_code == 200, r.text
-        plog = client.app.state.prediction_log  # type: ignore[attr-defined]
+        plog = client.app.state.service.prediction_log  # type: ignore[attr-defined]
         assert len(plog.drift._recent) == 120  # the window restarted with the swap
         return dict(plog.drift.compute())
 
@@ -297,7 +297,7 @@ def test_drift_follows_the_champion(model_dir: Path) -> None:
         before = psi_after_traffic(c, "a")
         assert before["txn_amount_log"] < 1.0
         assert c.post("/admin/promote/v2", headers=ADMIN).status_code == 200
-        plog = c.app.state.prediction_log  # type: ignore[attr-defined]
+        plog = c.app.state.service.prediction_log  # type: ignore[attr-defined]
         assert plog.drift_source == d / "v2"
         assert _metric("fraud_feature_psi", feature="txn_amount_log") == 0.0  # old gauge gone
         promoted = psi_after_traffic(c, "b")
