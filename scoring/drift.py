@@ -10,7 +10,9 @@ PSI = sum over bins of (actual - expected) * ln(actual / expected), shares floor
 Rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 large shift.
 
 `DriftMonitor` keeps the scorer's most recent vectors in a bounded window and, from a daemon
-thread, recomputes every feature's PSI and exports it as `fraud_feature_psi{feature}`.
+thread, recomputes every feature's PSI and exports it as `fraud_feature_psi{feature}`, but only
+once the window holds `PSI_MIN_SAMPLES` vectors: over fewer, PSI mostly measures sampling noise
+(the alert rule on it and the skew audit rely on that floor).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = logging.getLogger("scoring.drift")
 REFERENCE_FILE = "reference.json"
 BINS = 10
 _FLOOR = 1e-4
+PSI_MIN_SAMPLES = 100  # below this many vectors PSI is mostly sampling noise: not exported
 
 
 def _num(v: Any) -> float:
@@ -120,11 +123,14 @@ class DriftMonitor:
     """PSI gauges over the scorer's `window` most recent vectors, refreshed every `interval_s`.
 
     `observe` only appends to a bounded deque (safe to call on the event loop); the
-    computation runs on a daemon thread, and not before `min_samples` vectors were seen.
+    computation runs on a daemon thread, and no gauge is set before `min_samples` vectors were
+    seen (at least `PSI_MIN_SAMPLES`; a smaller window would never export).
     """
 
     def __init__(self, reference: Mapping[str, Any], window: int = 5000,
-                 interval_s: float = 60.0, min_samples: int = 100) -> None:
+                 interval_s: float = 60.0, min_samples: int = PSI_MIN_SAMPLES) -> None:
+        if min_samples < PSI_MIN_SAMPLES:
+            raise ValueError(f"min_samples must be at least {PSI_MIN_SAMPLES}, got {min_samples}")
         self.reference = reference
         self.features = list(reference["features"])
         self.min_samples = min_samples

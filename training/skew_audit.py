@@ -42,14 +42,13 @@ import pyarrow.dataset as ds
 from feast import FeatureStore
 
 from feature_repo.config import PROJECT_DIR
-from scoring.drift import load_reference, psi_by_feature
+from scoring.drift import PSI_MIN_SAMPLES, load_reference, psi_by_feature
 from scoring.prediction_log import LOG_SCHEMA
 from training.config import get_settings
 from training.retrieval import entity_frame, open_store, training_frame
 
 CAUSES = ("stale", "missing", "value_differs")
 LARGEST = 5
-PSI_MIN_SAMPLES = 100  # below this, PSI mostly measures sampling noise (flagged in the table)
 
 
 def _utc(text: str) -> datetime:
