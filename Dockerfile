@@ -2,11 +2,14 @@
 # fraudstream: one image for the scorer, the dataflows, the producer and the one-shot jobs.
 #   docker build -t fraudstream:0.1.0 .
 #   docker run --rm -p 127.0.0.1:8000:8000 fraudstream:0.1.0            # python -m serving
+#     (the scorer listens on 0.0.0.0 inside the container, SERVING_HOST below, so -p reaches it)
 #   docker run --rm fraudstream:0.1.0 python -m streaming.features       # any other entry point
 # Configuration comes from the environment at run time (see docker-compose.yml); the image holds
 # no secrets and no data.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# An exact patch release.  Pinning it by digest too (python:3.11.13-slim-bookworm@sha256:...)
+# and updating it: docs/operations.md, "Container images".
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 # --- builder: a virtualenv with the pinned dependencies and the project -----------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -42,6 +45,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     FEAST_USAGE=False \
     HOME=/home/fraud \
+    SERVING_HOST=0.0.0.0 \
     FRAUD_DATA_DIR=/var/lib/fraudstream/data \
     SERVING_MODEL_DIR=/var/lib/fraudstream/models \
     TRAINING_MODEL_DIR=/var/lib/fraudstream/models \

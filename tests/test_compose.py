@@ -2,7 +2,8 @@
 
 None of this needs a Docker engine.  The Compose file is read with PyYAML and its model checked
 here; when the Compose v2 CLI is installed, `docker compose config` (client-side only: it
-parses, interpolates and normalises the model) must accept it too.
+parses, interpolates and normalises the model) must accept it too, and when `promtool` is
+installed (Debian package `prometheus`) it checks the Prometheus configuration and alert rules.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+ALERT_RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 DATASOURCES = GRAFANA_PROVISIONING / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA_PROVISIONING / "dashboards" / "fraudstream.yml"
@@ -37,7 +39,7 @@ PROJECT_COMMANDS = {
     "history-compactor": "python -m training.compact_history --every-s 3600 --metrics-host "
                          "0.0.0.0 --metrics-port 9103",
 }
-ONE_SHOT = {"init", "train"}
+ONE_SHOT = {"init", "train", "skew-audit"}
 REQUIRED_SERVICES = INFRA | set(PROJECT_COMMANDS) | {"init"}
 # Where Prometheus must find each service's metrics.
 SCRAPE_TARGETS = {("scorer", 8000), ("feature-dataflow", 9101), ("stream-scorer", 9102),
@@ -60,6 +62,24 @@ DASHBOARD_METRICS = {
     "fraud_score",
     "fraud_decisions_total",
     "fraud_feature_psi",
+    "fraud_model_info",
+    "fraud_challenger_info",
+    "fraud_challenger_score_diff",
+    "fraud_stream_dlq_failed_total",
+}
+# Metrics that both the HTTP and the stream scorer export: every query names its job.
+SHARED_SCORING_METRICS = {"fraud_decisions_total", "fraud_score", "fraud_model_info",
+                          "fraud_challenger_info", "fraud_feature_psi"}
+SCORE_ROUTES = 'route=~"/v1/score.*"'
+PREDICTION_LOG_DIR = "/var/lib/fraudstream/data/predictions"
+# What the alert rules must cover (alert name -> metric its expression reads).
+ALERTS = {
+    "FraudScorerErrorRate": "fraud_requests_total",
+    "FraudScorerLatencyP99": "fraud_request_latency_seconds_bucket",
+    "FraudFeatureFreshness": "fraud_stream_freshness_seconds_bucket",
+    "FraudStreamDeadLetters": "fraud_stream_dlq_total",
+    "FraudFeatureDrift": "fraud_feature_psi",
+    "FraudServingSkewStaleFeatures": "fraud_missing_features_total",
 }
 LATENCY_BUCKETS = "fraud_request_latency_seconds_bucket"
 REQUIRED_VAR = re.compile(r"^\$\{(?P<name>[A-Z][A-Z0-9_]*):\?[^}]+\}$")
@@ -162,9 +182,12 @@ def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
             assert image.startswith("fraudstream:"), f"{name} must run the project image"
             assert service["build"]["context"] == ".", name
             continue
-        repository, _, tag = image.rpartition(":")
-        assert "@sha256:" in image or (repository and "/" not in tag), f"{name}: {image} has no tag"
+        repository, _, tag = image.split("@")[0].rpartition(":")
+        assert repository and "/" not in tag, f"{name}: {image} has no tag"
         assert tag not in {"latest", ""} and "$" not in image, f"{name}: {image} is not pinned"
+        # an exact release (major.minor[.patch]), not a moving major tag such as `redis:7`
+        assert re.match(r"^v?\d+\.\d+(\.\d+)?$", tag), f"{name}: {image} is not an exact version"
+    assert "imagetools inspect" in COMPOSE_FILE.read_text(), "document the digest update path"
 
 
 def test_project_services_run_expected_commands(services: dict[str, dict[str, Any]]) -> None:
@@ -232,6 +255,24 @@ def test_scorer_is_replicated_behind_loopback_ports(services: dict[str, dict[str
     assert int(last or first) - int(first) + 1 >= replicas, "one host port per replica"
     assert scorer["depends_on"]["init"]["condition"] == "service_completed_successfully"
     assert scorer["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert environment(scorer)["SERVING_HOST"] == "0.0.0.0"
+
+
+def test_scorer_logs_predictions_where_the_skew_audit_reads(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    scorer, audit = services["scorer"], services["skew-audit"]
+    assert environment(scorer)["SERVING_PREDICTION_LOG_DIR"] == PREDICTION_LOG_DIR
+    assert environment(audit)["SERVING_PREDICTION_LOG_DIR"] == PREDICTION_LOG_DIR
+    assert PREDICTION_LOG_DIR.startswith(DATA_DIR + "/"), "on the shared data volume"
+    for service in (scorer, audit):
+        assert volume_mounts(service)[DATA_DIR] == "fraud-data"
+    assert not any(v.endswith(f"{DATA_DIR}:ro") for v in scorer["volumes"]), "scorer writes it"
+    assert command_line(audit).startswith("python -m training.skew_audit")
+    report = command_line(audit).split("--report", 1)[1].split()[0]
+    assert report.startswith(DATA_DIR + "/"), "the report must land on a writable volume"
+    assert audit["profiles"] == ["jobs"]
+    assert audit["depends_on"]["init"]["condition"] == "service_completed_successfully"
 
 
 def test_init_runs_once_after_the_infrastructure(services: dict[str, dict[str, Any]]) -> None:
@@ -303,6 +344,44 @@ def test_prometheus_scrapes_the_services(services: dict[str, dict[str, Any]]) ->
     assert environment(services["scorer"])["SERVING_PORT"] == "8000"
     mounts = volume_mounts(services["prometheus"])
     assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus/prometheus.yml"
+    # rule files are relative to prometheus.yml: the same layout locally and in the container
+    assert config["rule_files"] == ["alerts.yml"]
+    assert mounts["/etc/prometheus/alerts.yml"] == "./deploy/prometheus/alerts.yml"
+
+
+def test_alert_rules_cover_the_service_levels() -> None:
+    groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    rules = {r["alert"]: r for group in groups for r in group["rules"]}
+    for alert, metric in ALERTS.items():
+        assert alert in rules, alert
+        assert metric in rules[alert]["expr"], (alert, rules[alert]["expr"])
+    for name, rule in rules.items():
+        assert balanced(rule["expr"]), name
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        assert rule["annotations"]["summary"], name
+        if "fraud_request" in rule["expr"]:
+            assert SCORE_ROUTES in rule["expr"], f"{name}: scoring routes only"
+
+
+def promtool_or_skip() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package `prometheus`)")
+    return promtool
+
+
+def test_promtool_accepts_the_alert_rules() -> None:
+    result = subprocess.run([promtool_or_skip(), "check", "rules", str(ALERT_RULES)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(ALERTS)}" in result.stdout or "SUCCESS" in result.stdout
+
+
+def test_promtool_accepts_the_config() -> None:
+    result = subprocess.run([promtool_or_skip(), "check", "config", str(PROMETHEUS_CONFIG)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout, result.stdout
 
 
 def test_grafana_is_provisioned(services: dict[str, dict[str, Any]]) -> None:
@@ -334,7 +413,19 @@ def test_dashboard_panels_query_known_metrics() -> None:
         assert any(
             e.startswith(f"histogram_quantile({quantile},") and LATENCY_BUCKETS in e for e in exprs
         ), quantile
-    assert any('fraud_requests_total{status=~"5.."}' in e for e in exprs)
+    assert any("fraud_requests_total{" in e and 'status=~"5.."' in e for e in exprs)
+    for expr in exprs:
+        # HTTP metrics: the scoring routes only (not /health, /metrics, /admin)
+        for selector in re.findall(r"\bfraud_request(?:s_total|_latency_seconds_bucket)(\{[^}]*\})?",
+                                   expr):
+            assert SCORE_ROUTES in selector, f"scoring panels must select the routes: {expr}"
+        # metrics both scorers export: one job per query, so HTTP and stream stay apart
+        for metric, selector in re.findall(r"\b(fraud_\w+)(\{[^}]*\})?", expr):
+            if re.sub(r"_(bucket|count|sum)$", "", metric) in SHARED_SCORING_METRICS:
+                assert 'job="' in selector, f"{metric} without a job: {expr}"
+    decisions = [e for e in exprs if "fraud_decisions_total" in e]
+    assert any('job="scorer"' in e for e in decisions)
+    assert any('job="stream-scorer"' in e for e in decisions)
 
 
 # --- Dockerfile and .dockerignore -------------------------------------------------------------
@@ -355,7 +446,7 @@ def test_dockerfile() -> None:
     stages = [args for op, args in instructions if op == "FROM"]
     assert len(stages) >= 2, "multi-stage build"
     build_args = dict(args.partition("=")[::2] for op, args in instructions if op == "ARG")
-    assert build_args["PYTHON_IMAGE"].startswith("python:3.11-slim")
+    assert re.match(r"^python:3\.11\.\d+-slim-", build_args["PYTHON_IMAGE"]), "exact release"
     final = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM") :]
     users = [args for op, args in final if op == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}, "final stage runs as root"
@@ -363,6 +454,8 @@ def test_dockerfile() -> None:
     healthcheck = " ".join(args for op, args in final if op == "HEALTHCHECK")
     assert "http://127.0.0.1:8000/health" in healthcheck and "python" in healthcheck
     assert ("EXPOSE", "8000") in final
+    env = " ".join(args for op, args in final if op == "ENV")
+    assert "SERVING_HOST=0.0.0.0" in env, "`docker run -p` must reach the scorer"
     assert ("CMD", '["python", "-m", "serving"]') in final
     runs = " ".join(args for op, args in instructions if op == "RUN")
     assert "pip install -c constraints.txt ." in runs
@@ -408,7 +501,7 @@ def test_compose_config_accepts_the_file(tmp_path: Path) -> None:
     result = run_compose_config(tmp_path, TEST_SECRETS, "--format", "json")
     assert result.returncode == 0, result.stderr
     model = json.loads(result.stdout)
-    assert REQUIRED_SERVICES | {"train"} == set(model["services"])
+    assert REQUIRED_SERVICES | {"train", "skew-audit"} == set(model["services"])
     registry = model["services"]["scorer"]["environment"]["FEAST_REGISTRY_URL"]
     password = TEST_SECRETS["POSTGRES_PASSWORD"]
     assert registry == f"postgresql+psycopg://fraud:{password}@postgres:5432/feast"
