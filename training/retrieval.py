@@ -19,6 +19,7 @@ from feast import FeatureStore
 from feature_repo.config import REPO_DIR, apply_env_defaults, data_dir
 from feature_repo.contract import REQUEST_FIELDS
 from feature_repo.paths import labels_path, transactions_dir
+from scoring.artifact import service_feature_names
 
 ENTITY_COLUMNS = ["transaction_id", "user_id", "merchant_id", "event_timestamp"]
 
@@ -79,21 +80,28 @@ def labelled_entity_frame(
 
 def training_frame(
     store: FeatureStore, feature_service: str, entities: pd.DataFrame,
-    columns: list[str] | None = None,
+    columns: list[str] | None = None, *, raw: bool = False,
 ) -> pd.DataFrame:
     """Point-in-time features of `feature_service` for every entity row, keyed by transaction_id.
 
     One output row per input row, none dropped or merged (checked), in the input's order.
-    `columns`: only transaction_id and these (others, such as the velocity arrays the
-    on-demand views read, are then never converted to pandas).
+    Columns: the entity frame's own (keys, event_timestamp, request fields, labels such as
+    is_fraud), then the service's features in the model's input order.  `raw=True` keeps
+    everything Feast returns, including the inputs of the on-demand views that are not model
+    inputs (the velocity arrays: recent_txn_ts, recent_amounts, ...).  `columns`: only
+    transaction_id and these (others are then never converted to pandas).
     """
     if entities["transaction_id"].duplicated().any():
         raise ValueError("entity frame has duplicate transaction_id values")
     service = store.get_feature_service(feature_service)
     job = store.get_historical_features(entity_df=entities, features=service)
-    if columns is None:
+    if columns is None and raw:
         df = job.to_df()
     else:
+        if columns is None:
+            features = service_feature_names(service)
+            columns = [c for c in entities.columns if c != "transaction_id"]
+            columns += [f for f in features if f not in entities.columns]
         df = job.to_arrow().select(["transaction_id", *columns]).to_pandas()
     if len(df) != len(entities):
         raise RuntimeError(f"point-in-time join returned {len(df)} rows for {len(entities)}")
