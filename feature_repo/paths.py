@@ -16,6 +16,11 @@ def labels_path(root: Path | None = None) -> Path:
     return (root or data_dir()) / "labels.parquet"
 
 
+def customers_path(root: Path | None = None) -> Path:
+    """Customer records: `user_id, home_utc_offset_hours` (the card holder's home time zone)."""
+    return (root or data_dir()) / "customers.parquet"
+
+
 def features_dir(root: Path | None = None) -> Path:
     return (root or data_dir()) / "features"
 

@@ -203,7 +203,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_simulator_same_arguments_same_bytes(simulated_twice: tuple[Path, Path]) -> None:
     a, b = (_files(r) for r in simulated_twice)
-    assert len(a) == 41  # 40 daily partitions + labels
+    assert len(a) == 42  # 40 daily partitions + labels + customer records
     assert a.keys() == b.keys()
     for name in a:
         assert a[name] == b[name], name
