@@ -84,7 +84,8 @@ transaction_request_source = RequestSource(
 
 # --- feature views -------------------------------------------------------------------------
 
-# 30-day habits of a user, as of each day's 00:00 UTC (only data strictly before it).
+# 30-day habits of a user, as of each day's 00:00 UTC (only data strictly before it), and the
+# card holder's home time zone: what "usual" means for this user, amounts and hours alike.
 user_profile_fv = FeatureView(
     name="user_profile_fv",
     entities=[user],
@@ -95,6 +96,8 @@ user_profile_fv = FeatureView(
         Field(name="user_amount_std_30d", dtype=Float64),
         Field(name="user_distinct_merchants_30d", dtype=Int64),
         Field(name="user_account_age_days", dtype=Float64),
+        Field(name="user_utc_offset_hours", dtype=Float64),
+        Field(name="user_usual_hour_30d", dtype=Float64),
     ],
     source=user_profile_source,
     online=True,
@@ -162,15 +165,16 @@ def user_velocity_odfv(inputs: dict[str, Any]) -> dict[str, Any]:
     return {name: [r[name] for r in rows] for name in WINDOW_FEATURES}
 
 
-# Amount relative to the user's habit, time of day and channel of the transaction being scored.
+# The transaction against the card holder's own habits: amount vs their 30-day mean, time of day
+# in their home zone and hours from their usual hour (never the server's UTC clock), channel.
 @on_demand_feature_view(
     sources=[user_profile_fv, transaction_request_source],
     schema=[
         Field(name="txn_amount_log", dtype=Float64),
         Field(name="txn_amount_to_mean_30d", dtype=Float64),
         Field(name="txn_amount_zscore_30d", dtype=Float64),
-        Field(name="txn_hour_of_day", dtype=Int64),
-        Field(name="txn_is_night", dtype=Int64),
+        Field(name="txn_hour_local", dtype=Float64),
+        Field(name="txn_hours_from_usual_30d", dtype=Float64),
         Field(name="txn_is_online", dtype=Int64),
         Field(name="txn_is_atm", dtype=Int64),
     ],
@@ -180,13 +184,15 @@ def transaction_odfv(inputs: dict[str, Any]) -> dict[str, Any]:
     from feature_repo.transforms import TRANSACTION_FEATURES, transaction_features
 
     rows = [
-        transaction_features(a, c, t, m, s)
-        for a, c, t, m, s in zip(
+        transaction_features(a, c, t, m, s, z, u)
+        for a, c, t, m, s, z, u in zip(
             inputs["txn_amount"],
             inputs["txn_channel"],
             inputs["request_ts_us"],
             inputs["user_amount_mean_30d"],
             inputs["user_amount_std_30d"],
+            inputs["user_utc_offset_hours"],
+            inputs["user_usual_hour_30d"],
             strict=True,
         )
     ]

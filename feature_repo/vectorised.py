@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feature_repo.transforms import TRANSACTION_FEATURES
+from feature_repo.transforms import TRANSACTION_FEATURES, US_PER_DAY, US_PER_HOUR
 from feature_repo.velocity import HORIZON_US, HOUR_US, MINUTE_US, WINDOW_FEATURES
 
 Twin = Callable[[pa.Table], "pa.Table | None"]
@@ -169,21 +169,25 @@ def transaction_twin(table: pa.Table) -> pa.Table | None:
     amount = _col(table, "txn_amount", pa.float64())
     channel = _col(table, "txn_channel", pa.string())
     t = _col(table, "request_ts_us", pa.int64())
-    mean = _col(table, "user_amount_mean_30d", pa.float64())
-    std = _col(table, "user_amount_std_30d", pa.float64())
-    if amount is None or channel is None or t is None or mean is None or std is None:
+    profile = [_col(table, name, pa.float64()) for name in (
+        "user_amount_mean_30d", "user_amount_std_30d", "user_utc_offset_hours",
+        "user_usual_hour_30d")]
+    if amount is None or channel is None or t is None or any(c is None for c in profile):
         return None
     if amount.null_count or t.null_count:
         return None
     a = amount.to_numpy()
-    m = mean.to_numpy(zero_copy_only=False)  # null -> NaN: "missing" either way
-    s = std.to_numpy(zero_copy_only=False)
-    hour = (t.to_numpy() // 3_600_000_000) % 24
+    # null -> NaN: "missing" either way
+    m, s, offset, usual = (c.to_numpy(zero_copy_only=False) for c in profile)  # type: ignore[union-attr]
+    hour = (t.to_numpy() % US_PER_DAY) / US_PER_HOUR  # int64 -> float64 exactly, as the UDF
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         has_mean = ~np.isnan(m) & (m > 0)
         has_std = has_mean & ~np.isnan(s) & (s > 0)
         to_mean = np.where(has_mean, a / m, math.nan)
         zscore = np.where(has_std, (a - m) / s, math.nan)
+        local = np.where(~np.isfinite(offset), math.nan, (hour + offset + 24.0) % 24.0)
+        gap = np.abs(hour - usual)
+        from_usual = np.where(~np.isfinite(usual), math.nan, np.minimum(gap, 24.0 - gap))
 
     def is_channel(name: str) -> np.ndarray:
         return pc.equal(channel, name).fill_null(False).to_numpy(zero_copy_only=False)
@@ -192,8 +196,8 @@ def transaction_twin(table: pa.Table) -> pa.Table | None:
         np.array([math.log1p(x) for x in a.tolist()], dtype=np.float64),  # libm's, as the UDF
         to_mean,
         zscore,
-        hour.astype(np.int64),
-        (hour < 6).astype(np.int64),
+        local,
+        from_usual,
         is_channel("online").astype(np.int64),
         is_channel("atm").astype(np.int64),
     ]

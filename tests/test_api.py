@@ -48,11 +48,13 @@ T = END + timedelta(hours=1)
 RESPONSE_FIELDS = {"transaction_id", "score", "decision", "model_version", "feature_service",
                    "missing_features", "features"}
 USER_PROFILE = {"user_txn_count_30d", "user_amount_mean_30d", "user_amount_std_30d",
-                "user_distinct_merchants_30d", "user_account_age_days"}
+                "user_distinct_merchants_30d", "user_account_age_days", "user_utc_offset_hours",
+                "user_usual_hour_30d"}
 MERCHANT_PROFILE = {"merchant_txn_count_30d", "merchant_amount_mean_30d",
                     "merchant_fraud_rate_30d"}
 # request features that need the user's profile, and the one velocity feature that needs a row
-NEEDS_USER_PROFILE = {"txn_amount_to_mean_30d", "txn_amount_zscore_30d"}
+NEEDS_USER_PROFILE = {"txn_amount_to_mean_30d", "txn_amount_zscore_30d", "txn_hour_local",
+                      "txn_hours_from_usual_30d"}
 NEEDS_VELOCITY_ROW = {"user_seconds_since_last_txn"}
 METRIC_SAMPLES = {
     "fraud_requests_total", "fraud_request_latency_seconds_bucket",
@@ -217,8 +219,11 @@ def test_explain_returns_every_model_input(client: TestClient, known: dict[str, 
             assert fv["age_seconds"] == pytest.approx(3600.0), name
         else:  # computed at request time
             assert fv["age_seconds"] is None, name
-    assert feats["txn_hour_of_day"]["value"] == 1
-    assert feats["txn_is_night"]["value"] == 1
+    # 01:00 UTC in the card holder's zone, and round the clock from their usual hour
+    offset = feats["user_utc_offset_hours"]["value"]
+    assert feats["txn_hour_local"]["value"] == pytest.approx((1 + offset) % 24)
+    gap = abs(1 - feats["user_usual_hour_30d"]["value"])
+    assert feats["txn_hours_from_usual_30d"]["value"] == pytest.approx(min(gap, 24 - gap))
     assert feats["txn_is_online"]["value"] == 1 and feats["txn_is_atm"]["value"] == 0
     assert feats["txn_amount_log"]["value"] == pytest.approx(math.log1p(42.5))
     mean = feats["user_amount_mean_30d"]["value"]
@@ -269,13 +274,17 @@ def test_event_timestamp_defaults_to_now(client: TestClient, known: dict[str, An
     assert resp.status_code == 200, resp.text
     out = resp.json()
     feats = out["features"]
-    assert feats["txn_hour_of_day"]["value"] in {t0.hour, t1.hour}
     # the SIM_END snapshot is usable only while now - PROFILE_TTL <= SIM_END <= now
     if END <= t0 and t1 - PROFILE_TTL <= END:
         age = feats["user_txn_count_30d"]["age_seconds"]
         assert (t0 - END).total_seconds() - 1 <= age <= (t1 - END).total_seconds() + 1
-    else:
-        assert USER_PROFILE | MERCHANT_PROFILE <= set(out["missing_features"])
+        # the hour is now's (t0 <= now <= t1), in the card holder's zone
+        offset = feats["user_utc_offset_hours"]["value"]
+        utc_hour = (feats["txn_hour_local"]["value"] - offset) % 24
+        lo = t0.hour + t0.minute / 60 + t0.second / 3600 + t0.microsecond / 3.6e9
+        assert (utc_hour - lo) % 24 <= (t1 - t0).total_seconds() / 3600 + 1e-6
+    else:  # no profile: no time zone, no local hour
+        assert USER_PROFILE | MERCHANT_PROFILE | NEEDS_USER_PROFILE <= set(out["missing_features"])
     # the velocity row (last transaction before SIM_END) is windowed at now
     last = known["last_ts"]
     if t1 - VELOCITY_TTL <= last:

@@ -22,12 +22,12 @@ import pytest
 
 from feature_repo.contract import to_micros
 from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
-from feature_repo.paths import features_dir, labels_path, velocity_history_dir
+from feature_repo.paths import customers_path, features_dir, labels_path, velocity_history_dir
 from feature_repo.transforms import TRANSACTION_FEATURES, transaction_features
 from feature_repo.velocity import HORIZON_US, HOUR_US, MINUTE_US, ROW_FIELDS, window_features
-from training.batch_features import WINDOW_DAYS, build_profiles
+from training.batch_features import MIN_RESULTANT, WINDOW_DAYS, build_profiles
 from training.retrieval import entity_frame, read_transactions, training_frame
-from training.simulate import SimConfig, simulate, write
+from training.simulate import SimConfig, customers, simulate, write
 
 USER_PROFILE = [
     "user_txn_count_30d",
@@ -35,6 +35,8 @@ USER_PROFILE = [
     "user_amount_std_30d",
     "user_distinct_merchants_30d",
     "user_account_age_days",
+    "user_utc_offset_hours",
+    "user_usual_hour_30d",
 ]
 MERCHANT_PROFILE = ["merchant_txn_count_30d", "merchant_amount_mean_30d", "merchant_fraud_rate_30d"]
 VELOCITY_OUT = [
@@ -309,7 +311,9 @@ def test_transaction_features_use_the_as_of_profile_and_own_request(
     want = pd.DataFrame(
         [
             transaction_features(a, c, int(t), _value(r, "user_amount_mean_30d"),
-                                 _value(r, "user_amount_std_30d"))
+                                 _value(r, "user_amount_std_30d"),
+                                 _value(r, "user_utc_offset_hours"),
+                                 _value(r, "user_usual_hour_30d"))
             for a, c, t, r in zip(entities["txn_amount"], entities["txn_channel"],
                                   entities["request_ts_us"], oracle["user"], strict=True)
         ]
@@ -424,8 +428,19 @@ def _window(rows: pd.DataFrame, d: pd.Timestamp) -> pd.DataFrame:
     return rows[(ts >= d - pd.Timedelta(days=WINDOW_DAYS)) & (ts < d)]
 
 
-def user_profile_oracle(mine: pd.DataFrame, d: pd.Timestamp) -> dict[str, float]:
-    """The user's profile at d from all of the user's transactions."""
+def _usual_hour(w: pd.DataFrame) -> float:
+    """Circular mean of the UTC hours of w's transactions (NaN: none, or they cancel out)."""
+    us = w["event_timestamp"].astype("datetime64[us, UTC]").astype("int64").to_numpy()
+    angle = (us % (24 * HOUR_US)) * 2 * math.pi / (24 * HOUR_US)
+    hs, hc = float(np.sin(angle).sum()), float(np.cos(angle).sum())
+    if not len(w) or math.hypot(hs, hc) <= MIN_RESULTANT * len(w):
+        return math.nan
+    return (math.atan2(hs, hc) * 12 / math.pi + 24) % 24
+
+
+def user_profile_oracle(mine: pd.DataFrame, d: pd.Timestamp,
+                        offsets: dict[str, float] | None = None) -> dict[str, float]:
+    """The user's profile at d from all of the user's transactions (and customer records)."""
     w = _window(mine, d)
     c = len(w)
     return {
@@ -434,6 +449,8 @@ def user_profile_oracle(mine: pd.DataFrame, d: pd.Timestamp) -> dict[str, float]
         "user_amount_std_30d": w["amount"].std(ddof=1) if c > 1 else math.nan,
         "user_distinct_merchants_30d": w["merchant_id"].nunique(),
         "user_account_age_days": (d - mine["event_timestamp"].min()) / pd.Timedelta(days=1),
+        "user_utc_offset_hours": (offsets or {}).get(mine["user_id"].iloc[0], math.nan),
+        "user_usual_hour_30d": _usual_hour(w),
     }
 
 
@@ -459,7 +476,14 @@ def _check_profiles(root: Path, n_rows: int, seed: int) -> dict[str, int]:
     stats = {"window_drops_old": 0, "label_not_yet_known": 0, "fraud_rate_positive": 0}
     rng = np.random.default_rng(seed)
 
-    for table, key, oracle in ((up, "user_id", user_profile_oracle),
+    cust = customers_path(root)
+    offsets = (pd.read_parquet(cust).set_index("user_id")["home_utc_offset_hours"].to_dict()
+               if cust.exists() else {})
+
+    def user_oracle(mine: pd.DataFrame, d: pd.Timestamp) -> dict[str, float]:
+        return user_profile_oracle(mine, d, offsets)
+
+    for table, key, oracle in ((up, "user_id", user_oracle),
                                (mp, "merchant_id", merchant_profile_oracle)):
         assert not table.duplicated([key, "event_timestamp"]).any()
         assert (table["event_timestamp"] == table["event_timestamp"].dt.floor("D")).all()
@@ -501,8 +525,9 @@ def test_batch_profiles_of_the_session_data_match_pandas(feature_data: Path) -> 
 
 def test_batch_profiles_over_a_sliding_30_day_window_match_pandas(tmp_path: Path) -> None:
     """A longer private log, so the 30-day window really slides past old transactions."""
-    tx, labels = simulate(SimConfig(users=120, days=45, seed=5, end=date(2026, 6, 1)))
-    write(tx, labels, tmp_path)
+    cfg = SimConfig(users=120, days=45, seed=5, end=date(2026, 6, 1))
+    tx, labels = simulate(cfg)
+    write(tx, labels, tmp_path, customers(cfg))
     build_profiles(tmp_path)
     stats = _check_profiles(tmp_path, n_rows=200, seed=2)
     assert stats["window_drops_old"] > 20

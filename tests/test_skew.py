@@ -58,7 +58,8 @@ HOUR = timedelta(hours=1)
 SAMPLE = 40
 QUIET_USERS = 5
 USER_PROFILE = ["user_txn_count_30d", "user_amount_mean_30d", "user_amount_std_30d",
-                "user_distinct_merchants_30d", "user_account_age_days"]
+                "user_distinct_merchants_30d", "user_account_age_days", "user_utc_offset_hours",
+                "user_usual_hour_30d"]
 MERCHANT_PROFILE = ["merchant_txn_count_30d", "merchant_amount_mean_30d",
                     "merchant_fraud_rate_30d"]
 

@@ -31,6 +31,7 @@ VELOCITY_SCHEMA = pa.schema([
 TRANSACTION_SCHEMA = pa.schema([
     ("txn_amount", pa.float64()), ("txn_channel", pa.string()), ("request_ts_us", pa.int64()),
     ("user_amount_mean_30d", pa.float64()), ("user_amount_std_30d", pa.float64()),
+    ("user_utc_offset_hours", pa.float64()), ("user_usual_hour_30d", pa.float64()),
 ])
 
 
@@ -165,18 +166,27 @@ def test_transaction_twin_equals_the_udf(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n = 3000
     special = [None, np.nan, 0.0, -0.0, -3.0, 1e-300, 5e-324, 1e300, np.inf]
-    def values(scale: float) -> list[Any]:
-        out = list(np.round(rng.lognormal(np.log(scale), 1, n), 4))
+
+    def with_specials(out: list[Any]) -> list[Any]:
         for i in rng.integers(0, n, n // 5):
             out[i] = special[int(rng.integers(len(special)))]
         return out
-    hours = rng.integers(-30 * 24, 60 * 24, n) * HOUR_US
+
+    def values(scale: float) -> list[Any]:
+        return with_specials(list(np.round(rng.lognormal(np.log(scale), 1, n), 4)))
+    # whole hours (+-1 us) and points inside them: fractional local hours and gaps
+    hours = rng.integers(-30 * 24, 60 * 24, n) * HOUR_US + rng.choice(
+        [0, 0, HOUR_US // 2, int(rng.integers(HOUR_US))], n)
     table = pa.table({
         "txn_amount": [float(x) for x in rng.choice(
             [*np.round(rng.lognormal(3, 2, 50), 2), 0.0, -0.0, 1e-9, np.nan, np.inf], n)],
         "txn_channel": rng.choice(["online", "atm", "pos", "", "ONLINE", None], n).tolist(),
         "request_ts_us": (T0 + hours + rng.choice([0, -1, 1, 123], n)).tolist(),
         "user_amount_mean_30d": values(50), "user_amount_std_30d": values(20),
+        "user_utc_offset_hours": with_specials(
+            [float(x) for x in rng.choice([-12.0, -8.0, -0.0, 0.0, 1.0, 5.5, 9.0, 14.0], n)]),
+        "user_usual_hour_30d": with_specials(
+            [float(x) for x in rng.choice([0.0, 12.0, 23.999999, rng.uniform(0, 24)], n)]),
     }, schema=TRANSACTION_SCHEMA)
     _assert_same(transaction_twin(table), _udf("transaction_odfv", table))
     negative = table.set_column(2, "request_ts_us", pa.array(-np.arange(n) * 7 * MINUTE_US))

@@ -4,6 +4,11 @@ Each snapshot row has `event_timestamp` = a day's 00:00 UTC and uses only data s
 it: transactions of the 30 preceding days, and fraud labels whose `label_timestamp` is earlier
 than the snapshot.  Snapshots run from the day after a user's (merchant's) first transaction to
 the day after the log ends.  Output: `$FRAUD_DATA_DIR/features/{user,merchant}_profile.parquet`.
+
+A user's profile also carries the card holder's home time zone from the customer records
+(`$FRAUD_DATA_DIR/customers.parquet`; missing when there are none) and the user's usual time
+of day: the circular mean of the UTC hours of their transactions in the window, so the
+request-time features can say how far a transaction lies from the user's own rhythm.
 """
 
 from __future__ import annotations
@@ -15,20 +20,28 @@ from pathlib import Path
 import duckdb
 
 from feature_repo.config import apply_env_defaults, data_dir
-from feature_repo.paths import features_dir, labels_path, transactions_dir
+from feature_repo.paths import customers_path, features_dir, labels_path, transactions_dir
 
 WINDOW_DAYS = 30
+# Below this mean resultant length the hours of a window spread evenly round the clock and
+# their circular mean is noise: the usual hour is missing instead.
+MIN_RESULTANT = 1e-6
+_NO_CUSTOMERS = "SELECT NULL::VARCHAR AS user_id, NULL::DOUBLE AS home_utc_offset_hours LIMIT 0"
 
 _PRELUDE = """
 SET TimeZone = 'UTC';
 CREATE OR REPLACE TEMP VIEW tx AS
   SELECT transaction_id, user_id, merchant_id, amount,
          event_timestamp::TIMESTAMPTZ AS event_timestamp,
-         date_trunc('day', event_timestamp::TIMESTAMPTZ) AS day
+         date_trunc('day', event_timestamp::TIMESTAMPTZ) AS day,
+         -- time of day as an angle, so hours average around the clock (23:00 and 01:00 -> 00:00)
+         (epoch_us(event_timestamp::TIMESTAMPTZ) % 86400000000) * 2 * pi() / 86400000000
+           AS hour_angle
   FROM read_parquet('{tx_glob}', hive_partitioning = false);
 CREATE OR REPLACE TEMP VIEW labels AS
   SELECT transaction_id, is_fraud, label_timestamp::TIMESTAMPTZ AS label_timestamp
   FROM read_parquet('{labels}');
+CREATE OR REPLACE TEMP VIEW customers AS {customers};
 CREATE OR REPLACE TEMP TABLE bounds AS
   SELECT max(day) + INTERVAL 1 DAY AS last_snapshot FROM tx;
 """
@@ -38,7 +51,8 @@ CREATE OR REPLACE TEMP TABLE bounds AS
 _USER_SQL = """
 COPY (
 WITH daily AS (
-  SELECT user_id, day, count(*) AS c, sum(amount) AS s, sum(amount * amount) AS ss
+  SELECT user_id, day, count(*) AS c, sum(amount) AS s, sum(amount * amount) AS ss,
+         sum(sin(hour_angle)) AS hs, sum(cos(hour_angle)) AS hc
   FROM tx GROUP BY ALL
 ), firsts AS (
   SELECT user_id, min(event_timestamp) AS first_ts, min(day) AS first_day FROM tx GROUP BY ALL
@@ -62,6 +76,7 @@ WITH daily AS (
 rolled AS (
   SELECT g.user_id, g.day, g.first_ts,
          sum(d.c) OVER w AS c, sum(d.s) OVER w AS s, sum(d.ss) OVER w AS ss,
+         sum(d.hs) OVER w AS hs, sum(d.hc) OVER w AS hc,
          sum(coalesce(dd.delta, 0)) OVER (PARTITION BY g.user_id ORDER BY g.day
            ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS distinct_merchants
   FROM grid g
@@ -77,8 +92,12 @@ SELECT user_id,
        CASE WHEN c > 1 THEN sqrt(greatest(ss - s * s / c, 0) / (c - 1)) END
          AS user_amount_std_30d,
        distinct_merchants::BIGINT AS user_distinct_merchants_30d,
-       epoch(day - first_ts) / 86400.0 AS user_account_age_days
-FROM rolled
+       epoch(day - first_ts) / 86400.0 AS user_account_age_days,
+       cu.home_utc_offset_hours::DOUBLE AS user_utc_offset_hours,
+       -- circular mean of the UTC hours, none when they cancel out (no usual hour)
+       CASE WHEN c > 0 AND sqrt(hs * hs + hc * hc) > {min_resultant} * c
+            THEN (atan2(hs, hc) * 12 / pi() + 24) % 24 END AS user_usual_hour_30d
+FROM rolled LEFT JOIN customers cu USING (user_id)
 WHERE day > first_ts
 ORDER BY event_timestamp, user_id
 ) TO '{out}' (FORMAT parquet);
@@ -138,13 +157,17 @@ def build_profiles(root: Path | None = None) -> dict[str, int]:
     out_dir = features_dir(root)
     out_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
+    cust = customers_path(root)
+    customers = (f"SELECT user_id, home_utc_offset_hours FROM read_parquet('{cust}')"
+                 if cust.exists() else _NO_CUSTOMERS)
     con.execute(
-        _PRELUDE.format(tx_glob=transactions_dir(root) / "*" / "*.parquet", labels=labels_path(root))
+        _PRELUDE.format(tx_glob=transactions_dir(root) / "*" / "*.parquet", labels=labels_path(root),
+                        customers=customers)
     )
     counts = {}
     for name, sql in (("user_profile", _USER_SQL), ("merchant_profile", _MERCHANT_SQL)):
         out = out_dir / f"{name}.parquet"
-        con.execute(sql.format(w=WINDOW_DAYS, out=out))
+        con.execute(sql.format(w=WINDOW_DAYS, out=out, min_resultant=MIN_RESULTANT))
         counts[name] = con.execute(f"SELECT count(*) FROM '{out}'").fetchone()[0]  # type: ignore[index]
     con.close()
     return counts
