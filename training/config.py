@@ -18,7 +18,11 @@ class TrainingSettings(BaseSettings):
     feature_service: str = "fraud_model_v1"
     ablation_feature_service: str = "fraud_model_v1_no_velocity"
     test_fraction: float = 0.25  # most recent share of the labelled period held out
+    validation_fraction: float = 0.15  # the share before it: thresholds and calibration check
     max_fpr: float = 0.01  # recall is reported at this false-positive rate
+    # alert budget the thresholds are chosen for (training/thresholds.py)
+    max_review_rate: float = 0.01  # share of all transactions sent to manual review
+    min_decline_precision: float = 0.9  # share of automatic declines that are fraud
     seed: int = 7
 
     @property
