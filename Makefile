@@ -31,17 +31,17 @@ lock: ## regenerate constraints.txt from the current virtualenv
 	$(VENV)/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 up: setup ## start local services not already running (Kafka-protocol broker, Redis if none) and create topics
-	$(PY) -m streaming.services up
+	$(PY) -m devenv.services up
 
 down: setup ## stop the services `make up` started
-	$(PY) -m streaming.services down
+	$(PY) -m devenv.services down
 
 simulate: setup ## write the simulated transaction log and labels under $FRAUD_DATA_DIR
 	$(PY) -m training.simulate
 
 features: setup ## batch feature job (daily profiles) and velocity backfill into the offline store
 	$(PY) -m training.batch_features
-	$(PY) -m training.backfill
+	$(PY) -m streaming.backfill
 
 apply: setup ## feast apply (registers entities, views and services)
 	$(FEAST) apply
@@ -76,7 +76,7 @@ stream-score: setup ## run the streaming scorer on Kafka: transactions -> predic
 	$(PY) -m streaming.score
 
 demo: setup ## run the whole system end to end on this machine and print a summary
-	$(PY) -m training.demo
+	$(PY) -m devenv.demo
 
 test: setup ## run the test suite (real Redis and a real Kafka-protocol broker)
 	$(PY) -m pytest -q

@@ -140,7 +140,7 @@ def _prepare(d: Dataset, users: int, days: int, online: bool) -> None:
         ("simulate", python("-m", "training.simulate", "--users", str(users), "--days",
                             str(days), "--end", today)),
         ("batch features", python("-m", "training.batch_features")),
-        ("velocity backfill", python("-m", "training.backfill")),
+        ("velocity backfill", python("-m", "streaming.backfill")),
         ("feast apply", [*feast, "apply"]),
     ]
     if online:

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
+from devenv.localproc import free_port
 from feature_repo.config import PROJECT_DIR
-from streaming.localproc import free_port
 
 __all__ = ["BenchError", "Child", "free_port", "log_tail", "python", "run_capture", "run_json",
            "run_step", "running", "wait_http"]

@@ -58,8 +58,8 @@ PUSH_SOURCE = "user_velocity_push_source"
 def run(sizes: Sizes, section: Section) -> None:
     import redis
 
-    from streaming.broker import TansuBroker
-    from streaming.topics import ensure_topics
+    from devenv.broker import TansuBroker
+    from scoring.topics import ensure_topics
 
     s = get_settings()
     log_dir = s.run_dir / "logs"

@@ -197,11 +197,11 @@ class KafkaSink:
     """JSON records on the `predictions` topic, produced without blocking."""
 
     def __init__(self, bootstrap: str, topic: str | None = None, **overrides: Any) -> None:
-        """`overrides` are producer settings (streaming.kafka_conf.producer_conf)."""
+        """`overrides` are producer settings (scoring.kafka_conf.producer_conf)."""
         from confluent_kafka import Producer
 
-        from streaming.kafka_conf import producer_conf
-        from streaming.topics import PREDICTIONS
+        from scoring.kafka_conf import producer_conf
+        from scoring.topics import PREDICTIONS
 
         self.topic = topic or PREDICTIONS
         # Not idempotent: a long-lived producer must survive broker restarts (kafka_conf), and

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults
 from feature_repo.contract import MAX_FUTURE_SECONDS_ENV, max_future_seconds
-from streaming.kafka_conf import DEFAULT_BOOTSTRAP
+from scoring.kafka_conf import DEFAULT_BOOTSTRAP
 
 DEFAULT_STATE_SHARDS = 256  # keys of the velocity state (see `features.ShardLogic`)
 

@@ -498,9 +498,9 @@ def get_flow(state_step: str | None = None) -> Dataflow:
     """The live flow: Kafka `transactions` -> Feast online store + offline history + DLQ
     (`state_step`: the velocity step's id, see `state_step_id`)."""
     from feature_repo.paths import velocity_history_dir
+    from scoring.topics import TRANSACTIONS, TRANSACTIONS_DLQ
     from streaming.config import get_settings
     from streaming.sources import KafkaDeadLetterSink
-    from streaming.topics import TRANSACTIONS, TRANSACTIONS_DLQ
     from streaming.velocity_sink import VelocitySink
 
     s = get_settings()

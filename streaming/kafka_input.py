@@ -21,8 +21,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from scoring.kafka_conf import admin_conf, consumer_conf
 from streaming import metrics
-from streaming.kafka_conf import admin_conf, consumer_conf
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ record timestamp is the producer's clock (CreateTime), which the dataflow uses t
 freshness.
 
 Delivery guarantee: at-least-once *if the caller acts on `flush()`*.  The producer uses
-`streaming.kafka_conf.producer_conf` (acks=all, idempotent, retries for 30 s); every record
+`scoring.kafka_conf.producer_conf` (acks=all, idempotent, retries for 30 s); every record
 ends with a delivery report, and `flush()` returns how many records failed or were still
 undelivered when its timeout ran out.  A non-zero result means those events may be lost: resend
 them with a new producer or report the failure (an idempotent producer that outlived a
@@ -34,8 +34,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from feature_repo.contract import TransactionEvent
-from streaming.kafka_conf import producer_conf
-from streaming.topics import TRANSACTIONS
+from scoring.kafka_conf import producer_conf
+from scoring.topics import TRANSACTIONS
 
 log = logging.getLogger(__name__)
 

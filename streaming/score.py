@@ -83,8 +83,8 @@ def build_flow(source: Source[Any], sink: Sink[Any], alerts_topic: str = "fraud-
 
 
 def get_flow() -> Dataflow:
+    from scoring.topics import FRAUD_ALERTS, PREDICTIONS, TRANSACTIONS
     from streaming.config import get_settings
-    from streaming.topics import FRAUD_ALERTS, PREDICTIONS, TRANSACTIONS
 
     s = get_settings()
     source = KafkaSource([s.bootstrap_servers], [TRANSACTIONS], tail=s.tail,

@@ -20,9 +20,9 @@ from confluent_kafka import (
     Producer,
 )
 
+from scoring.kafka_conf import producer_conf
 from streaming import metrics
 from streaming.events import DeadLetter
-from streaming.kafka_conf import producer_conf
 
 log = logging.getLogger(__name__)
 

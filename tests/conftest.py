@@ -101,7 +101,7 @@ def feature_data(data_root: Path) -> Path:
     """Simulated log, batch profiles and velocity backfill for a small population."""
     run_module("training.simulate", *SIM_ARGS)
     run_module("training.batch_features")
-    run_module("training.backfill")
+    run_module("streaming.backfill")
     return data_root
 
 

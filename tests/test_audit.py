@@ -165,7 +165,7 @@ def _metric(name: str, **labels: str) -> float:
 def test_kafka_sink_delivers_and_counts_failures(kafka_bootstrap: str, unique_name: str) -> None:
     from confluent_kafka import Consumer
 
-    from streaming.kafka_conf import consumer_conf
+    from scoring.kafka_conf import consumer_conf
 
     pairs = [_result(f"{unique_name}-{i}", i) for i in range(5)]
     plog = PredictionLog([KafkaSink(kafka_bootstrap)])

@@ -1,5 +1,5 @@
 """The Kafka plumbing against a real Tansu broker: topics, keyed round trip, offset commits,
-and the `streaming.services` lifecycle behind `make up` / `make down`."""
+and the `devenv.services` lifecycle behind `make up` / `make down`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 
-from streaming.broker import TansuBroker, kafka_answers
-from streaming.kafka_conf import admin_conf, consumer_conf, producer_conf
-from streaming.localproc import free_port, pid_alive, port_open, read_pid, stop_pid
-from streaming.topics import PARTITIONS, TRANSACTIONS, ensure_topics
+from devenv.broker import TansuBroker, kafka_answers
+from devenv.localproc import free_port, pid_alive, port_open, read_pid, stop_pid
+from scoring.kafka_conf import admin_conf, consumer_conf, producer_conf
+from scoring.topics import PARTITIONS, TRANSACTIONS, ensure_topics
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONSUME_BOUND_S = 20.0  # first assignment takes ~3 s on Tansu with session.timeout.ms=6000
@@ -136,7 +136,7 @@ def test_services_up_is_idempotent_and_down_stops_what_it_started(tmp_path: Path
 
     def services(command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "streaming.services", command],
+            [sys.executable, "-m", "devenv.services", command],
             cwd=tmp_path,
             env=env,
             capture_output=True,

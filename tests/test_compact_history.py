@@ -227,7 +227,7 @@ def test_the_service_loop_compacts_and_exports_metrics(tmp_path: Path) -> None:
 
     import httpx
 
-    from streaming.localproc import free_port
+    from devenv.localproc import free_port
 
     directory = tmp_path / "h"
     _small_files(directory, 4)

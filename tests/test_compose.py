@@ -194,8 +194,8 @@ def test_project_services_run_expected_commands(services: dict[str, dict[str, An
     for name, expected in PROJECT_COMMANDS.items():
         assert command_line(services[name]) == expected, name
     init = command_line(services["init"])
-    assert "feast -c feature_repo apply" in init and "python -m streaming.topics" in init
-    assert init.index("feast") < init.index("streaming.topics"), "topics after the registry"
+    assert "feast -c feature_repo apply" in init and "python -m scoring.topics" in init
+    assert init.index("feast") < init.index("scoring.topics"), "topics after the registry"
 
 
 def test_long_running_services_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:

@@ -47,18 +47,18 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fastapi.testclient import TestClient
 
+from devenv.broker import TansuBroker
+from devenv.localproc import free_port
 from feature_repo.config import REPO_DIR
 from feature_repo.contract import TransactionEvent, to_micros
 from feature_repo.velocity import ROW_FIELDS, UserVelocityState
 from scoring.artifact import METADATA_FILE, MODEL_FILE, ArtifactError, sha256_file
+from scoring.kafka_conf import consumer_conf
 from scoring.registry import Registry
+from scoring.topics import TRANSACTIONS, TRANSACTIONS_DLQ, ensure_topics
 from serving.app import create_app
 from serving.config import ServingSettings
-from streaming.broker import TansuBroker
-from streaming.kafka_conf import consumer_conf
-from streaming.localproc import free_port
 from streaming.producer import TransactionProducer
-from streaming.topics import TRANSACTIONS, TRANSACTIONS_DLQ, ensure_topics
 from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow, rows_frame
 from tests.test_streaming import Worker, event, events_total, history, wait_for
 

@@ -27,18 +27,19 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
+from devenv.broker import TansuBroker
+from devenv.localproc import free_port
 from feature_repo.contract import DEFAULT_MAX_FUTURE_SECONDS, TransactionEvent, to_micros
 from feature_repo.velocity import ALLOWED_LATENESS_US
-from streaming.broker import TansuBroker
+from scoring.kafka_conf import consumer_conf
+from scoring.topics import TRANSACTIONS, TRANSACTIONS_DLQ
+from streaming.backfill import backfill
 from streaming.config import StreamingSettings
 from streaming.events import MAX_ORIGINAL_BYTES, DeadLetter, decode_original
 from streaming.features import build_flow
-from streaming.kafka_conf import consumer_conf
 from streaming.kafka_input import KafkaInput
-from streaming.localproc import free_port
 from streaming.producer import TransactionProducer
 from streaming.sources import KafkaDeadLetterSink, read_dead_letters
-from streaming.topics import TRANSACTIONS, TRANSACTIONS_DLQ
 from streaming.velocity_sink import VelocityRow
 from tests.test_streaming import (
     START_BOUND_S,
@@ -51,7 +52,6 @@ from tests.test_streaming import (
     start_ready,
     wait_for,
 )
-from training.backfill import backfill
 
 NOW_SLACK_S = 60  # the "real" events of the attacks lie this far before now, at most
 

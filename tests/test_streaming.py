@@ -32,17 +32,17 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from devenv.broker import TansuBroker
+from devenv.localproc import free_port
 from feature_repo.contract import TransactionEvent, to_micros
 from feature_repo.paths import velocity_history_dir
 from feature_repo.velocity import ROW_FIELDS, window_features
-from streaming.broker import TansuBroker
+from scoring.kafka_conf import consumer_conf
+from scoring.topics import TRANSACTIONS_DLQ, ensure_topics
 from streaming.events import decode_original
 from streaming.features import build_flow
-from streaming.kafka_conf import consumer_conf
-from streaming.localproc import free_port
 from streaming.producer import TransactionProducer
 from streaming.sources import JsonlDeadLetterSink, ParquetLogSource
-from streaming.topics import TRANSACTIONS_DLQ, ensure_topics
 from streaming.velocity_sink import VelocityRow
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from types import TracebackType
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from streaming.kafka_conf import admin_conf
-from streaming.localproc import free_port, port_open, spawn
+from devenv.localproc import free_port, port_open, spawn
+from scoring.kafka_conf import admin_conf
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class TansuBroker:
 
     Use as a context manager, or call `start()` / `stop()`. `start()` returns once the broker
     answers Kafka metadata requests. With `detach=True` the process gets its own session and
-    outlives this object (used by `python -m streaming.services up`).
+    outlives this object (used by `python -m devenv.services up`).
     """
 
     def __init__(

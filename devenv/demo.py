@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     step("batch feature job (daily user and merchant profiles, DuckDB)")
     summary["batch"] = run(py, "-m", "training.batch_features").strip()
     step("velocity backfill: the stream's own dataflow replays the log into the offline store")
-    summary["backfill"] = run(py, "-m", "training.backfill").strip()
+    summary["backfill"] = run(py, "-m", "streaming.backfill").strip()
     step("feast apply")
     run(*feast, "apply", quiet=True)
     step("feast materialize-incremental (offline -> Redis)")
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                     "event_timestamp": t.isoformat(), **txn}
             scores.append(show(client, base, body, label, art.model, art.features))
         if not a.no_stream:
-            from training.demo_stream import stream_part
+            from devenv.demo_stream import stream_part
 
             stream_part(env, client, base, u0, lambda txn, label: show(
                 client, base, txn, label, art.model, art.features), summary, step)

@@ -1,6 +1,6 @@
 """The Kafka topics of the system, their partition counts, and idempotent creation.
 
-`python -m streaming.topics` creates the missing topics on `KAFKA_BOOTSTRAP_SERVERS`; it is the
+`python -m scoring.topics` creates the missing topics on `KAFKA_BOOTSTRAP_SERVERS`; it is the
 compose `init` job's command and part of `make up`.
 """
 
@@ -15,8 +15,7 @@ from types import MappingProxyType
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streaming.config import get_settings
-from streaming.kafka_conf import admin_conf
+from scoring.kafka_conf import admin_conf, bootstrap_servers
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +121,9 @@ def _retriable(error: KafkaError) -> bool:
 
 
 def main() -> None:
-    """Entry point of `python -m streaming.topics`."""
+    """Entry point of `python -m scoring.topics`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    bootstrap = get_settings().bootstrap_servers
+    bootstrap = bootstrap_servers()
     created = ensure_topics(bootstrap)
     log.info(
         "topics ready on %s (created: %s)", bootstrap, ", ".join(created) if created else "none"

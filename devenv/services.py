@@ -1,4 +1,4 @@
-"""`python -m streaming.services up|down|status`: the local broker and Redis behind `make up`.
+"""`python -m devenv.services up|down|status`: the local broker and Redis behind `make up`.
 
 `up` starts, detached, only what does not already answer: a Tansu broker (in-memory, 127.0.0.1)
 at `KAFKA_BOOTSTRAP_SERVERS`, and a throw-away `redis-server` (no persistence) at `REDIS_URL`;
@@ -25,10 +25,8 @@ from confluent_kafka import KafkaException
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from feature_repo.config import DEFAULT_REDIS_URL
-from streaming.broker import MEMORY_STORAGE, TansuBroker, kafka_answers
-from streaming.config import get_settings as get_streaming_settings
-from streaming.localproc import (
+from devenv.broker import MEMORY_STORAGE, TansuBroker, kafka_answers
+from devenv.localproc import (
     LOOPBACK_HOSTS,
     pid_alive,
     pid_matches,
@@ -38,7 +36,9 @@ from streaming.localproc import (
     split_host_port,
     stop_pid,
 )
-from streaming.topics import ensure_topics
+from feature_repo.config import DEFAULT_REDIS_URL
+from scoring.topics import ensure_topics
+from streaming.config import get_settings as get_streaming_settings
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _report(svc: Service, message: str, *, ok: bool = True) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; exit status 0 when the command achieved what it says."""
-    parser = argparse.ArgumentParser(prog="python -m streaming.services", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devenv.services", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

@@ -10,9 +10,15 @@ Where the broker is comes from `streaming.config` (`KAFKA_BOOTSTRAP_SERVERS`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+def bootstrap_servers() -> str:
+    """`KAFKA_BOOTSTRAP_SERVERS`, or the local broker's address."""
+    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or DEFAULT_BOOTSTRAP
 
 # Python-level keys of confluent-kafka whose names really contain underscores.
 _PYTHON_KEYS = frozenset(

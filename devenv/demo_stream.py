@@ -38,10 +38,10 @@ def _consume_count(bootstrap: str, topic: str, seconds: float) -> int:
 def stream_part(env: dict[str, str], client: httpx.Client, base: str, user: dict[str, Any],
                 show: Callable[[dict[str, Any], str], float], summary: dict[str, Any],
                 step: Callable[[str], None]) -> None:
-    from streaming.broker import TansuBroker, kafka_answers
+    from devenv.broker import TansuBroker, kafka_answers
+    from devenv.demo import background, free_port, wait_http
+    from scoring.topics import FRAUD_ALERTS, PREDICTIONS, ensure_topics
     from streaming.producer import TransactionProducer
-    from streaming.topics import FRAUD_ALERTS, PREDICTIONS, ensure_topics
-    from training.demo import background, free_port, wait_http
 
     bootstrap = env.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     broker = None

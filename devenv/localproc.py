@@ -1,4 +1,4 @@
-"""Local process and port helpers shared by the broker wrapper and `streaming.services`.
+"""Local process and port helpers shared by the broker wrapper and `devenv.services`.
 
 These only ever touch 127.0.0.1 ports and processes whose pid this project recorded; nothing
 here looks processes up by name.
