@@ -41,10 +41,11 @@ pytestmark = pytest.mark.integration
 
 END = datetime(SIM_END.year, SIM_END.month, SIM_END.day, tzinfo=UTC)
 PROFILE = {"user_txn_count_30d", "user_amount_mean_30d", "user_amount_std_30d",
-           "user_distinct_merchants_30d", "user_account_age_days", "merchant_txn_count_30d",
+           "user_distinct_merchants_30d", "user_account_age_days", "user_utc_offset_hours",
+           "user_usual_hour_30d", "merchant_txn_count_30d",
            "merchant_amount_mean_30d", "merchant_fraud_rate_30d"}
 REQUEST = {"txn_amount_log", "txn_amount_to_mean_30d", "txn_amount_zscore_30d",
-           "txn_hour_of_day", "txn_is_night", "txn_is_online", "txn_is_atm"}
+           "txn_hour_local", "txn_hours_from_usual_30d", "txn_is_online", "txn_is_atm"}
 VELOCITY = {"user_txn_count_10m", "user_txn_count_1h", "user_amount_sum_1h",
             "user_distinct_merchants_24h", "user_seconds_since_last_txn", "user_is_new_merchant"}
 CHANNELS = ["card_present", "online", "contactless", "atm"]
@@ -306,7 +307,7 @@ def test_requests_before_the_online_rows_are_reported_stale(
     for name in PROFILE | {"txn_amount_to_mean_30d"}:
         r = report["features"][name]
         assert r["mismatches"] == r["causes"]["stale"] > 0, (name, r)
-    for name in ("txn_amount_log", "txn_hour_of_day", "txn_is_online"):
+    for name in ("txn_amount_log", "txn_is_online", "txn_is_atm"):
         assert report["features"][name]["mismatches"] == 0
 
 
