@@ -113,50 +113,64 @@ def customers(cfg: SimConfig) -> pd.DataFrame:
     })
 
 
-def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (transactions, labels), both sorted by event time."""
-    rng = np.random.default_rng(cfg.seed)
-    start_us = _start_us(cfg)
-    end_us = start_us + cfg.days * US_PER_DAY
-    n_merchants = max(50, cfg.users // 10)
+@dataclass
+class _World:
+    """What the legitimate and the fraudulent behaviour are drawn from (one random stream)."""
 
+    n_merchants: int
+    merchant_pop: np.ndarray  # popularity of each merchant, sums to 1
+    risky_idx: np.ndarray  # merchants fraudsters favour
+    offset: np.ndarray  # each user's home UTC offset (hours)
+    first_day: np.ndarray  # day the account opened (0: before the period)
+    shift: np.ndarray  # each user's personal shift of the day (hours)
+    favourites: np.ndarray | None = None  # (users, 8) merchants each user shops at
+    habit_mean: np.ndarray | None = None  # mean of each user's lognormal amounts
+
+
+def _world(cfg: SimConfig, rng: np.random.Generator) -> _World:
+    n_merchants = max(50, cfg.users // 10)
     # Zipf-like popularity (rank^-1.1), shuffled over ids: a few big merchants, a long tail
     merchant_pop = 1.0 / np.arange(1, n_merchants + 1) ** 1.1
     rng.shuffle(merchant_pop)
     merchant_pop /= merchant_pop.sum()
     risky = rng.random(n_merchants) < 0.05
-    risky_idx = np.flatnonzero(risky)
-
-    # --- card holders -------------------------------------------------------------------
     # new accounts open during the period (first_day > 0); their first day is legitimate
     offset, first_day, _ = _card_holders(cfg)
     # personal rhythm: most shift their day by an hour or two, a few work nights
     shift = np.round(rng.normal(0.0, 1.0, cfg.users))
     shift = np.where(rng.random(cfg.users) < 0.04, 9.0, shift)
-    user_start = start_us + first_day * US_PER_DAY
-    active_days = cfg.days - first_day
+    return _World(n_merchants, merchant_pop, np.flatnonzero(risky), offset, first_day, shift)
 
-    # --- legitimate behaviour -----------------------------------------------------------
+
+Draws = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # user, ts, merchant, amount, channel
+
+
+def _legitimate(cfg: SimConfig, rng: np.random.Generator, w: _World) -> Draws:
+    """Everyday purchases at the user's own hours, mostly at their favourite merchants."""
+    start_us = _start_us(cfg)
+    end_us = start_us + cfg.days * US_PER_DAY
+    user_start = start_us + w.first_day * US_PER_DAY
+    active_days = cfg.days - w.first_day
     rate = rng.gamma(2.0, cfg.txns_per_user_day / 2.0, cfg.users)
     habit_mu = rng.normal(3.4, 0.6, cfg.users)  # log-amount mean, ~EUR 30
-    habit_mean = np.exp(habit_mu + 0.8**2 / 2)  # mean of the user's lognormal amounts
+    w.habit_mean = np.exp(habit_mu + 0.8**2 / 2)  # mean of the user's lognormal amounts
     n_txn = rng.poisson(rate * active_days)
     user = np.repeat(np.arange(cfg.users), n_txn)
     n = user.size
-    day = first_day[user] + (rng.random(n) * active_days[user]).astype(np.int64)
-    local_hour = (rng.choice(24, n, p=HOUR_P) + shift[user]) % 24
-    ts = _at_local_hour(start_us + day * US_PER_DAY, local_hour, offset[user], rng)
-    favourites = rng.choice(n_merchants, (cfg.users, 8), p=merchant_pop)
+    day = w.first_day[user] + (rng.random(n) * active_days[user]).astype(np.int64)
+    local_hour = (rng.choice(24, n, p=HOUR_P) + w.shift[user]) % 24
+    ts = _at_local_hour(start_us + day * US_PER_DAY, local_hour, w.offset[user], rng)
+    w.favourites = rng.choice(w.n_merchants, (cfg.users, 8), p=w.merchant_pop)
     at_favourite = rng.random(n) < 0.9
     merchant = np.where(
         at_favourite,
-        favourites[user, rng.integers(0, 8, n)],
-        rng.choice(n_merchants, n, p=merchant_pop),
+        w.favourites[user, rng.integers(0, 8, n)],
+        rng.choice(w.n_merchants, n, p=w.merchant_pop),
     )
     amount = np.exp(rng.normal(habit_mu[user], 0.8))
     # now and then a big legitimate purchase (furniture, a flight): 5-30x the habit
     big = rng.random(n) < 0.005
-    amount = np.where(big, habit_mean[user] * rng.uniform(5.0, 30.0, n), amount)
+    amount = np.where(big, w.habit_mean[user] * rng.uniform(5.0, 30.0, n), amount)
     # legitimate shopping sprees: some transactions come in quick runs at familiar merchants
     spree = rng.random(n) < 0.04
     ts = np.where(spree, ts - ts % US_PER_HOUR + rng.integers(0, 15 * US_PER_MIN, n), ts)
@@ -164,21 +178,27 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     legit = (ts >= user_start[user]) & (ts < end_us)
     user, ts, merchant, amount, channel = (
         a[legit] for a in (user, ts, merchant, amount, channel))
+    return user, ts, merchant, amount, channel
 
-    # --- fraud episodes -----------------------------------------------------------------
-    # At hours unusual for the victim: most while the card holder sleeps (their local night),
-    # the rest whenever the fraudster, anywhere in the world, is awake: never a fixed UTC window.
-    # A new account's first day is its own: its card is not yet stolen, nor its login phished.
-    exposed_from = np.where(first_day > 0, first_day + 1, 0)
+
+def _fraud(cfg: SimConfig, rng: np.random.Generator, w: _World) -> Draws:
+    """Fraud episodes at hours unusual for the victim: most while the card holder sleeps (their
+    local night), the rest whenever the fraudster, anywhere in the world, is awake: never a
+    fixed UTC window.  A new account's first day is its own: its card is not yet stolen, nor
+    its login phished."""
+    assert w.favourites is not None and w.habit_mean is not None  # noqa: S101 - drawn first
+    start_us = _start_us(cfg)
+    end_us = start_us + cfg.days * US_PER_DAY
+    exposed_from = np.where(w.first_day > 0, w.first_day + 1, 0)
     exposed_days = np.clip(cfg.days - exposed_from, 0, None)
     n_ep = rng.poisson(cfg.fraud_episode_rate * exposed_days.sum())
     ep_user = rng.choice(cfg.users, n_ep, p=exposed_days / max(exposed_days.sum(), 1))
     ep_day_us = start_us + (exposed_from[ep_user] + (
         rng.random(n_ep) * exposed_days[ep_user]).astype(np.int64)) * US_PER_DAY
     asleep = rng.random(n_ep) < 0.6
-    ep_local = np.where(asleep, rng.integers(1, 6, n_ep) + shift[ep_user],
+    ep_local = np.where(asleep, rng.integers(1, 6, n_ep) + w.shift[ep_user],
                         rng.integers(0, 24, n_ep)) % 24
-    ep_start = _at_local_hour(ep_day_us, ep_local, np.where(asleep, offset[ep_user], 0.0), rng)
+    ep_start = _at_local_hour(ep_day_us, ep_local, np.where(asleep, w.offset[ep_user], 0.0), rng)
     kind = rng.choice(3, n_ep, p=KIND_P)
     ep_len = np.select([kind == TESTING, kind == TAKEOVER],
                        [rng.integers(4, 12, n_ep), rng.integers(1, 4, n_ep)],
@@ -190,26 +210,14 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     m = f_ep.size
     gap = np.where(f_kind == TESTING, 20_000_000, 5 * US_PER_MIN)  # ~20 s or ~5 min apart
     f_ts = ep_start[f_ep] + f_pos * gap + rng.integers(0, 10_000_000, m)
-    # Fraudsters shop where the victim does not (risky merchants, or any other), except that a
-    # taken-over account sometimes buys from the victim's own online shops.
-    f_merchant = rng.choice(n_merchants, m, p=merchant_pop)
-    for _ in range(20):
-        familiar = (favourites[f_user] == f_merchant[:, None]).any(axis=1)
-        if not familiar.any():
-            break
-        f_merchant[familiar] = rng.choice(n_merchants, int(familiar.sum()), p=merchant_pop)
-    if risky_idx.size:
-        to_risky = rng.random(m) < np.where(f_kind == TAKEOVER, 0.4, 0.3)
-        f_merchant = np.where(to_risky, risky_idx[rng.integers(0, risky_idx.size, m)], f_merchant)
-    own_shop = (f_kind == TAKEOVER) & (rng.random(m) < 0.3)
-    f_merchant = np.where(own_shop, favourites[f_user, rng.integers(0, 8, m)], f_merchant)
+    f_merchant = _fraud_merchants(rng, w, f_user, f_kind, m)
     probing = (f_kind == TESTING) & (f_pos < ep_len[f_ep] - 2)
     f_amount = np.select(
         [probing, f_kind == TESTING, f_kind == TAKEOVER],
         [rng.uniform(2.0, 25.0, m),  # card testing: small probes ...
-         habit_mean[f_user] * rng.uniform(3.0, 20.0, m),  # ... then the cash-out
-         habit_mean[f_user] * rng.uniform(50.0, 200.0, m)],  # takeover: one huge payment
-        habit_mean[f_user] * rng.uniform(2.0, 8.0, m),  # stolen card: shops and ATMs
+         w.habit_mean[f_user] * rng.uniform(3.0, 20.0, m),  # ... then the cash-out
+         w.habit_mean[f_user] * rng.uniform(50.0, 200.0, m)],  # takeover: one huge payment
+        w.habit_mean[f_user] * rng.uniform(2.0, 8.0, m),  # stolen card: shops and ATMs
     )
     f_channel = np.where(
         f_kind == STOLEN,
@@ -217,25 +225,56 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         np.where(rng.random(m) < 0.9, ONLINE, rng.choice(4, m, p=NORMAL_CHANNEL_P)),
     )
     keep = (f_ts >= start_us + exposed_from[f_user] * US_PER_DAY) & (f_ts < end_us)
+    return f_user[keep], f_ts[keep], f_merchant[keep], f_amount[keep], f_channel[keep]
 
-    user = np.concatenate([user, f_user[keep]])
-    ts = np.concatenate([ts, f_ts[keep]])
-    merchant = np.concatenate([merchant, f_merchant[keep]])
-    amount = np.round(np.concatenate([amount, f_amount[keep]]), 2).clip(0.01, None)
-    channel = np.concatenate([channel, f_channel[keep]])
-    fraud = np.concatenate([np.zeros(user.size - int(keep.sum()), dtype=bool),
-                            np.ones(int(keep.sum()), dtype=bool)])
 
+def _fraud_merchants(rng: np.random.Generator, w: _World, f_user: np.ndarray,
+                     f_kind: np.ndarray, m: int) -> np.ndarray:
+    """Fraudsters shop where the victim does not (risky merchants, or any other), except that a
+    taken-over account sometimes buys from the victim's own online shops."""
+    assert w.favourites is not None  # noqa: S101 - drawn by `_legitimate`
+    f_merchant = rng.choice(w.n_merchants, m, p=w.merchant_pop)
+    for _ in range(20):
+        familiar = (w.favourites[f_user] == f_merchant[:, None]).any(axis=1)
+        if not familiar.any():
+            break
+        f_merchant[familiar] = rng.choice(w.n_merchants, int(familiar.sum()), p=w.merchant_pop)
+    if w.risky_idx.size:
+        to_risky = rng.random(m) < np.where(f_kind == TAKEOVER, 0.4, 0.3)
+        f_merchant = np.where(to_risky, w.risky_idx[rng.integers(0, w.risky_idx.size, m)],
+                              f_merchant)
+    own_shop = (f_kind == TAKEOVER) & (rng.random(m) < 0.3)
+    return np.where(own_shop, w.favourites[f_user, rng.integers(0, 8, m)], f_merchant)
+
+
+def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (transactions, labels), both sorted by event time."""
+    rng = np.random.default_rng(cfg.seed)
+    w = _world(cfg, rng)
+    legit = _legitimate(cfg, rng, w)
+    fraud_draws = _fraud(cfg, rng, w)
+    user, ts, merchant, amount, channel = (
+        np.concatenate([a, b]) for a, b in zip(legit, fraud_draws, strict=True))
+    amount = np.round(amount, 2).clip(0.01, None)
+    fraud = np.concatenate([np.zeros(legit[0].size, dtype=bool),
+                            np.ones(fraud_draws[0].size, dtype=bool)])
     order = np.lexsort((merchant, user, ts))
     user, ts, merchant, amount = user[order], ts[order], merchant[order], amount[order]
     channel, fraud = channel[order], fraud[order]
+    return _frames(cfg, rng, w, user, ts, merchant, amount, channel, fraud)
+
+
+def _frames(cfg: SimConfig, rng: np.random.Generator, w: _World, user: np.ndarray,
+            ts: np.ndarray, merchant: np.ndarray, amount: np.ndarray, channel: np.ndarray,
+            fraud: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The transaction log and its labels (fraud is known 1 h-10 days later, the rest 3 days)."""
     total = ts.size
     txn_id = _ids("t", total)
     tx = pd.DataFrame(
         {
             "transaction_id": txn_id,
             "user_id": _ids("u", cfg.users)[user],
-            "merchant_id": _ids("m", n_merchants)[merchant],
+            "merchant_id": _ids("m", w.n_merchants)[merchant],
             "amount": amount,
             "currency": "EUR",
             "channel": CHANNELS[channel],
