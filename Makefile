@@ -81,9 +81,10 @@ demo: setup ## run the whole system end to end on this machine and print a summa
 test: setup ## run the test suite (real Redis and a real Kafka-protocol broker)
 	$(PY) -m pytest -q
 
-lint: setup ## ruff and mypy
+lint: setup ## ruff, mypy and the package layering check
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy feature_repo serving streaming training
+	$(VENV)/bin/mypy feature_repo scoring serving streaming training devenv
+	$(PY) -m devenv.layers
 
 bench: setup ## run the benchmarks (soak included) and write reports/bench.md
 	$(PY) -m bench
