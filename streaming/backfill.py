@@ -1,6 +1,6 @@
 """Velocity backfill: replay the transaction log through the live feature dataflow.
 
-Runs `streaming.features.build_flow` (the very flow the Kafka worker runs) over the
+Runs `streaming.flow.build_flow` (the very flow the Kafka worker runs) over the
 day-partitioned log and writes its rows to the offline history of `user_velocity_fv`
 (`$FRAUD_DATA_DIR/features/user_velocity/backfill-*.parquet`), replacing earlier backfill
 files.  Rows written by the live stream (`stream-*.parquet`) are kept.  Invalid, late and future
@@ -19,7 +19,7 @@ from bytewax.testing import run_main
 
 from feature_repo.config import apply_env_defaults, data_dir
 from feature_repo.paths import transactions_dir, velocity_history_dir
-from streaming.features import build_flow
+from streaming.flow import build_flow
 from streaming.sources import JsonlDeadLetterSink, ParquetLogSource
 from streaming.velocity_sink import VelocitySink
 

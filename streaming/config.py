@@ -13,7 +13,7 @@ from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults
 from feature_repo.contract import MAX_FUTURE_SECONDS_ENV, max_future_seconds
 from scoring.kafka_conf import DEFAULT_BOOTSTRAP
 
-DEFAULT_STATE_SHARDS = 256  # keys of the velocity state (see `features.ShardLogic`)
+DEFAULT_STATE_SHARDS = 256  # keys of the velocity state (see `streaming.state.ShardLogic`)
 
 
 class StreamingSettings(BaseSettings):

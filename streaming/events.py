@@ -114,7 +114,7 @@ def future_reason(event: TransactionEvent, reference_s: float, bound_s: float) -
 
     The bound is the API's (`feature_repo.contract.future_excess_s`); the stream's reference
     clock is min(wall clock, the Kafka record's timestamp), so a replay after a crash decides
-    as the first reading did (see `streaming.features.parse_item`).
+    as the first reading did (see `streaming.flow.parse_item`).
     """
     reference = datetime.fromtimestamp(reference_s, UTC)
     excess = future_excess_s(event.event_timestamp, reference, bound_s)

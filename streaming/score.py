@@ -28,7 +28,7 @@ from bytewax.outputs import Sink
 from scoring.prediction_log import prediction_record
 from streaming import metrics
 from streaming.events import Envelope
-from streaming.features import parse_item
+from streaming.flow import parse_item
 
 log = logging.getLogger(__name__)
 

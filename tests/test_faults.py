@@ -645,7 +645,7 @@ def test_worker_killed_three_times_matches_the_oracle(
 def test_seeder_continues_from_before_a_replayed_event() -> None:
     """The unit behind (c): a row written by a crashed worker, seeded at a replayed event,
     gives back the state before that event, so the replay rebuilds the same rows."""
-    from streaming.features import row_before
+    from streaming.seeding import row_before
 
     t0 = datetime(2026, 11, 1, tzinfo=UTC)
     events = [event(f"t{i}", "u", t0 + timedelta(seconds=i), 1.0 + i, f"m{i % 3}")

@@ -46,7 +46,7 @@ def test_seeded_state_never_counts_a_replayed_event_twice() -> None:
 
 @pytest.mark.integration
 def test_online_seeder_reads_the_materialized_row(materialized_store) -> None:  # type: ignore[no-untyped-def]
-    from streaming.features import OnlineStateSeeder
+    from streaming.seeding import OnlineStateSeeder
 
     resp = materialized_store.get_online_features(
         features=["user_velocity_fv:recent_txn_ts"], entity_rows=[{"user_id": "u000"}]
@@ -66,7 +66,7 @@ def test_fast_seeding_read_equals_feast_online_read(materialized_store, redis_cl
     """The seeder's direct Redis read gives what Feast's `online_read` gives, except that it
     keeps the row time to the microsecond (Feast's read drops everything below the second)."""
     from feature_repo.redis_wire import string_key_encoder
-    from streaming.features import OnlineStateSeeder
+    from streaming.seeding import OnlineStateSeeder
     from streaming.velocity_sink import VelocityRow, history_table, online_writer
 
     users = [f"u{i:03d}" for i in range(40)] + ["u-never-seen", "", "ü-✓"]

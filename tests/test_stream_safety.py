@@ -36,7 +36,7 @@ from scoring.topics import TRANSACTIONS, TRANSACTIONS_DLQ
 from streaming.backfill import backfill
 from streaming.config import StreamingSettings
 from streaming.events import MAX_ORIGINAL_BYTES, DeadLetter, decode_original
-from streaming.features import build_flow
+from streaming.flow import build_flow
 from streaming.kafka_input import KafkaInput
 from streaming.producer import TransactionProducer
 from streaming.sources import KafkaDeadLetterSink, read_dead_letters

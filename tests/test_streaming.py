@@ -40,7 +40,7 @@ from feature_repo.velocity import ROW_FIELDS, window_features
 from scoring.kafka_conf import consumer_conf
 from scoring.topics import TRANSACTIONS_DLQ, ensure_topics
 from streaming.events import decode_original
-from streaming.features import build_flow
+from streaming.flow import build_flow
 from streaming.producer import TransactionProducer
 from streaming.sources import JsonlDeadLetterSink, ParquetLogSource
 from streaming.velocity_sink import VelocityRow

@@ -32,7 +32,9 @@ from feature_repo.velocity import (
     window_features,
 )
 from streaming.events import DeadLetter, Envelope, parse
-from streaming.features import ShardLogic, build_flow, state_step_id
+from streaming.flow import build_flow
+from streaming.recovery import state_step_id
+from streaming.state import ShardLogic
 from streaming.velocity_sink import VelocityRow
 
 SECOND_US = 1_000_000

@@ -1,0 +1,149 @@
+"""The per-user velocity state machines of the feature dataflow's "velocity" step.
+
+`update_velocity` applies one event to its user's `UserVelocityState`; `VelocityLogic` (one
+Bytewax key per user) and `ShardLogic` (one key per shard of users, `user_shard`) run it for
+their keys and snapshot the states for recovery.
+
+Guarantees (the flow's exactly-once effect rests on them): applying an event is idempotent by
+`transaction_id` (a repeat emits nothing and changes nothing), so the replay of a crash
+rebuilds the same rows; an event older than its user's lateness window emits a "late" dead
+letter and leaves the state unchanged; a snapshot restores exactly the state it was taken of.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+from bytewax.operators import StatefulBatchLogic
+
+from feature_repo.contract import TransactionEvent, to_micros
+from feature_repo.velocity import LateEventError, StateSnapshot, UserVelocityState
+from streaming import metrics
+from streaming.events import DeadLetter, Envelope
+from streaming.velocity_sink import VelocityRow
+
+# The state a user starts from when the flow first sees it, at its first event (None: empty).
+# `streaming.seeding.OnlineStateSeeder` reads it from the online store.
+Seeder = Callable[[str, TransactionEvent], UserVelocityState | None]
+Outcome = VelocityRow | DeadLetter | None  # of one event: a new row, a late event, a duplicate
+ShardSnapshot = dict[str, StateSnapshot]  # user_id -> `UserVelocityState.snapshot()`
+
+APPLIED, DUPLICATE, LATE = (metrics.EVENTS.labels(o) for o in ("applied", "duplicate", "late"))
+
+
+def update_velocity(
+    state: UserVelocityState | None, env: Envelope
+) -> tuple[UserVelocityState, Outcome]:
+    """Apply one event to its user's state: a new row, a 'late' dead letter, or None (dup)."""
+    state = state or UserVelocityState()
+    e = env.event
+    try:
+        row = state.apply(e.transaction_id, to_micros(e.event_timestamp), e.amount, e.merchant_id)
+    except LateEventError as exc:
+        LATE.inc()
+        return state, DeadLetter(f"late: {exc}", e.model_dump_json().encode(), e.user_id.encode(),
+                                 env.origin)
+    if row is None:
+        DUPLICATE.inc()
+        return state, None
+    APPLIED.inc()
+    return state, VelocityRow(e.user_id, row, env.produced_at)
+
+
+class VelocityLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, StateSnapshot]):
+    """The "velocity" step for one user (`state_shards=0`): seed the state on first sight, then
+    `update_velocity` per event; emits rows and 'late' dead letters (duplicates emit nothing).
+
+    Recovery snapshots hold `UserVelocityState.snapshot()` (the state's fields, pickled): one
+    pickling instead of a deep copy that Bytewax would then pickle.
+    """
+
+    def __init__(self, seed: Seeder | None, state: UserVelocityState | None) -> None:
+        self._seed = seed
+        self._state = state
+
+    def on_batch(self, values: list[Envelope]) -> tuple[list[VelocityRow | DeadLetter], bool]:
+        state, out = self._state, []
+        for env in values:
+            if state is None and self._seed is not None:
+                state = self._seed(env.event.user_id, env.event)
+            state, outcome = update_velocity(state, env)
+            if outcome is not None:
+                out.append(outcome)
+        self._state = state
+        return out, StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> StateSnapshot:
+        return (self._state or UserVelocityState()).snapshot()
+
+
+def velocity_logic(
+    seed: Seeder | None, resume: StateSnapshot | UserVelocityState | None
+) -> VelocityLogic:
+    """Builds the step's logic for a user, from its snapshot if recovery has one (a
+    `UserVelocityState` is a snapshot of the earlier `stateful_map` step)."""
+    if resume is None or isinstance(resume, UserVelocityState):
+        return VelocityLogic(seed, resume)
+    return VelocityLogic(seed, UserVelocityState.restore(resume))
+
+
+class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSnapshot]):
+    """The "velocity" step for one shard of users (`user_shard`): a `UserVelocityState` per
+    user, each updated exactly as `VelocityLogic` updates its one user.
+
+    Why shards: Bytewax's cost is per key, not per event.  Keyed by user, a micro-batch calls
+    `on_batch` about once per event, and each epoch snapshots (calls, pickles, stores) every
+    user touched in it; with a few hundred shards both costs are per shard (measurements in
+    docs/benchmarks.md).
+
+    Snapshots stay incremental per user: a user's pickled state is cached and re-pickled only
+    if an event reached it since the last snapshot; the shard's snapshot is a dict of those
+    bytes.  Restored users are unpickled when their next event arrives.  Trade-off: every
+    snapshot of a shard writes all of its users' bytes, so recovery storage written per epoch
+    grows with users per shard (`fraud_stream_snapshot_users_total` counts the user states
+    written); raise `state_shards` for very large user bases, or set 0 for one key per user.
+    """
+
+    def __init__(self, seed: Seeder | None, pickled: ShardSnapshot | None) -> None:
+        self._seed = seed
+        self._users: dict[str, UserVelocityState] = {}
+        self._pickled: ShardSnapshot = dict(pickled or {})
+        self._dirty: set[str] = set()
+
+    def on_batch(self, values: list[Envelope]) -> tuple[list[VelocityRow | DeadLetter], bool]:
+        users, dirty, out = self._users, self._dirty, []
+        for env in values:
+            uid = env.event.user_id
+            state = users.get(uid)
+            if state is None:
+                snap = self._pickled.get(uid)
+                if snap is not None:
+                    state = UserVelocityState.restore(snap)
+                elif self._seed is not None:
+                    state = self._seed(uid, env.event)
+            state, outcome = update_velocity(state, env)
+            users[uid] = state
+            dirty.add(uid)
+            if outcome is not None:
+                out.append(outcome)
+        return out, StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> ShardSnapshot:
+        pickled, users = self._pickled, self._users
+        for uid in self._dirty:
+            pickled[uid] = users[uid].snapshot()
+        self._dirty.clear()
+        metrics.SNAPSHOT_USERS.inc(len(pickled))
+        return dict(pickled)  # bytes are immutable: a shallow copy is an immutable snapshot
+
+
+def shard_keys(shards: int) -> list[str]:
+    """The shard keys, zero-padded so they sort in shard order."""
+    width = len(str(max(shards - 1, 0)))
+    return [str(i).zfill(width) for i in range(shards)]
+
+
+def user_shard(keys: list[str], env: Envelope) -> str:
+    """The shard key of the event's user (stable across processes: crc32, not `hash`)."""
+    return keys[zlib.crc32(env.event.user_id.encode()) % len(keys)]
