@@ -1,9 +1,10 @@
 """Stream: sustained events/s through the feature dataflow, freshness, and stock `store.push()`.
 
-*Ours*: `streaming.features.build_flow` with `KafkaSource` and the real `VelocitySink` (online
-writes in Feast's Redis layout into Redis database `BENCH_STREAM_REDIS_DB`, offline history
-parquet in a scratch directory), the Kafka dead-letter sink, one worker, recovery snapshots
-every 2 s: what `python -m streaming.features` runs.  *Stock*: the same events, parsed and turned into the same
+*Ours*: `streaming.flow.build_flow` as `streaming.features.live_flow` wires it, with the live
+Kafka input (`streaming.features.kafka_source`) and the real `VelocitySink` (online writes in
+Feast's Redis layout into Redis database `BENCH_STREAM_REDIS_DB`, offline history parquet in a
+scratch directory), the Kafka dead-letter sink, one worker, recovery snapshots every 2 s: what
+`python -m streaming.features` runs.  *Stock*: the same events, parsed and turned into the same
 velocity rows, written with `FeatureStore.push()` one event at a time (online only).
 
 1. Throughput: N events are produced into a fresh topic of a private Tansu broker first; a
@@ -66,7 +67,7 @@ def run(sizes: Sizes, section: Section) -> None:
     dataset = scoring_dataset()  # only its Feast registry is used
     redis_url = dataset.redis_url.rsplit("/", 1)[0] + f"/{s.stream_redis_db}"
     env = dataset.env(REDIS_URL=redis_url)
-    section.ours_label = ("streaming.features.build_flow as get_flow wires it: KafkaSource -> "
+    section.ours_label = ("streaming.flow.build_flow as get_flow wires it: Kafka input -> "
                           "state (seeded from the online store) -> VelocitySink (online write "
                           "to Redis in Feast's layout + offline parquet history) + Kafka DLQ, "
                           "1 worker")
@@ -346,38 +347,30 @@ def _ms(v: float | None) -> float | None:
 
 def worker_main(a: argparse.Namespace) -> None:
     """The dataflow as `python -m streaming.features` runs it, on the given topic."""
+    # Child-only imports: the parent process imports this module too, and need not load
+    # Bytewax and Feast (seconds of start-up) for orchestration.
     import logging
     from datetime import timedelta
 
-    from bytewax._bytewax import cli_main
-    from bytewax.connectors.kafka import KafkaSource
-    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.recovery import RecoveryConfig
+    from bytewax.run import cli_main
     from prometheus_client import REGISTRY
 
-    from feature_repo.config import REPO_DIR
-    from streaming import metrics
+    from streaming import features, metrics
     from streaming.config import get_settings as stream_settings
-    from streaming.features import build_flow
+    from streaming.recovery import ensure_recovery_dir
     from streaming.sources import KafkaDeadLetterSink
     from streaming.velocity_sink import VelocitySink
 
     logging.basicConfig(level=logging.WARNING)
     st = stream_settings()
     metrics.start_metrics_server("127.0.0.1", a.metrics_port)
-    a.recovery.mkdir(parents=True, exist_ok=True)
-    init_db_dir(a.recovery, 1)
-    from streaming import features
-
-    if hasattr(features, "kafka_source"):  # the live flow's source, as get_flow builds it
-        source = features.kafka_source(a.bootstrap, a.topic, tail=a.tail)
-    else:
-        source = KafkaSource([a.bootstrap], [a.topic], tail=a.tail,
-                             batch_size=st.source_batch_size,
-                             add_config={"socket.keepalive.enable": "true"})
-    sink = VelocitySink(REPO_DIR, a.history, prefix="bench")
+    ensure_recovery_dir(a.recovery, 1)
+    source = features.kafka_source(a.bootstrap, a.topic, tail=a.tail)
+    sink = VelocitySink(st.feature_repo, a.history, prefix="bench")
     dlq_sink = KafkaDeadLetterSink(a.bootstrap, a.dlq_topic)
-    flow = build_flow(source, sink, dlq_sink, **_production_extras(REPO_DIR))
-    _after_start_up()
+    flow = features.live_flow(source, sink, dlq_sink, st)
+    features.tune_gc()  # what `streaming.features.main` does to the heap after start-up
     t0, cpu0 = time.perf_counter(), _cpu_s()
     cli_main(flow, workers_per_process=1,
              epoch_interval=timedelta(seconds=st.snapshot_interval_s),
@@ -406,35 +399,6 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _production_extras(repo: Path) -> dict[str, Any]:
-    """The keyword arguments `streaming.features.get_flow` adds to `build_flow` (state seeded
-    from the online store), where this checkout has them."""
-    import inspect
-
-    from streaming import features
-
-    params = inspect.signature(features.build_flow).parameters
-    extras: dict[str, Any] = {}
-    seeder = getattr(features, "OnlineStateSeeder", None)
-    if seeder is not None and "seed" in params:
-        extras["seed"] = seeder(repo)
-    if "state_shards" in params:
-        from streaming.config import get_settings as streaming_settings
-
-        extras["state_shards"] = streaming_settings().state_shards
-    return extras
-
-
-def _after_start_up() -> None:
-    """What `streaming.features.main` does to the heap after start-up, where this checkout has
-    it (`tune_gc`: freeze, larger GC thresholds), else `gc.freeze()`."""
-    import gc
-
-    from streaming import features
-
-    getattr(features, "tune_gc", gc.freeze)()
-
-
 def push_main(a: argparse.Namespace) -> None:
     """Stock path: parse, update the state, `store.push()` one event at a time."""
     import math
@@ -445,8 +409,8 @@ def push_main(a: argparse.Namespace) -> None:
 
     from feature_repo.config import REPO_DIR
     from streaming.events import Envelope, parse
-    from streaming.features import update_velocity
     from streaming.produce import live_events
+    from streaming.state import update_velocity
     from streaming.velocity_sink import VelocityRow, history_table
 
     store = FeatureStore(repo_path=str(REPO_DIR))
