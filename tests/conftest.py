@@ -1,10 +1,10 @@
 """Test session set-up: an isolated data directory, registry and Redis.
 
-The environment is set before anything imports the feature repo (its paths are read from
-`FRAUD_DATA_DIR` when `definitions.py` is imported), so tests never touch the demo's data.
-Each session starts its own `redis-server` on a free loopback port (so concurrent sessions
-cannot flush each other's data); without the binary it falls back to database 15 of the
-Redis at `REDIS_URL`.
+`pytest_configure` sets the environment before any test module is collected, so nothing imports
+the feature repo (whose data paths Feast reads from `FRAUD_DATA_DIR` when it imports
+`definitions.py`) before then, and tests never touch the demo's data.  Each session starts its
+own `redis-server` on a free loopback port (so concurrent sessions cannot flush each other's
+data); without the binary it falls back to database 15 of the Redis at `REDIS_URL`.
 """
 
 from __future__ import annotations
@@ -24,21 +24,8 @@ import pytest
 
 pytest_plugins = ["tests.fixtures.broker"]
 
-_ROOT = Path(tempfile.mkdtemp(prefix="fraudstream-tests-"))
-os.environ["FRAUD_DATA_DIR"] = str(_ROOT / "data")
-os.environ["FEAST_REGISTRY_URL"] = f"sqlite:///{_ROOT / 'registry.db'}"
-_REDIS_BIN = shutil.which("redis-server")
+_ROOT: Path | None = None
 _REDIS_PROC: subprocess.Popen[bytes] | None = None
-if _REDIS_BIN:
-    with socket.socket() as _s:
-        _s.bind(("127.0.0.1", 0))
-        _REDIS_PORT = _s.getsockname()[1]
-    os.environ["REDIS_URL"] = f"redis://127.0.0.1:{_REDIS_PORT}/0"
-else:
-    _BASE_REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    os.environ["REDIS_URL"] = f"{_BASE_REDIS}/15"
-os.environ["TRAINING_MODEL_DIR"] = str(_ROOT / "models")
-os.environ["STREAMING_RECOVERY_DIR"] = str(_ROOT / "recovery")
 
 PROJECT = Path(__file__).resolve().parents[1]
 # Far enough in the past that every TTL edge the tests build (velocity TTL: 30 days) is too.
@@ -46,28 +33,51 @@ SIM_END = date(2026, 9, 1)
 SIM_ARGS = ["--users", "300", "--days", "21", "--seed", "11", "--end", SIM_END.isoformat()]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    global _REDIS_PROC
-    if _REDIS_BIN and _REDIS_PROC is None:
-        _REDIS_PROC = subprocess.Popen(
-            [_REDIS_BIN, "--port", str(_REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(_ROOT)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", _REDIS_PORT), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+    """Before any test module is collected (and imports the feature repo, which reads its data
+    paths when Feast imports it): a private data directory, registry, model and recovery
+    directories, and a private `redis-server`."""
+    global _ROOT, _REDIS_PROC
+    if _ROOT is not None:
+        return
+    _ROOT = Path(tempfile.mkdtemp(prefix="fraudstream-tests-"))
+    os.environ["FRAUD_DATA_DIR"] = str(_ROOT / "data")
+    os.environ["FEAST_REGISTRY_URL"] = f"sqlite:///{_ROOT / 'registry.db'}"
+    os.environ["TRAINING_MODEL_DIR"] = str(_ROOT / "models")
+    os.environ["STREAMING_RECOVERY_DIR"] = str(_ROOT / "recovery")
+    binary = shutil.which("redis-server")
+    if binary is None:  # database 15 of the Redis at REDIS_URL
+        base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+        os.environ["REDIS_URL"] = f"{base}/15"
+        return
+    port = _free_port()
+    os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    _REDIS_PROC = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(_ROOT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _REDIS_PROC is not None:
         _REDIS_PROC.terminate()
         _REDIS_PROC.wait(10)
-    shutil.rmtree(_ROOT, ignore_errors=True)
+    if _ROOT is not None:
+        shutil.rmtree(_ROOT, ignore_errors=True)
 
 
 def run_module(module: str, *args: str) -> str:
