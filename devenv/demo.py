@@ -8,87 +8,34 @@ through Kafka and the feature dataflow -> score live transactions and explain th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
+from devenv.demo_stream import stream_part
+from devenv.localproc import free_port
+from devenv.steps import background, run, step, wait_http
 from feature_repo.config import PROJECT_DIR, apply_env_defaults, data_dir
-
-STEP = 0
-
-
-def step(msg: str) -> None:
-    global STEP
-    STEP += 1
-    print(f"\n[{STEP}] {msg}", flush=True)
-
-
-def run(*cmd: str, quiet: bool = False) -> str:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=PROJECT_DIR, capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"demo step failed: {' '.join(cmd)}")
-    out = "\n".join(
-        line for line in proc.stdout.splitlines() if "Warning" not in line and line.strip()
-    )
-    if not quiet and out:
-        print("    " + out.replace("\n", "\n    "))
-    print(f"    ({time.perf_counter() - t0:.1f}s)", flush=True)
-    return proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def background(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            yield proc
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise SystemExit(f"{url} did not become ready in {timeout:.0f}s")
+from scoring.artifact import Artifact, load_artifact
+from scoring.config import get_settings
+from scoring.loader import resolve_model_path
+from scoring.registry import Registry
+from training.config import get_settings as training_settings
+from training.retrieval import read_transactions
 
 
 def top_drivers(model: Any, features: list[str], values: dict[str, Any], k: int = 3
                 ) -> list[tuple[str, Any, float]]:
     """Features whose removal (set missing) moves this score most: (name, value, delta)."""
-    import numpy as np
-
     base = np.array([[np.nan if values[f] is None else values[f] for f in features]], float)
     s0 = model.predict_proba(base)[0, 1]
     probes = np.repeat(base, len(features), axis=0)
@@ -119,54 +66,65 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-stream", action="store_true", help="skip the Kafka part")
     a = p.parse_args(argv)
     apply_env_defaults()
-    env = dict(os.environ)
-    py = sys.executable
-    feast = [str(Path(py).parent / "feast"), "-c", "feature_repo"]
     t_start = time.perf_counter()
-    root = data_dir()
-    today = datetime.now(UTC).date()
     summary: dict[str, Any] = {}
+    _offline(a.users, a.days, summary)
+    art = _train(summary)
+    _serve(art, summary, stream=not a.no_stream)
+    _summary(summary, time.perf_counter() - t_start)
 
-    step(f"simulate {a.users:,} users x {a.days} days of card transactions into {root}")
+
+def _feast(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "feast"), "-c", "feature_repo", *args]
+
+
+def _offline(users: int, days: int, summary: dict[str, Any]) -> None:
+    """Simulate, batch features, backfill, `feast apply` and `materialize-incremental`."""
+    py, root = sys.executable, data_dir()
+    step(f"simulate {users:,} users x {days} days of card transactions into {root}")
     if (root / "registry.db").exists():
         (root / "registry.db").unlink()  # a fresh demo registry: definitions may have changed
     shutil.rmtree(root / "features", ignore_errors=True)
-    out = run(py, "-m", "training.simulate", "--users", str(a.users), "--days", str(a.days),
-              "--end", today.isoformat())
+    out = run(py, "-m", "training.simulate", "--users", str(users), "--days", str(days),
+              "--end", datetime.now(UTC).date().isoformat())
     summary["simulated"] = out.strip().split(" in ")[0]
     step("batch feature job (daily user and merchant profiles, DuckDB)")
     summary["batch"] = run(py, "-m", "training.batch_features").strip()
     step("velocity backfill: the stream's own dataflow replays the log into the offline store")
     summary["backfill"] = run(py, "-m", "streaming.backfill").strip()
     step("feast apply")
-    run(*feast, "apply", quiet=True)
+    run(*_feast("apply"), quiet=True)
     step("feast materialize-incremental (offline -> Redis)")
     now = datetime.now(UTC).replace(microsecond=0)
-    mat = run(*feast, "materialize-incremental", now.strftime("%Y-%m-%dT%H:%M:%S"), quiet=True)
+    mat = run(*_feast("materialize-incremental", now.strftime("%Y-%m-%dT%H:%M:%S")), quiet=True)
     summary["materialized"] = [
         re.sub(r"\x1b\[[0-9;]*m", "", line).strip().rstrip(":")
         for line in mat.splitlines() if " from " in line and " to " in line
     ]
     print("    " + "\n    ".join(summary["materialized"]))
-    step("train the model from point-in-time features (get_historical_features)")
-    run(py, "-m", "training.train")
-    from scoring.artifact import load_artifact
-    from scoring.config import get_settings
-    from scoring.loader import resolve_model_path
-    from scoring.registry import Registry
-    from training.config import get_settings as training_settings
 
-    new = sorted(p for p in training_settings().model_dir.glob("v*/metadata.json"))[-1].parent
-    registry = Registry(training_settings().model_dir)
+
+def _train(summary: dict[str, Any]) -> Artifact:
+    """Train, make the new version champion (the demo serves what it trained), load it."""
+    step("train the model from point-in-time features (get_historical_features)")
+    run(sys.executable, "-m", "training.train")
+    model_dir = training_settings().model_dir
+    new = sorted(p for p in model_dir.glob("v*/metadata.json"))[-1].parent
+    registry = Registry(model_dir)
     if registry.state()["champion"] != new.name:
-        registry.promote(new.name)  # the demo serves the model it just trained
+        registry.promote(new.name)
     art = load_artifact(resolve_model_path(get_settings()))
     summary["model"] = art.metadata
+    return art
 
+
+def _serve(art: Artifact, summary: dict[str, Any], stream: bool) -> None:
+    """Start the scorer, score and explain three live transactions, then the stream part."""
+    env, root = dict(os.environ), data_dir()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     step(f"start the scorer on {base}")
-    with background([py, "-m", "serving", "--port", str(port)], env,
+    with background([sys.executable, "-m", "serving", "--port", str(port)], env,
                     PROJECT_DIR / ".run" / "demo-scorer.log"):
         wait_http(f"{base}/ready")
         client = httpx.Client(timeout=5)
@@ -184,23 +142,16 @@ def main(argv: list[str] | None = None) -> None:
             ({"user_id": "u-never-seen", "merchant_id": u0["merchant_id"], "amount": 35.0,
               "channel": "contactless"}, "unknown card holder"),
         ]
-        scores = []
         for i, (txn, label) in enumerate(txns):
             body = {"transaction_id": f"demo-{i}", "currency": "EUR",
                     "event_timestamp": t.isoformat(), **txn}
-            scores.append(show(client, base, body, label, art.model, art.features))
-        if not a.no_stream:
-            from devenv.demo_stream import stream_part
-
+            show(client, base, body, label, art.model, art.features)
+        if stream:
             stream_part(env, client, base, u0, lambda txn, label: show(
                 client, base, txn, label, art.model, art.features), summary, step)
 
-    _summary(summary, time.perf_counter() - t_start)
-
 
 def _known_users(root: Path) -> list[dict[str, Any]]:
-    from training.retrieval import read_transactions
-
     tx = read_transactions(root, start=datetime.now(UTC) - timedelta(days=3))
     last = tx.sort_values("event_timestamp").groupby("user_id").tail(1)
     return last.sample(2, random_state=1).to_dict("records")
