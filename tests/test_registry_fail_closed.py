@@ -114,7 +114,7 @@ def test_both_scorers_keep_the_verified_champion_whatever_the_registry_says(
             damage(reg)
             wait_for(f"both scorers to refuse the registry ({name})",
                      lambda before=before: all(_refused(b) > n
-                                               for b, n in zip(bases, before, strict=True)), 15)
+                                               for b, n in zip(bases, before, strict=True)), 60)
             for b in bases:
                 assert _served_version(b) == "v1", name
                 assert httpx.get(b + "/ready", timeout=5.0).status_code == 200, name
@@ -124,7 +124,7 @@ def test_both_scorers_keep_the_verified_champion_whatever_the_registry_says(
             if (tamper / MODEL_FILE).stat().st_size != (trained_artifact / MODEL_FILE).stat().st_size:
                 (tamper / MODEL_FILE).write_bytes((trained_artifact / MODEL_FILE).read_bytes())
             wait_for(f"both scorers to accept the repaired registry ({name})",
-                     lambda: all(_metric(b, "fraud_model_registry_ok") == 1.0 for b in bases), 15)
+                     lambda: all(_metric(b, "fraud_model_registry_ok") == 1.0 for b in bases), 60)
         assert [_served_version(b) for b in bases] == ["v1", "v1"]
     assert not (tamper / "unpickled").exists()
     for i in range(2):
