@@ -1,19 +1,21 @@
 """`feast materialize` into Redis at bulk speed: a batch engine registered in feature_store.yaml.
 
 Feast's local engine pulls every row of the window into pandas, deduplicates it, turns each row
-into protobuf objects in Python and hands them all to `online_write_batch` at once (for a
-million keys: ~10 GB and ~10k rows/s).  This engine overrides only `materialize`; for a feature
-view whose batch source is local parquet and whose online store is a plain Redis it
+into protobuf objects in Python and hands them all to `online_write_batch` at once (memory
+grows with the window; figures in docs/benchmarks.md).  This engine overrides only
+`materialize`; for a feature view whose batch source is local parquet and whose online store
+is a plain Redis (`redis_store.client.is_plain_redis`) it
 
 1. selects each entity key's latest row in the window with one streamed DuckDB query over the
    parquet files: `arg_max` of the row's position by (event timestamp, created timestamp; a
    null created timestamp loses), `start <= event_timestamp <= end` in UTC, null keys
    skipped; a semi join then reads just those rows, `read_batch_rows` at a time;
 2. encodes keys, `_ts:<view>` and the features column by column into exactly the bytes Feast's
-   RedisOnlineStore writes (`feature_repo.redis_wire`), and
-3. writes them from a background thread with a Lua script that keeps Feast's rule atomically
-   per key: a row is written only if the stored `_ts:<view>` is absent, zero or strictly
-   older (so a stream that wrote a newer row while materialization ran keeps it).
+   RedisOnlineStore writes (`feature_repo.redis_store.encode`), and
+3. writes them with `feature_repo.redis_store.writer`: from a background thread, with a Lua
+   script that keeps Feast's rule atomically per key: a row is written only if the stored
+   `_ts:<view>` is absent, zero or strictly older (so a stream that wrote a newer row while
+   materialization ran keeps it).
 
 Anything else (other stores or sources, field mappings, transformations, aggregations, vector
 indexes, views that also write offline, Redis Cluster/Sentinel) goes to the stock local engine
@@ -29,12 +31,9 @@ engines break arbitrarily.
 from __future__ import annotations
 
 import logging
-import queue
-import string
 import tempfile
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,6 @@ from typing import Any, Literal, TypeVar
 import duckdb
 import numpy as np
 import pyarrow as pa
-import redis
 from feast import FeatureView, FileSource
 from feast.data_format import ParquetFormat
 from feast.infra.common.materialization_job import (
@@ -56,97 +54,21 @@ from feast.infra.compute_engines.local.compute import (
     LocalComputeEngineConfig,
 )
 from feast.infra.compute_engines.local.job import LocalMaterializationJob
-from feast.infra.online_stores.helpers import compute_versioned_name
-from feast.infra.online_stores.redis import RedisOnlineStore, RedisType
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import RepoConfig
 from feast.stream_feature_view import StreamFeatureView
 from pydantic import Field as ConfigField
 
-from feature_repo import redis_wire
-from feature_repo.online_store import client_kwargs
 from feature_repo.parquet_files import live_files
+from feature_repo.redis_store.client import is_plain_redis
+from feature_repo.redis_store.encode import RowEncoder
+from feature_repo.redis_store.writer import KEYS_PER_CALL, MAX_IN_FLIGHT, view_writer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _DONE: Any = object()
 
 ENGINE_TYPE = "feature_repo.materialization.FastRedisMaterializationEngine"
-
-# Check-and-set of a batch of keys in one script call.  KEYS: the Redis keys.  ARGV: the
-# `_ts:<view>` field, the number of features n, the key TTL in seconds (0: none), "1" to skip
-# the timestamp check (Feast's `skip_dedup`), the n feature field names, then per key its
-# serialized Timestamp followed by its n serialized values.  Returns how many keys it wrote.
-# Timestamps are compared as (seconds, nanos); a stored zero counts as absent, as in Feast.
-_SCRIPT = string.Template("""
-local function varint(s, i)
-  local v, mul, k, b = 0, 1, 0, 0
-  repeat
-    b = string.byte(s, i + k); k = k + 1
-    v = v + (b % 128) * mul; mul = mul * 128
-  until b < 128
-  if k == 10 then
-    local c = 0; mul = 1
-    for j = 0, 8 do c = c + (127 - string.byte(s, i + j) % 128) * mul; mul = mul * 128 end
-    v = -(c + 1)
-  end
-  return v, i + k
-end
-local function stamp(s)
-  local sec, nanos, i = 0, 0, 1
-  while i <= #s do
-    local tag = string.byte(s, i)
-    local v
-    v, i = varint(s, i + 1)
-    if tag == 8 then sec = v elseif tag == 16 then nanos = v end
-  end
-  return sec, nanos
-end
-local call, tsf, ttl, force = redis.call, ARGV[1], tonumber(ARGV[3]), ARGV[4] == '1'
-local width, first, written = $n + 1, 5 + $n, 0
-for i = 1, #KEYS do
-  local key, b = KEYS[i], first + (i - 1) * width
-  local new = ARGV[b]
-  local ok = force
-  if not ok then
-    local old = call('HGET', key, tsf)
-    if not old then
-      ok = true
-    else
-      local os, on = stamp(old)
-      if os == 0 and on == 0 then
-        ok = true
-      else
-        local ns, nn = stamp(new)
-        ok = ns > os or (ns == os and nn > on)
-      end
-    end
-  end
-  if ok then
-$writes
-    if ttl > 0 then call('EXPIRE', key, ttl) end
-    written = written + 1
-  end
-end
-return written
-""")
-_FIELDS_PER_HSET = 80  # a Lua call takes at most ~250 arguments
-
-
-def write_script(n_features: int) -> bytes:
-    """The check-and-set script for views of `n_features` features.
-
-    The HSET argument lists are spelled out (field name `ARGV[4 + j]`, value `ARGV[b + j]`),
-    which saves building a table per key; views wider than 80 features take several HSETs
-    (still one atomic step per key).
-    """
-    pairs = [f"ARGV[{4 + j}], ARGV[b + {j}]" for j in range(1, n_features + 1)]
-    chunks = [pairs[i:i + _FIELDS_PER_HSET] for i in range(0, n_features, _FIELDS_PER_HSET)]
-    writes = "\n".join(
-        f"    call('HSET', key, {'tsf, new, ' if i == 0 else ''}{', '.join(chunk)})"
-        for i, chunk in enumerate(chunks)
-    )
-    return _SCRIPT.substitute(n=n_features, writes=writes).encode()
 
 
 class FastRedisMaterializationEngineConfig(LocalComputeEngineConfig):
@@ -155,10 +77,10 @@ class FastRedisMaterializationEngineConfig(LocalComputeEngineConfig):
     type: Literal["feature_repo.materialization.FastRedisMaterializationEngine"] = ENGINE_TYPE  # type: ignore[assignment]
     read_batch_rows: int = ConfigField(50_000, gt=0)
     """Rows read from DuckDB and encoded at a time (bounds the engine's own memory)."""
-    keys_per_script: int = ConfigField(100, gt=0)
+    keys_per_script: int = ConfigField(KEYS_PER_CALL, gt=0)
     """Keys per script call.  A call holds Redis for its duration (about 1 ms per 100 keys on
     an idle server), so this bounds the latency it adds for other clients, e.g. serving."""
-    max_in_flight: int = ConfigField(16, gt=0)
+    max_in_flight: int = ConfigField(MAX_IN_FLIGHT, gt=0)
     """Script calls sent ahead of their reply (pipelining keeps Redis busy)."""
     duckdb_memory_limit: str = "512MB"
     duckdb_threads: int | None = None
@@ -173,11 +95,9 @@ class _Plan:
 
     view: FeatureView
     files: list[Path]
-    join_keys: list[tuple[str, int]]  # (name, ValueType value), in the view's entity order
-    features: list[tuple[str, int]]
+    encoder: RowEncoder  # join keys and features with their value types, the stored name
     timestamp_field: str
     created_field: str | None
-    view_name: str
 
 
 class FastRedisMaterializationEngine(LocalComputeEngine):
@@ -216,8 +136,7 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
         store_config = config.online_store
         source = fv.batch_source
         if not (
-            isinstance(self.online_store, RedisOnlineStore)
-            and getattr(store_config, "redis_type", None) == RedisType.redis
+            is_plain_redis(store_config)
             and task.only_latest
             and type(fv) in (FeatureView, StreamFeatureView)
             and fv.online
@@ -242,32 +161,19 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
         return _Plan(
             view=fv,
             files=files,
-            join_keys=[(f.name, f.dtype.to_value_type().value) for f in fv.entity_columns],
-            features=[(f.name, f.dtype.to_value_type().value) for f in fv.features],
+            encoder=RowEncoder.for_view(fv, config),
             timestamp_field=source.timestamp_field,
             created_field=source.created_timestamp_column or None,
-            view_name=compute_versioned_name(
-                fv, config.registry.enable_online_feature_view_versioning
-            ),
         )
 
     def run(self, plan: _Plan, task: MaterializationTask) -> int:
         """Materialize one feature view; returns the number of keys written."""
         t0 = time.monotonic()
-        store_config = self.repo_config.online_store
-        encoder = redis_wire.RowEncoder(
-            project=self.repo_config.project,
-            view_name=plan.view_name,
-            join_keys=plan.join_keys,
-            features=plan.features,
-            key_serialization_version=self.repo_config.entity_key_serialization_version,
-        )
-        writer = ScriptWriter(
-            redis_client(store_config.connection_string, self.options.socket_timeout_s),
-            write_script(len(plan.features)),
-            encoder.header(ttl=store_config.key_ttl_seconds or 0,
-                           force=bool(getattr(store_config, "skip_dedup", False))),
-            keys_per_script=self.options.keys_per_script,
+        encoder = plan.encoder
+        writer = view_writer(
+            self.repo_config.online_store, encoder,
+            socket_timeout_s=self.options.socket_timeout_s,
+            keys_per_call=self.options.keys_per_script,
             max_in_flight=self.options.max_in_flight,
         )
         watch = _Stopwatch()
@@ -280,7 +186,7 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
                     writer.send(encoded)
                 rows += batch.num_rows
             with watch.stage("write"):
-                written = writer.finish()
+                written = writer.flush()
         logger.info("%s: %d of %d keys written (%d kept a stored row at least as new) in "
                     "%.1fs (%s)", plan.view.name, written, rows, rows - written,
                     time.monotonic() - t0, watch)
@@ -295,9 +201,10 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
         semi join reads those rows back from the files; the result is streamed.
         """
         q = _quote
-        keys = ", ".join(q(k) for k, _ in plan.join_keys)
+        join_keys = [k for k, _ in plan.encoder.join_keys]
+        keys = ", ".join(q(k) for k in join_keys)
         columns = ", ".join(q(c) for c in dict.fromkeys(
-            [k for k, _ in plan.join_keys] + [f for f, _ in plan.features]))
+            join_keys + [f for f, _ in plan.encoder.features]))
         ts = f"{q(plan.timestamp_field)}::TIMESTAMPTZ"
         order = f"epoch_us({ts})"
         if plan.created_field:
@@ -306,7 +213,7 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
             created = f"epoch_us({q(plan.created_field)}::TIMESTAMPTZ)::HUGEINT"
             order = (f"{order}::HUGEINT * 18446744073709551616"
                      f" + coalesce({created} + 9223372036854775808, 0)")
-        not_null = " AND ".join(f"{q(k)} IS NOT NULL" for k, _ in plan.join_keys)
+        not_null = " AND ".join(f"{q(k)} IS NOT NULL" for k in join_keys)
         position = "(file_index::BIGINT << 40 | file_row_number)"
         source = "read_parquet($files, file_row_number = true)"
         sql = (
@@ -361,77 +268,3 @@ class _Stopwatch:
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
-
-def redis_client(connection_string: str, socket_timeout_s: float) -> redis.Redis:
-    """A client for Feast's `host:port,key=value,...` connection string (plain Redis only)."""
-    params = client_kwargs(connection_string)
-    params["socket_timeout"] = max(float(params.get("socket_timeout") or 0), socket_timeout_s)
-    return redis.Redis(**params)
-
-
-class ScriptWriter:
-    """Sends encoded batches as pipelined calls of the write script, from a background thread.
-
-    Batches arrive already packed as Redis protocol (`redis_wire`), so the thread only moves
-    bytes: it keeps up to `max_in_flight` calls awaiting their reply on one connection, while
-    the caller reads and encodes the next batch (at most `queued` batches wait in between).
-    The first error (connection, script) is raised by the next `send` or by `finish`.
-    """
-
-    def __init__(self, client: redis.Redis, script: bytes, header: Sequence[bytes], *,
-                 keys_per_script: int, max_in_flight: int, queued: int = 2) -> None:
-        self.client = client
-        self.script = script
-        self.header = list(header)
-        self.keys_per_script = keys_per_script
-        self.max_in_flight = max_in_flight
-        self.batches: queue.Queue[redis_wire.EncodedRows | None] = queue.Queue(maxsize=queued)
-        self.thread = threading.Thread(target=self._loop, name="redis-writer", daemon=True)
-        self.written = 0
-        self.error: BaseException | None = None
-
-    def __enter__(self) -> ScriptWriter:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.thread.is_alive():
-            self.batches.put(None)
-            self.thread.join()
-        self.client.close()
-
-    def send(self, encoded: redis_wire.EncodedRows) -> None:
-        self._raise()
-        self.batches.put(encoded)
-
-    def finish(self) -> int:
-        """Waits until every batch is written; returns how many keys the script wrote."""
-        self.batches.put(None)
-        self.thread.join()
-        self._raise()
-        return self.written
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def _loop(self) -> None:
-        conn = self.client.connection_pool.get_connection()
-        pending = 0
-        try:
-            while (encoded := self.batches.get()) is not None:
-                for call in encoded.script_calls(self.script, self.header, self.keys_per_script):
-                    conn.send_packed_command([call], check_health=False)
-                    pending += 1
-                    if pending >= self.max_in_flight:
-                        self.written += int(conn.read_response())
-                        pending -= 1
-            for _ in range(pending):
-                self.written += int(conn.read_response())
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            self.error = e
-            conn.disconnect()  # replies may be unread: the connection is not reusable
-            while self.batches.get() is not None:  # unblock the producer until it stops
-                pass
-        finally:
-            self.client.connection_pool.release(conn)

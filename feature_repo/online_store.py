@@ -8,7 +8,8 @@ connection settings differ:
 * the connection comes from the conventional `REDIS_URL` (default redis://127.0.0.1:6379/0)
   unless `connection_string` is set in the YAML;
 * socket connect/read timeouts are bounded (`socket_timeout_s`), so a Redis outage fails fast
-  instead of hanging a request;
+  instead of hanging a request (`feature_repo.redis_store.client` builds this project's own
+  connections from the same string);
 * `require_env` lists environment variables the YAML expands: Feast builds this config while it
   reads feature_store.yaml, before the registry, so an unset one is reported in one line
   (`feature_repo.config.require_env`) instead of as the registry's SQLAlchemy traceback.
@@ -16,9 +17,8 @@ connection settings differ:
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Literal
+from typing import Literal
 
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 from pydantic import StrictStr
@@ -28,22 +28,6 @@ from feature_repo.config import DEFAULT_REDIS_URL, redis_connection_string, requ
 
 def _connection_from_env() -> str:
     return redis_connection_string(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
-
-
-def client_kwargs(connection_string: str) -> dict[str, Any]:
-    """redis-py keyword arguments for Feast's `host:port,key=value,...` string (single node)."""
-    kwargs: dict[str, Any] = {}
-    for part in connection_string.split(","):
-        if "=" in part:
-            key, raw = part.split("=", 1)
-            try:
-                kwargs[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                kwargs[key] = raw
-        elif "host" not in kwargs:
-            host, _, port = part.partition(":")
-            kwargs["host"], kwargs["port"] = host, int(port or 6379)
-    return kwargs
 
 
 class FraudRedisOnlineStoreConfig(RedisOnlineStoreConfig):
@@ -67,11 +51,6 @@ class FraudRedisOnlineStoreConfig(RedisOnlineStoreConfig):
             self.connection_string += (
                 f",socket_timeout={t},socket_connect_timeout={t},health_check_interval=10"
             )
-
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """redis-py keyword arguments for this connection string (single-node Redis only)."""
-        return client_kwargs(self.connection_string)
 
 
 class FraudRedisOnlineStore(RedisOnlineStore):

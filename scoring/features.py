@@ -4,10 +4,13 @@ Built once at start-up from the registry: which feature views to read, with whic
 and TTLs, and which on-demand transformations (the registry's own UDFs, the functions training
 ran through `get_historical_features`) turn them into model inputs.
 
-Per request: one Redis pipeline per feature view (`online_read[_async]`, Feast's public online
-store API), then the TTL rule of Feast's offline point-in-time join, which Feast does *not*
-apply online: a stored row is used only if `t - ttl <= row_ts <= t` for the transaction's time
-`t`; otherwise its features are missing, exactly as in the training frame.
+Per request: on a plain Redis online store one pipelined HMGET per entity for all its feature
+views (`RedisFeatureReader`, through `feature_repo.redis_store.reader`); on any other store
+Feast's public `online_read[_async]`, one call per view.  Then the TTL rule of Feast's offline
+point-in-time join, which Feast does *not* apply online: a stored row is used only if
+`t - ttl <= row_ts <= t` for the transaction's time `t`; otherwise its features are missing,
+exactly as in the training frame, and counted as stale (a key never written for the view,
+`redis_store.reader.never_written`, is missing but not stale).
 """
 
 from __future__ import annotations
@@ -16,20 +19,19 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from feast import FeatureStore, FeatureView
-from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from feature_repo.redis_wire import field_name, string_key_encoder, to_python
+from feature_repo.redis_store.client import async_redis_client, is_plain_redis
+from feature_repo.redis_store.reader import HashReader, never_written, read_rows_async
+from feature_repo.redis_store.wire import to_python, view_name
 
 Row = dict[str, Any]
 
@@ -101,7 +103,7 @@ class OnlineFeatures:
         self._config = store.config
         self._online = get_online_store_from_config(store.config.online_store)
         self._redis: RedisFeatureReader | None = None
-        if hasattr(store.config.online_store, "client_kwargs"):
+        if is_plain_redis(store.config.online_store):
             self._redis = RedisFeatureReader(store.config, self._reads)
             self._reads = self._redis.reads  # fetch results come back in the reader's order
 
@@ -123,7 +125,8 @@ class OnlineFeatures:
         return [EntityKey(join_keys=[read.join_key], entity_values=[p]) for p in protos]
 
     def fetch(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
-        """Stored rows per view (blocking)."""
+        """Stored rows per view (blocking), through Feast's `online_read` on every store (the
+        stream scorer's path: a Bytewax worker may block)."""
         # Feast appends its `_ts:<view>` key to the list it is given: pass a copy, or the
         # list grows by one name per request.
         return [
@@ -166,12 +169,11 @@ class OnlineFeatures:
             cols: dict[str, list[Any]] = {f: [None] * n for f in read.features}
             for i, (ts, values) in enumerate(results):
                 t = rows[i]["request_ts_us"]
-                if ts is None or not values:
+                if ts is None or never_written(ts) or not values:
                     continue
                 row_us = _micros(ts)
                 if row_us > t or (read.ttl_us is not None and row_us < t - read.ttl_us):
-                    if row_us > 0:  # Feast returns 1970 for keys it never saw
-                        stale[i].extend(read.features)
+                    stale[i].extend(read.features)
                     continue
                 for f in read.features:
                     cols[f][i] = to_python(values[f]) if f in values else None
@@ -191,89 +193,36 @@ class OnlineFeatures:
 class RedisFeatureReader:
     """One Redis round trip per request for all feature views (Feast's Redis hash layout).
 
-    Feast keeps every feature view of an entity in one hash keyed by the serialized entity key
-    plus the project; fields are murmur3 hashes of "view:feature" and `_ts:view`.  Reading
-    them with one pipelined HMGET per entity (instead of one pipeline per view, as
-    `online_read` does) returns byte-identical ValueProtos; `tests/test_api.py` and the skew
-    test check the result against Feast's own reads.
+    Feast keeps every feature view of an entity in one hash, so one HMGET per entity reads all
+    the views of its join key (`feature_repo.redis_store.reader`), where `online_read` sends
+    one pipeline per view.  Answers in Feast's `online_read` form, (event time, values) per
+    entity or (None, None) for a key never written; `tests/test_api.py` and the skew test
+    check the result against Feast's own reads.
     """
 
     def __init__(self, config: Any, reads: list[_ViewRead]) -> None:
-        import redis
-        import redis.asyncio
-        from redis.asyncio.retry import Retry as AsyncRetry
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        self._project = config.project.encode()
-        self._version = config.entity_key_serialization_version
-        kwargs = config.online_store.client_kwargs()
-        # Fail fast: one immediate retry (a pooled connection may be stale after a Redis
-        # restart), no backoff; redis-py's default would retry 3 times with growing sleeps.
-        self.sync = redis.Redis(**kwargs, retry=Retry(NoBackoff(), 1))
-        self.aio = redis.asyncio.Redis(**kwargs, retry=AsyncRetry(NoBackoff(), 1))
-        # per join key: [(read, [field bytes..., ts field])]
-        self._groups: dict[str, list[tuple[_ViewRead, list[bytes | str]]]] = {}
+        self.aio = async_redis_client(config.online_store)
+        groups: dict[str, list[_ViewRead]] = {}
         for r in reads:
-            fields: list[bytes | str] = [field_name(r.view.name, f) for f in r.features]
-            fields.append(f"_ts:{r.view.name}")
-            self._groups.setdefault(r.join_key, []).append((r, fields))
-        self._order = [r for group in self._groups.values() for r, _ in group]
-        self._encoders = {jk: enc for jk in self._groups
-                          if (enc := string_key_encoder(jk, self._version, self._project))}
-        self._fields = {k: [f for _, fs in g for f in fs] for k, g in self._groups.items()}
-
-    def _keys(self, join_key: str, rows: Sequence[Row]) -> list[bytes]:
-        encode = self._encoders.get(join_key)
-        if encode is not None:
-            return [encode(r[join_key]) for r in rows]
-        protos = python_values_to_proto_values([r[join_key] for r in rows], ValueType.STRING)
-        return [
-            serialize_entity_key(EntityKey(join_keys=[join_key], entity_values=[p]),
-                                 entity_key_serialization_version=self._version) + self._project
-            for p in protos
+            groups.setdefault(r.join_key, []).append(r)
+        self._readers = [
+            HashReader(config, join_key,
+                       [(view_name(r.view, config), r.features) for r in group])
+            for join_key, group in groups.items()
         ]
-
-    def _commands(self, rows: Sequence[Row]) -> list[tuple[bytes, list[bytes | str]]]:
-        return [(key, self._fields[jk]) for jk in self._groups for key in self._keys(jk, rows)]
-
-    def _decode(self, rows: Sequence[Row], replies: list[list[bytes | None]]
-                ) -> list[list[tuple[datetime | None, Any]]]:
-        n = len(rows)
-        out: dict[str, list[tuple[datetime | None, Any]]] = {}
-        for gi, group in enumerate(self._groups.values()):
-            per_view: dict[str, list[tuple[datetime | None, Any]]] = {
-                r.view.name: [] for r, _ in group}
-            for i in range(n):
-                reply = replies[gi * n + i]
-                pos = 0
-                for r, fields in group:
-                    chunk = reply[pos: pos + len(fields)]
-                    pos += len(fields)
-                    ts_raw = chunk[-1]
-                    if not ts_raw:
-                        per_view[r.view.name].append((None, None))
-                        continue
-                    ts = Timestamp.FromString(ts_raw)
-                    when = datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
-                    vals = {f: Value.FromString(b) if b else Value()
-                            for f, b in zip(r.features, chunk[:-1], strict=True)}
-                    per_view[r.view.name].append((when, vals))
-            out.update(per_view)
-        return [out[r.view.name] for r in self._order]
+        self._order = [r for group in groups.values() for r in group]
 
     @property
     def reads(self) -> list[_ViewRead]:
+        """The views in the order `fetch_async` answers them."""
         return self._order
 
-    def fetch(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
-        with self.sync.pipeline(transaction=False) as pipe:
-            for key, fields in self._commands(rows):
-                pipe.hmget(key, fields)  # type: ignore[arg-type]  # bytes keys are fine
-            return self._decode(rows, pipe.execute())
-
     async def fetch_async(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
-        async with self.aio.pipeline(transaction=False) as pipe:
-            for key, fields in self._commands(rows):
-                pipe.hmget(key, fields)  # type: ignore[arg-type]  # bytes keys are fine
-            return self._decode(rows, await pipe.execute())
+        per_reader = await read_rows_async(
+            self.aio, [(h, [row[h.join_key] for row in rows]) for h in self._readers])
+        out: list[list[tuple[datetime | None, Any]]] = []
+        for h, entities in zip(self._readers, per_reader, strict=True):
+            for j in range(len(h.views)):
+                out.append([(None, None) if (stored := views[j]) is None
+                            else (stored.event_time(), stored.values) for views in entities])
+        return out

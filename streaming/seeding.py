@@ -12,30 +12,26 @@ replay rebuilds the same rows and counts nothing twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import redis
 from feast import FeatureStore
-from feast.infra.online_stores.helpers import (
-    compute_versioned_name,
-    get_online_store_from_config,
-)
-from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
+from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import feast_value_type_to_python_type
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from feature_repo.contract import TransactionEvent, to_micros
-from feature_repo.materialization import redis_client
-from feature_repo.redis_wire import field_name, string_key_encoder, to_python
+from feature_repo.redis_store.client import is_plain_redis, redis_client
+from feature_repo.redis_store.reader import HashReader, read_rows
+from feature_repo.redis_store.wire import view_name
 from feature_repo.velocity import ROW_FIELDS, UserVelocityState
 from streaming.velocity_sink import VELOCITY_VIEW
 
 Stored = tuple[dict[str, Any], int]  # a user's online row and its row time (epoch us)
 SEED_TIMEOUT_S = 5.0  # socket timeout of the seeding reads
-_YEAR_2000_S = 946_684_800  # rows older than this are Feast's answer for an unknown key
 _UNREAD: Any = object()
 
 
@@ -58,7 +54,7 @@ class OnlineStateSeeder:
         self._asked: set[str] = set()
         self._cached: dict[str, Stored | None] = {}
         self._redis_checked = False
-        self._redis: tuple[Any, Callable[[str], bytes], list[bytes]] | None = None
+        self._redis: tuple[redis.Redis, HashReader] | None = None
 
     def _open(self) -> None:
         store = FeatureStore(repo_path=str(self._repo_path))
@@ -95,41 +91,25 @@ class OnlineStateSeeder:
 
     # --- Redis access: the seeder's only Redis-specific code, all in this one method ----------
     def _read_redis(self, user_ids: list[str]) -> list[Stored | None] | None:
-        """`read` straight from Redis: one pipelined HMGET per user of the hash Feast's
-        RedisOnlineStore writes, decoded as its `online_read` decodes it, but with the row time
-        to the microsecond.  None (nothing read) unless the online store is plain Redis and the
-        view's only join key is `user_id`: `read` then goes through Feast.  Connects on the
-        first call."""
+        """`read` straight from Redis (`feature_repo.redis_store.reader`: one pipelined HMGET
+        per user of the hash Feast's RedisOnlineStore writes, decoded as its `online_read`
+        decodes it, with the row time to the microsecond, and its rule for a user never
+        written).  None (nothing read) unless the online store is plain Redis and the view's
+        only join key is `user_id`: `read` then goes through Feast.  Connects on the first
+        call."""
         if not self._redis_checked:
             self._redis_checked = True
-            config, view, online = self._config, self._view, self._config.online_store
-            encode = string_key_encoder("user_id", config.entity_key_serialization_version,
-                                        config.project.encode())
-            if (isinstance(online, RedisOnlineStoreConfig)
-                    and online.redis_type == RedisType.redis and encode is not None
+            config, view = self._config, self._view
+            if (is_plain_redis(config.online_store)
                     and [e.name for e in view.entity_columns] == ["user_id"]):
-                name = compute_versioned_name(
-                    view, config.registry.enable_online_feature_view_versioning)
-                fields = [field_name(name, f) for f in ROW_FIELDS] + [f"_ts:{name}".encode()]
-                self._redis = (redis_client(online.connection_string, SEED_TIMEOUT_S), encode,
-                               fields)
+                hashes = HashReader(config, "user_id", [(view_name(view, config), ROW_FIELDS)])
+                client = redis_client(config.online_store, socket_timeout_s=SEED_TIMEOUT_S)
+                self._redis = (client, hashes)
         if self._redis is None:
             return None
-        client, encode, fields = self._redis
-        with client.pipeline(transaction=False) as pipe:
-            for u in user_ids:
-                pipe.hmget(encode(u), fields)
-            replies = pipe.execute()
-        out: list[Stored | None] = []
-        for reply in replies:
-            ts = Timestamp.FromString(reply[-1]) if reply[-1] else None
-            if ts is None or ts.seconds < _YEAR_2000_S:  # as `read_through_feast`
-                out.append(None)
-                continue
-            row = {f: to_python(Value.FromString(raw)) if raw else None
-                   for f, raw in zip(ROW_FIELDS, reply, strict=False)}
-            out.append((row, ts.seconds * 1_000_000 + ts.nanos // 1000))
-        return out
+        client, hashes = self._redis
+        (rows,) = read_rows(client, [(hashes, user_ids)])
+        return [None if row is None else (row.python(), row.micros) for row, in rows]
 
     def prefetch(self, user_ids: Iterable[str]) -> None:
         """Read, in one round trip, the rows of the users not asked about before."""

@@ -3,13 +3,13 @@
 Delivery guarantee: at-least-once, idempotent by key.  Each micro-batch is converted to Arrow
 once.  Online, the newest row of each user in the batch is written, and every write is
 acknowledged before the sink's Bytewax snapshot returns, so before the snapshot that commits
-the batch's input offsets: with a plain Redis online store as one pipelined round of
-check-and-set script calls sent from a writer thread (`RedisOnlineWriter`: the bytes Feast's
-RedisOnlineStore would write, `feature_repo.redis_wire`, and Feast's rule that a row replaces
-the stored one only if its event timestamp is strictly newer, checked atomically per key in
-Redis); with any other online store synchronously through Feast's `write_to_online_store`,
-which keeps the same rule.  A replay therefore cannot roll a user back.  A failed online write
-fails the worker before its snapshot commits; it resumes from the previous snapshot.
+the batch's input offsets: with a plain Redis online store through
+`feature_repo.redis_store.writer` (`RedisOnlineWriter`: the bytes Feast's RedisOnlineStore
+would write, pipelined from a writer thread, and Feast's rule that a row replaces the stored
+one only if its event timestamp is strictly newer, checked atomically per key in Redis); with
+any other online store synchronously through Feast's `write_to_online_store`, which keeps the
+same rule.  A replay therefore cannot roll a user back.  A failed online write fails the
+worker before its snapshot commits; it resumes from the previous snapshot.
 Offline rows are buffered and flushed to a new parquet file at each Bytewax snapshot, before the
 snapshot commits; a crash between flush and commit replays events whose rows are rewritten with
 identical values and timestamps, which the point-in-time join treats as one row.
@@ -17,39 +17,30 @@ identical values and timestamps, which the point-in-time join treats as one row.
 
 from __future__ import annotations
 
-import logging
 import os
-import queue
-import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import redis
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from feast import FeatureStore
 
+from feature_repo.redis_store.client import is_plain_redis
+from feature_repo.redis_store.encode import RowEncoder
+from feature_repo.redis_store.writer import ScriptWriter, view_writer
 from streaming import metrics
-
-if TYPE_CHECKING:
-    from feast import FeatureStore
-    from redis.connection import Connection
-
-    from feature_repo.redis_wire import RowEncoder
-
-log = logging.getLogger(__name__)
 
 VELOCITY_VIEW = "user_velocity_fv"
 FLUSH_ROWS = 100_000
-KEYS_PER_CALL = 100  # keys per script call: one call holds Redis ~1 ms (materialization's default)
 WRITE_TIMEOUT_S = 5.0  # socket timeout of the online writer (at least the store's own)
-WRITE_ATTEMPTS = 3
 WRITES_QUEUED = 4  # micro-batches encoded ahead of the online writer thread (backpressure)
 HISTORY_SCHEMA = pa.schema(
     [
@@ -139,123 +130,47 @@ class FeastOnlineWriter:
 
 
 class RedisOnlineWriter:
-    """Pipelined check-and-set script calls, one round per micro-batch (plain Redis).
+    """A plain Redis online store, through `feature_repo.redis_store.writer.ScriptWriter`.
 
-    The hashes are byte for byte those Feast's RedisOnlineStore writes (`redis_wire`), and the
-    script is the materialization engine's (`write_script`): a row replaces the stored one only
-    if its event timestamp is strictly newer, checked and written atomically per key.
-
-    `write` encodes the batch and queues it; a background thread sends it and reads the
-    replies, so the dataflow goes on while Redis works.  `flush` (at every Bytewax snapshot,
-    before the snapshot commits) waits until every queued batch is acknowledged.  Connection
-    errors and timeouts are retried (the script makes a repeated write a no-op); any other
-    error, or retries exhausted, is raised by the next `write` or `flush`, and nothing queued
-    after it is sent.
+    `write` encodes the newest row per user and queues it; the writer's thread sends it while
+    the dataflow goes on.  `flush` (at every Bytewax snapshot, before the snapshot commits)
+    waits until every queued batch is acknowledged.  Connection errors and timeouts are
+    retried; any other error, or retries exhausted, is raised by the next `write` or `flush`,
+    and nothing queued after it is written.
     """
 
-    def __init__(self, client: redis.Redis, encoder: RowEncoder, script: bytes,
-                 header: list[bytes], keys_per_call: int = KEYS_PER_CALL,
-                 queued: int = WRITES_QUEUED) -> None:
-        self._client = client
+    def __init__(self, encoder: RowEncoder, writer: ScriptWriter) -> None:
         self._encoder = encoder
-        self._script = script
-        self._header = header
-        self._keys_per_call = keys_per_call
-        self._conn: Connection | None = None
-        self._error: BaseException | None = None
-        self._jobs: queue.Queue[tuple[list[bytes], list[float | None]] | None] = queue.Queue(
-            maxsize=queued)
-        self._thread = threading.Thread(target=self._loop, name="online-writer", daemon=True)
-        self._thread.start()
+        self._writer = writer
 
     def write(self, rows: list[VelocityRow], table: pa.Table) -> None:
-        self._raise()
         newest = newest_per_user(rows)
         micros = np.fromiter((rows[i].row["row_ts_us"] for i in newest), np.int64, len(newest))
         encoded = self._encoder.encode(table.take(newest), micros)
-        calls = list(encoded.script_calls(self._script, self._header, self._keys_per_call))
-        self._jobs.put((calls, [rows[i].produced_at for i in newest]))
+        produced_at = [rows[i].produced_at for i in newest]
+        self._writer.send(encoded, on_written=partial(observe_written, produced_at))
 
     def flush(self) -> None:
-        self._jobs.join()
-        self._raise()
+        self._writer.flush()
 
     def close(self) -> None:
         try:
-            self.flush()
+            self._writer.flush()
         finally:
-            self._jobs.put(None)
-            self._thread.join()
-            if self._conn is not None:
-                self._client.connection_pool.release(self._conn)
-                self._conn = None
-            self._client.close()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise RuntimeError("online write failed") from self._error
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                if self._error is None:
-                    calls, produced_at = job
-                    self._send(calls)
-                    observe_written(produced_at)
-            except BaseException as e:  # noqa: BLE001 - raised in the dataflow's thread
-                self._error = e
-            finally:
-                self._jobs.task_done()
-        self._jobs.task_done()
-
-    def _send(self, calls: list[bytes]) -> None:
-        for attempt in range(WRITE_ATTEMPTS):
-            if self._conn is None:
-                self._conn = self._client.connection_pool.get_connection()
-            conn = self._conn
-            try:
-                conn.send_packed_command(calls)
-                for _ in calls:
-                    conn.read_response()
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()  # replies may be unread: reconnect for the next attempt
-                if attempt + 1 == WRITE_ATTEMPTS:
-                    raise
-                log.warning("online write failed, retrying", exc_info=True)
-                time.sleep(0.2 * 2**attempt)
-            except BaseException:
-                conn.disconnect()
-                raise
+            self._writer.close()
 
 
 def online_writer(repo_path: Path) -> OnlineWriter:
     """The writer for the repo's online store: `RedisOnlineWriter` for a plain Redis (as the
     materialization engine's fast path requires), else `FeastOnlineWriter`."""
-    from feast import FeatureStore
-    from feast.infra.online_stores.helpers import compute_versioned_name
-    from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
-
-    from feature_repo.materialization import redis_client, write_script
-    from feature_repo.redis_wire import RowEncoder
-
     store = FeatureStore(repo_path=str(repo_path))
     config = store.config
-    online = config.online_store
-    if not (isinstance(online, RedisOnlineStoreConfig) and online.redis_type == RedisType.redis
-            and config.entity_key_serialization_version >= 3):
+    if not (is_plain_redis(config.online_store) and config.entity_key_serialization_version >= 3):
         return FeastOnlineWriter(store)
-    view = store.get_feature_view(VELOCITY_VIEW)
-    encoder = RowEncoder(
-        project=config.project,
-        view_name=compute_versioned_name(view, config.registry.enable_online_feature_view_versioning),
-        join_keys=[(f.name, f.dtype.to_value_type().value) for f in view.entity_columns],
-        features=[(f.name, f.dtype.to_value_type().value) for f in view.features],
-        key_serialization_version=config.entity_key_serialization_version,
-    )
-    header = encoder.header(ttl=online.key_ttl_seconds or 0, force=bool(online.skip_dedup))
-    return RedisOnlineWriter(redis_client(online.connection_string, WRITE_TIMEOUT_S), encoder,
-                             write_script(len(view.features)), header)
+    encoder = RowEncoder.for_view(store.get_feature_view(VELOCITY_VIEW), config)
+    writer = view_writer(config.online_store, encoder, socket_timeout_s=WRITE_TIMEOUT_S,
+                         queued=WRITES_QUEUED)
+    return RedisOnlineWriter(encoder, writer)
 
 
 class HistoryWriter:
@@ -333,8 +248,6 @@ class VelocitySink(FixedPartitionedSink[VelocityRow, None]):
         return self._parts
 
     def part_fn(self, item_key: str) -> int:
-        import zlib
-
         return zlib.crc32(item_key.encode())
 
     def build_part(
@@ -348,7 +261,3 @@ class VelocitySink(FixedPartitionedSink[VelocityRow, None]):
         )
         return _VelocityPartition(online, history)
 
-
-def rows_frame(rows: Iterable[VelocityRow]) -> pd.DataFrame:
-    """Rows as a DataFrame in the offline history schema (for tests and inspection)."""
-    return history_table(rows).to_pandas()

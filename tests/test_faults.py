@@ -59,7 +59,7 @@ from scoring.topics import TRANSACTIONS, TRANSACTIONS_DLQ, ensure_topics
 from serving.app import create_app
 from serving.config import ServingSettings
 from streaming.producer import TransactionProducer
-from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow, rows_frame
+from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow, history_table
 from tests.test_streaming import Worker, event, events_total, history, wait_for
 
 pytestmark = pytest.mark.integration
@@ -289,7 +289,8 @@ def test_redis_stopped_or_killed_is_a_quick_503_and_recovers_by_itself(
                   "SERVING_LOOKUP_TIMEOUT_S": str(LOOKUP_TIMEOUT_S)}
 
     def load_features() -> None:  # the tiny feature set: one velocity row
-        fs.write_to_online_store(VELOCITY_VIEW, df=rows_frame(velocity_rows(user, history_events)[-1:]))
+        rows = velocity_rows(user, history_events)[-1:]
+        fs.write_to_online_store(VELOCITY_VIEW, df=history_table(rows).to_pandas())
 
     def served_with_features(answers: list[Answer]) -> bool:
         return any(a.status == 200 and "user_seconds_since_last_txn"

@@ -1,6 +1,6 @@
 """The bulk materialization engine (feature_repo.materialization) against Feast's stock engine.
 
-* Encoding: `redis_wire` produces, byte for byte, the keys, timestamps and values Feast's own
+* Encoding: `redis_store.encode` produces, byte for byte, the keys, timestamps and values Feast's own
   conversion (`python_values_to_proto_values`, `serialize_entity_key`, protobuf Timestamp)
   produces, for every fast-path type and the fallback, with nulls, NaNs and empty lists.
 * Equivalence: a synthetic repo (two views: string key with a created-timestamp tie-break, int
@@ -51,10 +51,10 @@ from feast.types import (
 )
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from feature_repo import redis_wire
 from feature_repo.config import redis_connection_string
 from feature_repo.materialization import ENGINE_TYPE, FastRedisMaterializationEngine
 from feature_repo.online_store import FraudRedisOnlineStore
+from feature_repo.redis_store.encode import RowEncoder
 from tests.conftest import PROJECT, SIM_END
 
 OURS_DB, STOCK_DB = 10, 14  # this module's Redis databases (the benchmarks use 11-13)
@@ -119,7 +119,7 @@ def test_encoding_matches_feast_conversion_byte_for_byte() -> None:
                        10**15, 5])
     batch = pa.table({f"c{i}": arr for i, (arr, _) in enumerate(ENCODING_CASES)}
                      | {"k": pa.array([f"u{i}é" for i in range(9)])})
-    encoder = redis_wire.RowEncoder(
+    encoder = RowEncoder(
         project="proj", view_name="v", join_keys=[("k", ValueType.STRING.value)],
         features=[(f"c{i}", t.value) for i, (_, t) in enumerate(ENCODING_CASES)],
         key_serialization_version=3,
@@ -151,7 +151,7 @@ def test_encoding_matches_feast_conversion_byte_for_byte() -> None:
 ])
 def test_keys_match_serialize_entity_key(columns: list[pa.Array],
                                          join_keys: list[tuple[str, int]]) -> None:
-    encoder = redis_wire.RowEncoder(project="p", view_name="v", join_keys=join_keys,
+    encoder = RowEncoder(project="p", view_name="v", join_keys=join_keys,
                                     features=[("f", ValueType.INT64.value)],
                                     key_serialization_version=3)
     batch = pa.table({k: c for (k, _), c in zip(join_keys, columns, strict=True)}

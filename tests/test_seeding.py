@@ -65,7 +65,7 @@ def test_online_seeder_reads_the_materialized_row(materialized_store) -> None:  
 def test_fast_seeding_read_equals_feast_online_read(materialized_store, redis_client) -> None:  # type: ignore[no-untyped-def]
     """The seeder's direct Redis read gives what Feast's `online_read` gives, except that it
     keeps the row time to the microsecond (Feast's read drops everything below the second)."""
-    from feature_repo.redis_wire import string_key_encoder
+    from feature_repo.redis_store.wire import string_key_encoder
     from streaming.seeding import OnlineStateSeeder
     from streaming.velocity_sink import VelocityRow, history_table, online_writer
 

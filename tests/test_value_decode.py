@@ -11,7 +11,7 @@ from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 from feast.value_type import ValueType
 
-from feature_repo.redis_wire import string_key_encoder, to_python
+from feature_repo.redis_store.wire import string_key_encoder, to_python
 
 CASES = [
     (ValueType.INT64, 7), (ValueType.INT32, -3), (ValueType.DOUBLE, 0.1), (ValueType.FLOAT, 2.5),

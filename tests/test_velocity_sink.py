@@ -1,6 +1,6 @@
 """The stream sink's Redis writer against Feast's own online write of the same rows.
 
-`RedisOnlineWriter` must leave Redis exactly as `FeatureStore.write_to_online_store` does (byte
+`RedisOnlineWriter` (through `feature_repo.redis_store.writer`) must leave Redis exactly as `FeatureStore.write_to_online_store` does (byte
 for byte, key for key), keep only each user's newest row of a batch, and never replace a
 stored row with one that is older or equally new (replays rely on it).
 """

@@ -1,0 +1,125 @@
+"""Reading entity hashes back: one pipelined HMGET per entity, decoded as Feast decodes them.
+
+Feast keeps every feature view of an entity in one hash (`wire`), so one HMGET reads all the
+views of one join key an entity has, where Feast's `online_read` sends one pipeline per view.
+The values are byte-identical ValueProtos; `tests/test_api.py`, the skew test and
+`tests/test_seeding.py` check the result against Feast's own reads.
+
+The one rule for a key that holds no row of a view (`never_written`): its `_ts:<view>` field is
+absent, empty or zero.  Feast writes that field with every row, answers the Unix epoch from
+`online_read` for a key it never saw, and its writer, like `writer`'s script, treats a stored
+zero as absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import redis.asyncio
+from feast.protos.feast.types.Value_pb2 import Value
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from feature_repo.redis_store.wire import field_name, key_encoder, to_python, ts_field
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def never_written(ts: Timestamp | datetime | None) -> bool:
+    """Whether a row time read back means "no row" (see the module docstring); takes the
+    stored Timestamp or the datetime Feast's `online_read` returns."""
+    if ts is None:
+        return True
+    if isinstance(ts, datetime):
+        return ts == EPOCH
+    return ts.seconds == 0 and ts.nanos == 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """One view's stored row of one entity."""
+
+    ts: Timestamp
+    values: dict[str, Value]  # feature -> ValueProto; an empty Value when null or absent
+
+    @property
+    def micros(self) -> int:
+        """The row's event time, microseconds since the epoch (exact)."""
+        return self.ts.seconds * 1_000_000 + self.ts.nanos // 1000
+
+    def event_time(self) -> datetime:
+        """The row's event time as Feast's `online_read` returns it."""
+        return datetime.fromtimestamp(self.ts.seconds + self.ts.nanos / 1e9, tz=UTC)
+
+    def python(self) -> dict[str, Any]:
+        """The values as Python (`wire.to_python`; None when null)."""
+        return {f: to_python(v) for f, v in self.values.items()}
+
+
+class HashReader:
+    """Rows of one or more feature views for entities with one string join key.
+
+    `views`: (stored view name, features to read) pairs; `decode` answers in that order.
+    """
+
+    def __init__(self, config: Any, join_key: str,
+                 views: Sequence[tuple[str, Sequence[str]]]) -> None:
+        self.join_key = join_key
+        self.views = [(name, list(features)) for name, features in views]
+        self.key = key_encoder(join_key, config.entity_key_serialization_version,
+                               config.project.encode())
+        self.fields: list[bytes] = []
+        for name, features in self.views:
+            self.fields += [field_name(name, f) for f in features]
+            self.fields.append(ts_field(name))
+
+    def decode(self, reply: Sequence[bytes | None]) -> list[StoredRow | None]:
+        """One entity's HMGET reply -> its row of each view, None where `never_written`."""
+        out: list[StoredRow | None] = []
+        pos = 0
+        for _, features in self.views:
+            end = pos + len(features)
+            raw_ts = reply[end]
+            ts = Timestamp.FromString(raw_ts) if raw_ts else None
+            if ts is None or never_written(ts):
+                out.append(None)
+            else:
+                values = {f: Value.FromString(b) if b else Value()
+                          for f, b in zip(features, reply[pos:end], strict=True)}
+                out.append(StoredRow(ts, values))
+            pos = end + 1
+        return out
+
+
+Reads = Sequence[tuple[HashReader, Sequence[str]]]  # (reader, join key values)
+Rows = list[list[list[StoredRow | None]]]  # per read, per entity, per view
+
+
+def read_rows(client: redis.Redis, reads: Reads) -> Rows:
+    """All `reads` in one pipeline (one round trip)."""
+    with client.pipeline(transaction=False) as pipe:
+        for reader, values in reads:
+            for value in values:
+                pipe.hmget(reader.key(value), reader.fields)  # type: ignore[arg-type]
+        return _decode(reads, pipe.execute())
+
+
+async def read_rows_async(client: redis.asyncio.Redis, reads: Reads) -> Rows:
+    """`read_rows` on an asyncio client."""
+    async with client.pipeline(transaction=False) as pipe:
+        for reader, values in reads:
+            for value in values:
+                pipe.hmget(reader.key(value), reader.fields)  # type: ignore[arg-type]
+        return _decode(reads, await pipe.execute())
+
+
+def _decode(reads: Reads, replies: list[list[bytes | None]]) -> Rows:
+    out: Rows = []
+    pos = 0
+    for reader, values in reads:
+        out.append([reader.decode(r) for r in replies[pos:pos + len(values)]])
+        pos += len(values)
+    return out
