@@ -40,7 +40,7 @@ class _KafkaPartition(StatefulSourcePartition[KafkaMessage, int]):
         self._batch_size, self._reset_to, self._check_every_s = batch_size, reset, check_every_s
         self._eof = False
         self._topic_id: str | None = None
-        self._check: tuple[Future[Any], Future[Any]] | None = None
+        self._check: tuple[Future[Any], Future[Any], int] | None = None  # (id, end, asked at)
         self._next_check = time.monotonic()  # at once: learns the topic id
         self._offset = OFFSET_BEGINNING if resume is None else resume
         if self._offset >= 0:
@@ -99,11 +99,14 @@ class _KafkaPartition(StatefulSourcePartition[KafkaMessage, int]):
                 log.debug("partition %d: log check not sent: %s", part, exc)
                 self._next_check = time.monotonic() + self._check_every_s
                 return
-            self._check = (described, next(iter(ends.values())))
+            # the offset read up to when asking: the answer (the log's end at some moment
+            # after this) is compared with it, never with an offset consumed since
+            self._check = (described, next(iter(ends.values())), self._offset)
             return
-        if not all(f.done() for f in self._check):
+        described, end, asked_at = self._check
+        if not (described.done() and end.done()):
             return
-        (described, end), self._check = self._check, None
+        self._check = None
         self._next_check = time.monotonic() + self._check_every_s
         try:
             topic_id, high = str(described.result().topic_id), int(end.result().offset)
@@ -114,8 +117,8 @@ class _KafkaPartition(StatefulSourcePartition[KafkaMessage, int]):
             self._topic_id = topic_id
         if topic_id != self._topic_id:
             why = f"topic {self._tp.topic} was recreated (id {self._topic_id} -> {topic_id})"
-        elif self._offset > high:
-            why = f"offset {self._offset} lies past the log's end ({high})"
+        elif asked_at > high:
+            why = f"offset {asked_at} lies past the log's end ({high})"
         else:
             return
         self._topic_id = topic_id
