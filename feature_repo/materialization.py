@@ -78,8 +78,8 @@ class FastRedisMaterializationEngineConfig(LocalComputeEngineConfig):
     read_batch_rows: int = ConfigField(50_000, gt=0)
     """Rows read from DuckDB and encoded at a time (bounds the engine's own memory)."""
     keys_per_script: int = ConfigField(KEYS_PER_CALL, gt=0)
-    """Keys per script call.  A call holds Redis for its duration (about 1 ms per 100 keys on
-    an idle server), so this bounds the latency it adds for other clients, e.g. serving."""
+    """Keys per script call.  A call holds Redis for its duration, so this bounds the latency
+    it adds for other clients, e.g. serving."""
     max_in_flight: int = ConfigField(MAX_IN_FLIGHT, gt=0)
     """Script calls sent ahead of their reply (pipelining keeps Redis busy)."""
     duckdb_memory_limit: str = "512MB"

@@ -35,7 +35,7 @@ from feature_repo.redis_store.wire import field_name, ts_field
 
 log = logging.getLogger(__name__)
 
-KEYS_PER_CALL = 100  # a call holds Redis about 1 ms per 100 keys on an idle server
+KEYS_PER_CALL = 100  # a call holds Redis for its duration: this bounds other clients' wait
 MAX_IN_FLIGHT = 16  # script calls sent ahead of their reply (pipelining keeps Redis busy)
 ATTEMPTS = 3  # per batch, on connection errors and timeouts
 _FIELDS_PER_HSET = 80  # a Lua call takes at most ~250 arguments
