@@ -1,8 +1,10 @@
-"""The scorer's inlined codecs equal Feast's own: ValueProto decoding and entity-key encoding."""
+"""The online store's inlined codecs equal Feast's own (ValueProto decoding, entity-key
+encoding), and the one rule for a key never written (`redis_store.reader.never_written`)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 from feast.infra.key_encoding_utils import serialize_entity_key
@@ -10,8 +12,10 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 from feast.value_type import ValueType
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from feature_repo.redis_store.wire import string_key_encoder, to_python
+from feature_repo.redis_store.reader import EPOCH, HashReader, never_written
+from feature_repo.redis_store.wire import key_encoder, string_key_encoder, to_python
 
 CASES = [
     (ValueType.INT64, 7), (ValueType.INT32, -3), (ValueType.DOUBLE, 0.1), (ValueType.FLOAT, 2.5),
@@ -45,3 +49,38 @@ def test_string_key_encoder_matches_feast(version: int, value: str) -> None:
         assert version <= 2
         return
     assert encode(value) == expected
+
+
+def test_key_encoder_always_reproduces_feast() -> None:
+    for version in (2, 3):
+        proto = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val="u_1")])
+        expected = serialize_entity_key(proto, entity_key_serialization_version=version) + b"p"
+        assert key_encoder("user_id", version, b"p")("u_1") == expected
+
+
+def _stamp(seconds: int, nanos: int = 0) -> bytes:
+    return Timestamp(seconds=seconds, nanos=nanos).SerializeToString()
+
+
+def test_never_written_is_an_absent_or_zero_row_time() -> None:
+    """One rule for both readers: absent, empty or zero `_ts` (Feast's `online_read` answers
+    the epoch for such a key) means no row; any other time, however old, is a row."""
+    assert never_written(None) and never_written(Timestamp()) and never_written(EPOCH)
+    assert not never_written(Timestamp(nanos=1)) and not never_written(Timestamp(seconds=-1))
+    assert not never_written(datetime(1990, 1, 1, tzinfo=UTC))
+
+    config = SimpleNamespace(entity_key_serialization_version=3, project="p")
+    reader = HashReader(config, "user_id", [("v1", ["a", "b"]), ("v2", ["c"])])
+    assert len(reader.fields) == 5
+    a = Value(int64_val=7).SerializeToString()
+    c = Value(string_val="x").SerializeToString()
+    old = 631_152_000  # 1990: a row, not the "unknown key" answer
+    for ts1 in (None, b"", _stamp(0)):
+        first, second = reader.decode([a, None, ts1, c, _stamp(old, 5000)])
+        assert first is None
+        assert second is not None and second.micros == old * 1_000_000 + 5
+        assert second.python() == {"c": "x"}
+        assert second.event_time() == datetime.fromtimestamp(old + 5e-6, tz=UTC)
+    first, second = reader.decode([a, None, _stamp(1, 1000), None, None])
+    assert first is not None and first.python() == {"a": 7, "b": None} and first.micros == 1_000_001
+    assert second is None

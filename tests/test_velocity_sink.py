@@ -2,14 +2,25 @@
 
 `RedisOnlineWriter` (through `feature_repo.redis_store.writer`) must leave Redis exactly as `FeatureStore.write_to_online_store` does (byte
 for byte, key for key), keep only each user's newest row of a batch, and never replace a
-stored row with one that is older or equally new (replays rely on it).
+stored row with one that is older or equally new (replays rely on it).  The writer thread
+underneath (`redis_store.writer.ScriptWriter`, shared with materialization) survives a dropped
+connection and, after any other error, raises and writes nothing more.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pytest
+import redis
+from feast.value_type import ValueType
+
 from feature_repo.config import REPO_DIR
+from feature_repo.redis_store.encode import EncodedRows, RowEncoder
+from feature_repo.redis_store.wire import key_encoder
+from feature_repo.redis_store.writer import ScriptWriter, WriteError, script_header, write_script
 from feature_repo.velocity import UserVelocityState
 from streaming.velocity_sink import (
     VELOCITY_VIEW,
@@ -75,3 +86,41 @@ def test_redis_writer_matches_feast_and_never_rolls_back(store: Any, redis_clien
     finally:
         writer.close()
         redis_client.delete(*keys)
+
+
+def test_script_writer_retries_a_dropped_connection_and_stops_at_an_error(
+        redis_client: Any) -> None:
+    encoder = RowEncoder(project="wtest", view_name="v", join_keys=[("k", ValueType.STRING.value)],
+                         features=[("f", ValueType.INT64.value)], key_serialization_version=3)
+    key = key_encoder("k", 3, b"wtest")
+    kwargs = redis_client.connection_pool.connection_kwargs
+    client = redis.Redis(host=kwargs["host"], port=kwargs["port"], db=kwargs.get("db", 0),
+                         client_name="script-writer-test")
+
+    def batch(keys: list[str], micros: int, value: int) -> EncodedRows:
+        table = pa.table({"k": keys, "f": pa.array([value] * len(keys), pa.int64())})
+        return encoder.encode(table, np.full(len(keys), micros))
+
+    writer = ScriptWriter(client, write_script(1), script_header(encoder, ttl=0, force=False))
+    try:
+        writer.send(batch(["a", "b"], T0, 1))
+        assert writer.flush() == 2
+        (conn,) = [c for c in redis_client.client_list() if c["name"] == "script-writer-test"]
+        redis_client.client_kill_filter(_id=conn["id"])
+        writer.send(batch(["a"], T0 + 1, 2))  # on a dead connection: retried, then written
+        assert writer.flush() == 3
+
+        redis_client.set(key("c"), "not a hash")  # the script's HGET fails on it
+        writer.send(batch(["c"], T0, 3))
+        try:  # queued behind the failing batch, unless the failure is already known
+            writer.send(batch(["d"], T0, 4))
+        except WriteError:
+            pass
+        with pytest.raises(WriteError):
+            writer.flush()
+        with pytest.raises(WriteError):
+            writer.send(batch(["e"], T0, 5))
+        assert not redis_client.exists(key("d")) and not redis_client.exists(key("e"))
+    finally:
+        writer.close()
+        redis_client.delete(*(key(k) for k in "abcde"))
