@@ -23,8 +23,8 @@ unchanged.  As with the stock engine, `FeatureStore.materialize` records the mat
 interval afterwards, so `feast materialize-incremental` is unaffected.
 
 Delivery: at-least-once and idempotent by key.  A re-run rewrites nothing newer than what is
-stored; a failed run leaves each key either untouched or fully written (one HSET per key),
-never half-written.  Rows of a key with equal event and created timestamps are a tie that both
+stored; connection errors and timeouts are retried per batch (`redis_store.writer`); a failed
+run leaves each key either untouched or fully written (one HSET per key), never half-written.  Rows of a key with equal event and created timestamps are a tie that both
 engines break arbitrarily.
 """
 
