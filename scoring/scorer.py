@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,32 @@ FAST_PATH_MAX_ROWS = 32
 # thread, so one large batch cannot hold the event loop while other requests' lookups wait.
 OFFLOAD_ROWS = 64
 
+
+class Offload:
+    """Runs large batches' CPU work in worker threads and remembers when it did, so that a
+    lookup that missed its deadline meanwhile can be told apart from a slow Redis: the
+    threads share the GIL with the event loop, so while one runs, every lookup is slower."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.last_end = 0.0  # time.monotonic() when the last one finished
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        self.running += 1
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            self.running -= 1
+            self.last_end = time.monotonic()
+
+    def busy_since(self, t: float) -> bool:
+        """Whether offloaded work ran at any moment since `t` (time.monotonic())."""
+        return self.running > 0 or self.last_end >= t
+
+
+OFFLOAD = Offload()  # one per process: the threads of every scorer share one GIL
+
+T = TypeVar("T")
 Decision = Literal["approve", "review", "decline"]
 
 
@@ -125,7 +151,7 @@ class Scorer:
         fetched = await self.features.fetch_async(rows)
         metrics.LOOKUP_LATENCY.observe(time.perf_counter() - t0)
         if len(rows) >= OFFLOAD_ROWS:
-            return await asyncio.to_thread(self.features.assemble, rows, fetched)
+            return await OFFLOAD(self.features.assemble, rows, fetched)
         return self.features.assemble(rows, fetched)
 
     async def predict_async(self, txns: Sequence[TransactionEvent], vectors: list[FeatureVector],
@@ -134,7 +160,7 @@ class Scorer:
         keeps serving other requests' lookups meanwhile (the thread still shares the GIL, but
         yields it every switch interval instead of holding the loop for the whole batch)."""
         if len(txns) >= OFFLOAD_ROWS:
-            return await asyncio.to_thread(self.predict, txns, vectors, observe)
+            return await OFFLOAD(self.predict, txns, vectors, observe)
         return self.predict(txns, vectors, observe)
 
     async def score_async(self, txns: Sequence[TransactionEvent]) -> list[ScoreResult]:

@@ -2,14 +2,14 @@
 
 Event-time bound, admission (`serving.admission`), the lookup and model through the current
 `ModelSet`, the classification of a missed lookup deadline (a saturated event loop is
-"overloaded", and so is a missed deadline while Redis still answers a PING at once; a slow
-or frozen Redis is "unavailable"), and the prediction log.  One per app, built by
+"overloaded", and so is a deadline missed while large batches computed in worker threads;
+otherwise Redis was slow or frozen: "unavailable"), and the prediction log.  One per app, built by
 the lifespan and reached by routes through `ServiceDep`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 import redis.exceptions
@@ -17,7 +17,7 @@ from fastapi import HTTPException
 
 from scoring.models import ModelSet
 from scoring.prediction_log import PredictionLog
-from scoring.scorer import ScoreResult
+from scoring.scorer import OFFLOAD, ScoreResult
 from serving.admission import OVERLOAD_REJECTIONS, Admission, LoopLag, Overloaded
 from serving.config import ServingSettings
 from serving.schemas import TransactionIn
@@ -48,30 +48,22 @@ class ScoringService:
         self.check_time(txns)
         events = [t.to_event() for t in txns]
         deadline = self.settings.lookup_timeout_s
+        started = time.monotonic()
         with self.admission.admit(len(events)):
             try:
                 # the lookup's deadline (SERVING_LOOKUP_TIMEOUT_S) covers the lookup only
                 results = (await models.score_async(events)).results
             except (TimeoutError, redis.exceptions.TimeoutError) as exc:
                 lag = self.loop_lag.recent_max()
-                if lag >= deadline / 2 or await self._redis_answers(models, deadline / 2):
-                    # the process was slow, not Redis
+                if lag >= deadline / 2 or OFFLOAD.busy_since(started):
+                    # the process was busy (its event loop late, or large batches computing in
+                    # threads that share the GIL with it): not evidence against Redis
                     OVERLOAD_REJECTIONS.labels("saturated").inc()
-                    raise Overloaded(f"lookup deadline missed (event loop lag {lag:.3f} s; "
-                                     "Redis answers)") from exc
+                    raise Overloaded(f"lookup deadline missed while busy (event loop lag "
+                                     f"{lag:.3f} s, offloaded work {OFFLOAD.running})") from exc
                 raise redis.exceptions.TimeoutError(
                     f"online lookup exceeded {deadline} s") from exc
             except REDIS_ERRORS as exc:
                 raise redis.exceptions.ConnectionError(str(exc)) from exc
         self.prediction_log.record(results, events)
         return results
-
-    @staticmethod
-    async def _redis_answers(models: ModelSet, within_s: float) -> bool:
-        """Whether the online store answers a PING within `within_s`: after a missed lookup
-        deadline, tells a busy scorer (it does) from a slow or frozen Redis (it does not)."""
-        try:
-            async with asyncio.timeout(within_s):
-                return await models.champion.features.ping_async()
-        except Exception:  # noqa: BLE001 - any failure: Redis did not answer
-            return False
