@@ -25,7 +25,7 @@ from feast.type_map import feast_value_type_to_python_type
 
 from feature_repo.contract import TransactionEvent, to_micros
 from feature_repo.redis_store.client import is_plain_redis, redis_client
-from feature_repo.redis_store.reader import HashReader, read_rows
+from feature_repo.redis_store.reader import HashReader, never_written, read_rows
 from feature_repo.redis_store.wire import view_name
 from feature_repo.velocity import ROW_FIELDS, UserVelocityState
 from streaming.velocity_sink import VELOCITY_VIEW
@@ -81,7 +81,7 @@ class OnlineStateSeeder:
         out: list[Stored | None] = []
         for ts, values in self._online.online_read(self._config, self._view, keys,
                                                    list(ROW_FIELDS)):
-            if ts is None or not values or ts.year < 2000:  # Feast answers 1970 for unknown keys
+            if ts is None or never_written(ts) or not values:  # the one never-written rule
                 out.append(None)
                 continue
             row = {f: feast_value_type_to_python_type(values[f]) for f in ROW_FIELDS
