@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import threading
-import warnings
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -167,8 +166,6 @@ class DriftMonitor:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        with warnings.catch_warnings():  # Feast sets PROMETHEUS_MULTIPROC_DIR: remove() warns
-            warnings.filterwarnings("ignore", "Removal of labels", UserWarning)
-            for name in self._exported:
-                metrics.FEATURE_PSI.remove(name)
+        for name in self._exported:
+            metrics.retire(metrics.FEATURE_PSI, name)
         self._exported.clear()

@@ -1,8 +1,14 @@
 """Prometheus metrics of the scoring core, exported by every runtime that scores (the HTTP
 and the stream scorer): lookups, model latency, scores, decisions, missing inputs, drift,
-challengers and the prediction log."""
+challengers and the prediction log.
+
+Every gauge says how worker processes combine (`multiprocess_mode`, used only in
+prometheus_client's multiprocess mode, `python -m serving --workers N`; serving/metrics.py).
+"""
 
 from __future__ import annotations
+
+import warnings
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -22,7 +28,9 @@ DECISIONS = Counter("fraud_decisions_total", "Decisions", ["decision"])
 MISSING = Counter(
     "fraud_missing_features_total", "Model inputs missing at scoring time", ["feature", "reason"]
 )
-FEATURE_PSI = Gauge("fraud_feature_psi", "Population stability index vs training", ["feature"])
+# each worker measures its own share of the traffic; across workers: the worst (live ones only)
+FEATURE_PSI = Gauge("fraud_feature_psi", "Population stability index vs training", ["feature"],
+                    multiprocess_mode="livemax")
 
 # --- challengers -----------------------------------------------------------------------------
 SHADOW_SCORES = Counter(
@@ -44,3 +52,16 @@ PREDICTION_LOG = Counter(
     "fraud_prediction_log_records_total", "Prediction log records by sink and outcome",
     ["sink", "outcome"],  # outcome: written | delivered | failed | dropped
 )
+
+
+def retire(gauge: Gauge, *labels: str) -> None:
+    """Take one labelled series of `gauge` out of the export (a replaced model, a closed drift
+    window).  In one process the series is removed.  In multiprocess mode prometheus_client
+    cannot remove a series from a worker's file, so it is set to 0 first: the workers' max or
+    sum no longer counts it, and `== 1` / `> 0` queries drop it.
+    """
+    gauge.labels(*labels).set(0)
+    # PROMETHEUS_MULTIPROC_DIR (which importing Feast sets too) only makes remove() warn
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Removal of labels", UserWarning)
+        gauge.remove(*labels)

@@ -11,7 +11,9 @@
   and the answer is "overloaded", not "online feature store unavailable".
 
 Metrics: `fraud_inflight_rows`, `fraud_overload_rejections_total{reason}`,
-`fraud_event_loop_lag_seconds` (the latest lateness of the monitor's tick).
+`fraud_event_loop_lag_seconds` (the latest lateness of the monitor's tick).  Under
+`--workers N` each worker has its own admission limit and loop: the gauges export the total
+rows in flight and the most saturated worker's lag.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge
 
-INFLIGHT_ROWS = Gauge("fraud_inflight_rows", "Transactions being scored right now")
+INFLIGHT_ROWS = Gauge("fraud_inflight_rows", "Transactions being scored right now",
+                      multiprocess_mode="livesum")  # workers: the total in flight
 OVERLOAD_REJECTIONS = Counter(
     "fraud_overload_rejections_total",
     "Scoring requests answered 503 overloaded: admission limit, or a lookup deadline missed "
     "while the event loop was saturated", ["reason"])
-LOOP_LAG = Gauge("fraud_event_loop_lag_seconds", "How late the event loop ran its last timer")
+LOOP_LAG = Gauge("fraud_event_loop_lag_seconds", "How late the event loop ran its last timer",
+                 multiprocess_mode="livemax")  # workers: the most saturated one
 
 
 class Overloaded(Exception):

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +26,7 @@ from feast import FeatureStore
 from prometheus_client import Gauge
 
 from scoring.loader import build_model_set, open_store
+from scoring.metrics import retire
 from scoring.models import ModelSet
 from scoring.registry import Registry, RegistryError, registry_file
 from serving import metrics
@@ -154,7 +154,4 @@ def _info(models: ModelSet, present: bool) -> None:
         if present:
             gauge.labels(*labels).set(1)
         else:
-            # Importing Feast sets PROMETHEUS_MULTIPROC_DIR, which only makes remove() warn.
-            with warnings.catch_warnings(), contextlib.suppress(KeyError):  # KeyError: removed
-                warnings.filterwarnings("ignore", "Removal of labels", UserWarning)
-                gauge.remove(*labels)
+            retire(gauge, *labels)
