@@ -14,7 +14,7 @@ export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:9092
 export FRAUD_DATA_DIR          ?= $(CURDIR)/data
 export FEAST_REGISTRY_URL      ?= sqlite:///$(FRAUD_DATA_DIR)/registry.db
 
-.PHONY: help setup lock up down simulate features apply materialize train serve stream produce stream-score demo test lint bench soak clean
+.PHONY: help setup lock up down simulate features apply materialize train serve stream produce stream-score demo test test-fast lint bench soak clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n",$$1,$$2}'
@@ -78,8 +78,11 @@ stream-score: setup ## run the streaming scorer on Kafka: transactions -> predic
 demo: setup ## run the whole system end to end on this machine and print a summary
 	$(PY) -m devenv.demo
 
-test: setup ## run the test suite (real Redis and a real Kafka-protocol broker)
+test: setup ## run the whole test suite: tests/unit and tests/integration (real Redis, broker, Feast)
 	$(PY) -m pytest -q
+
+test-fast: setup ## the unit tier only: fast and hermetic (tests/unit)
+	$(PY) -m pytest -q tests/unit
 
 lint: setup ## ruff, mypy and the package layering check
 	$(VENV)/bin/ruff check .

@@ -3,7 +3,7 @@
 The python UDFs in `feature_repo.definitions` stay the single definition: the online scorer
 runs them, and offline retrieval (`feature_repo.offline_store`) runs them too whenever a twin
 declines.  A twin computes the same columns over a whole Arrow table with NumPy, bit for bit
-equal to the UDF on every input it accepts (tests/test_vectorised.py compares both on random and
+equal to the UDF on every input it accepts (tests/unit/feature_repo/test_vectorised.py compares both on random and
 edge-case tables), and returns None (declines) on anything it does not reproduce exactly:
 other column types, nulls where the UDF would raise, lists that are not sorted as the writer
 keeps them, parallel lists of different lengths, values near the int64 limits, empty tables,

@@ -33,7 +33,7 @@ MINUTE_US = 60_000_000
 HOUR_US = 60 * MINUTE_US
 HORIZON_US = 24 * HOUR_US
 # Behind the user's newest event, which the contract's future bound (FRAUD_MAX_FUTURE_SECONDS,
-# 300 s) keeps near real time: that bound must stay below this (tests/test_stream_safety.py).
+# 300 s) keeps near real time: that bound must stay below this (tests/integration/streaming/test_stream_safety.py).
 ALLOWED_LATENESS_US = 10 * MINUTE_US
 MAX_EVENTS = 1024
 MAX_KNOWN_MERCHANTS = 256

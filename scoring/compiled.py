@@ -8,7 +8,7 @@ tens of microseconds.
 
 It is bit-identical to `predict_proba(x)[:, 1]`: the same thresholds (float reprs round-trip
 exactly), the same missing-value routing, and the same float64 sum in the same order (the
-baseline, then tree by tree) passed through the same `expit`.  `tests/test_compiled.py` checks
+baseline, then tree by tree) passed through the same `expit`.  `tests/integration/scoring/test_compiled.py` checks
 that on real models, NaNs included.  Any other model (or one with categorical splits) gets
 `None` and is scored through its own `predict_proba`: the fast path is an optimisation, never
 a requirement.

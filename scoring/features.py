@@ -196,7 +196,7 @@ class RedisFeatureReader:
     Feast keeps every feature view of an entity in one hash, so one HMGET per entity reads all
     the views of its join key (`feature_repo.redis_store.reader`), where `online_read` sends
     one pipeline per view.  Answers in Feast's `online_read` form, (event time, values) per
-    entity or (None, None) for a key never written; `tests/test_api.py` and the skew test
+    entity or (None, None) for a key never written; `tests/integration/serving/test_api.py` and the skew test
     check the result against Feast's own reads.
     """
 

@@ -72,6 +72,14 @@ def pytest_configure(config: pytest.Config) -> None:
             time.sleep(0.05)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/integration/ is marked `integration` (real Redis, broker, Feast);
+    tests/unit/ is fast and hermetic (`make test-fast`)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _REDIS_PROC is not None:
         _REDIS_PROC.terminate()

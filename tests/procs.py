@@ -2,7 +2,7 @@
 `redis-server`, each on a free loopback port and stopped by the process handle it started.
 
 Kept apart from the test modules (whose imports reach the stream code), so a scorer test needs
-only the scorer.  `tests/test_faults.py` has older twins of `serve`, `clone_artifact` and
+only the scorer.  `tests/integration/test_faults.py` has older twins of `serve`, `clone_artifact` and
 `RedisServer`.
 """
 

@@ -8,7 +8,7 @@ the stock path keeps it; NaN counts as null for scalar floats, as in `feast.type
 
 int32/int64/float/double/bool/string values and their lists are encoded here straight from the
 Arrow buffers; anything else goes through `feast.type_map.python_values_to_proto_values`, the
-stock conversion.  `tests/test_materialization_engine.py` checks both agree with Feast byte for
+stock conversion.  `tests/integration/feature_repo/test_materialization_engine.py` checks both agree with Feast byte for
 byte.
 """
 

@@ -2,8 +2,8 @@
 
 Feast keeps every feature view of an entity in one hash (`wire`), so one HMGET reads all the
 views of one join key an entity has, where Feast's `online_read` sends one pipeline per view.
-The values are byte-identical ValueProtos; `tests/test_api.py`, the skew test and
-`tests/test_seeding.py` check the result against Feast's own reads.
+The values are byte-identical ValueProtos; `tests/integration/serving/test_api.py`, the skew test and
+`tests/integration/streaming/test_seeding.py` check the result against Feast's own reads.
 
 The one rule for a key that holds no row of a view (`never_written`): its `_ts:<view>` field is
 absent, empty or zero.  Feast writes that field with every row, answers the Unix epoch from

@@ -8,7 +8,7 @@ Feast's RedisOnlineStore keeps every feature view of an entity in one hash:
   serialized `ValueProto`, or b"" when the value is null.
 
 `encode` writes whole batches in this layout; `reader` reads it back.  Every function here is
-checked against Feast's own (`tests/test_value_decode.py`, `tests/test_materialization_engine.py`).
+checked against Feast's own (`tests/unit/feature_repo/test_value_decode.py`, `tests/integration/feature_repo/test_materialization_engine.py`).
 """
 
 from __future__ import annotations

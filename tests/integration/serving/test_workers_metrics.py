@@ -7,7 +7,7 @@ exactly 50 requests; then every scrape, whichever worker answers it, reads exact
 a promotion reaches every worker through its own registry poller; a SIGKILLed worker (which
 uvicorn replaces) keeps its counts in the totals and drops out of the live gauges; the metrics
 directory is private and is removed when the scorer stops.  One process (`python -m serving`)
-keeps exporting from memory: tests/test_api.py.
+keeps exporting from memory: tests/integration/serving/test_api.py.
 """
 
 from __future__ import annotations
@@ -210,5 +210,5 @@ def test_one_process_exports_from_memory() -> None:
             " in text, text\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+                          cwd=Path(__file__).resolve().parents[3], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

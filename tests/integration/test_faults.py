@@ -60,11 +60,17 @@ from serving.app import create_app
 from serving.config import ServingSettings
 from streaming.producer import TransactionProducer
 from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow, history_table
-from tests.test_streaming import Worker, event, events_total, history, wait_for
+from tests.integration.streaming.test_streaming import (
+    Worker,
+    event,
+    events_total,
+    history,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 # Per answer while Redis is down: the scorer's lookup deadline (SERVING_LOOKUP_TIMEOUT_S, set
 # below), whatever the reader's retries and socket timeouts would add up to, + 1 s of slack for
 # a loaded 2-core machine.

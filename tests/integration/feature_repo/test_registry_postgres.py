@@ -29,12 +29,12 @@ from sqlalchemy.engine import make_url
 
 from scoring.registry import Registry
 from tests.conftest import SIM_END
+from tests.integration.serving.test_api import known, log_tx  # noqa: F401 - fixtures: a user with every feature
 from tests.procs import clone_artifact, redis_server, serve
-from tests.test_api import known, log_tx  # noqa: F401 - fixtures: a user with every feature
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[3]
 FEAST = str(Path(sys.executable).parent / "feast")
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 END = datetime(SIM_END.year, SIM_END.month, SIM_END.day, tzinfo=UTC)

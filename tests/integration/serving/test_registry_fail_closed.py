@@ -21,9 +21,9 @@ import pytest
 
 from scoring.artifact import MODEL_FILE, sha256_file
 from scoring.registry import Registry
-from tests.test_faults import serve
-from tests.test_lifecycle import _clone, _txn
-from tests.test_streaming import wait_for
+from tests.integration.serving.test_lifecycle import _clone, _txn
+from tests.integration.streaming.test_streaming import wait_for
+from tests.integration.test_faults import serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from serving.admission import Admission, Overloaded
-from tests.test_faults import serve
+from tests.integration.test_faults import serve
 
 BURST_S = 4.0
 MAX_INFLIGHT_ROWS = 1500

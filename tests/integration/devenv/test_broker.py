@@ -20,7 +20,7 @@ from devenv.localproc import free_port, pid_alive, port_open, read_pid, stop_pid
 from scoring.kafka_conf import admin_conf, consumer_conf, producer_conf
 from scoring.topics import PARTITIONS, TRANSACTIONS, ensure_topics
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[3]
 CONSUME_BOUND_S = 20.0  # first assignment takes ~3 s on Tansu with session.timeout.ms=6000
 
 

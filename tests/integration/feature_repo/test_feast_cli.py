@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[3]
 FEAST = str(Path(sys.executable).parent / "feast")
 UI_START_TIMEOUT_S = 120
 

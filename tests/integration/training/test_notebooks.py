@@ -16,7 +16,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[3]
 NOTEBOOK = PROJECT / "notebooks" / "historical_features.ipynb"
 CELL_TIMEOUT_S = 300
 STARTUP_TIMEOUT_S = 60

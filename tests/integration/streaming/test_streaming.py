@@ -45,7 +45,7 @@ from streaming.producer import TransactionProducer
 from streaming.sources import JsonlDeadLetterSink, ParquetLogSource
 from streaming.velocity_sink import VelocityRow
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[3]
 DOCS = PROJECT / "docs"
 START_BOUND_S = 60.0  # worker start-up: Python + Bytewax + Feast registry, ~8 s here
 WAIT_BOUND_S = 30.0

@@ -41,7 +41,7 @@ from streaming.kafka_input import KafkaInput
 from streaming.producer import TransactionProducer
 from streaming.sources import KafkaDeadLetterSink, read_dead_letters
 from streaming.velocity_sink import VelocityRow
-from tests.test_streaming import (
+from tests.integration.streaming.test_streaming import (
     START_BOUND_S,
     Worker,
     as_velocity_rows,
