@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -90,7 +91,7 @@ def scenarios(log: pd.DataFrame, day: datetime, seed: int = 3) -> dict[str, list
     return out
 
 
-def _passes(name: str, d: Counter[str], n: int) -> bool:
+def _passes(name: str, d: Mapping[str, int], n: int) -> bool:
     if name.startswith("habitual"):
         return d["decline"] == 0 and d["review"] <= 0.1 * n
     if name == "big_online":
