@@ -91,7 +91,7 @@ def scenarios(log: pd.DataFrame, day: datetime, seed: int = 3) -> dict[str, list
     return out
 
 
-def _passes(name: str, d: Mapping[str, int], n: int) -> bool:
+def _passes(name: str, d: Mapping[Any, int], n: int) -> bool:
     if name.startswith("habitual"):
         return d["decline"] == 0 and d["review"] <= 0.1 * n
     if name == "big_online":
