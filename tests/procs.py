@@ -31,7 +31,7 @@ START_S = 120.0  # Python + Feast registry + model: ~8 s here, much more on a bu
 T = TypeVar("T")
 
 
-def wait_for(what: str, fn: Callable[[], T | None], bound_s: float) -> T:
+def wait_for(what: str, fn: Callable[[], T | None], bound_s: float = 30.0) -> T:
     """Poll `fn` until it returns something truthy; fail naming `what` after `bound_s`."""
     deadline = time.monotonic() + bound_s
     while True:

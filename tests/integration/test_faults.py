@@ -22,7 +22,6 @@ interfere.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -60,6 +59,7 @@ from serving.app import create_app
 from serving.config import ServingSettings
 from streaming.producer import TransactionProducer
 from streaming.velocity_sink import VELOCITY_VIEW, VelocityRow, history_table
+from tests import procs
 from tests.integration.streaming.test_streaming import (
     Worker,
     event,
@@ -67,6 +67,7 @@ from tests.integration.streaming.test_streaming import (
     history,
     wait_for,
 )
+from tests.procs import clone_artifact
 
 pytestmark = pytest.mark.integration
 
@@ -231,43 +232,10 @@ class Load:
 
 @contextmanager
 def serve(settings: dict[str, str], log_path: Path) -> Iterator[str]:
-    """`python -m serving` on a free loopback port with `settings` (SERVING_* variables) on
-    top of this environment; yields its base URL once /health answers.  Its own process:
-    the test's Feast writes and clients never share an interpreter (or a GIL) with it."""
-    port = free_port()
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "serving", "--port", str(port)], cwd=PROJECT,
-            env={**os.environ, **settings}, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the scorer exited:\n{log_path.read_text()[-3000:]}")
-        try:
-            return httpx.get(base + "/health", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for("the scorer to start", healthy, WORKER_START_S)
+    """`tests.procs.serve`, yielding only the base URL.  Its own process: the test's Feast
+    writes and clients never share an interpreter (or a GIL) with it."""
+    with procs.serve(settings, log_path) as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def clone_artifact(src: Path, model_dir: Path, version: str) -> Path:
-    """A copy of `src` under another version (its own metrics series, its own files)."""
-    dst = Path(shutil.copytree(src, model_dir / version))
-    meta = json.loads((dst / METADATA_FILE).read_text())
-    (dst / METADATA_FILE).write_text(json.dumps({**meta, "version": version}))
-    return dst
 
 
 def timed_get(base_url: str, path: str) -> tuple[httpx.Response, float]:

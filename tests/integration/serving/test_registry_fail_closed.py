@@ -22,8 +22,8 @@ import pytest
 from scoring.artifact import MODEL_FILE, sha256_file
 from scoring.registry import Registry
 from tests.integration.serving.test_lifecycle import _clone, _txn
-from tests.integration.streaming.test_streaming import wait_for
 from tests.integration.test_faults import serve
+from tests.procs import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -44,6 +44,7 @@ from streaming.velocity_sink import VelocityRow
 from tests.integration.streaming.test_streaming import (
     START_BOUND_S,
     Worker,
+    _valid,
     as_velocity_rows,
     event,
     events_total,
@@ -61,16 +62,8 @@ def _counter(name: str, **labels: str) -> float:
 
 
 def _body(txn: str, user: str, **changes: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "schema_version": 1, "transaction_id": txn, "user_id": user, "merchant_id": "m-x",
-        "amount": 12.5, "currency": "EUR", "channel": "online",
-        "event_timestamp": datetime.now(UTC).isoformat()}
-    for key, value in changes.items():
-        if value is ...:
-            del body[key]
-        else:
-            body[key] = value
-    return body
+    """`_valid` of test_streaming under the transaction id `txn`."""
+    return {**_valid("-", user, **changes), "transaction_id": txn}
 
 
 def dlq_letters(bootstrap: str, keys: set[bytes], bound_s: float = 30.0

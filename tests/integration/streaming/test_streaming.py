@@ -19,10 +19,10 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -44,6 +44,7 @@ from streaming.flow import build_flow
 from streaming.producer import TransactionProducer
 from streaming.sources import JsonlDeadLetterSink, ParquetLogSource
 from streaming.velocity_sink import VelocityRow
+from tests.procs import wait_for
 
 PROJECT = Path(__file__).resolve().parents[3]
 DOCS = PROJECT / "docs"
@@ -52,22 +53,9 @@ WAIT_BOUND_S = 30.0
 SNAPSHOT_S = "0.5"  # short epochs: history files appear quickly, kills land mid-epoch
 VELOCITY_FEATURES = [f"user_velocity_fv:{f}" for f in ROW_FIELDS]
 
-T = TypeVar("T")
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def wait_for(what: str, fn: Callable[[], T | None], bound_s: float = WAIT_BOUND_S) -> T:
-    """Poll `fn` until it returns something truthy; fail naming `what` after `bound_s`."""
-    deadline = time.monotonic() + bound_s
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {bound_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def event(txn: str, user: str, ts: datetime, amount: float, merchant: str,
