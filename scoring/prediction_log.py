@@ -44,11 +44,14 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from confluent_kafka import Producer
 
 from scoring import metrics
 from scoring.config import ScoringSettings
 from scoring.drift import DriftMonitor, load_reference
+from scoring.kafka_conf import producer_conf
 from scoring.scorer import ScoreResult
+from scoring.topics import PREDICTIONS
 
 log = logging.getLogger("scoring.prediction_log")
 
@@ -198,11 +201,6 @@ class KafkaSink:
 
     def __init__(self, bootstrap: str, topic: str | None = None, **overrides: Any) -> None:
         """`overrides` are producer settings (scoring.kafka_conf.producer_conf)."""
-        from confluent_kafka import Producer
-
-        from scoring.kafka_conf import producer_conf
-        from scoring.topics import PREDICTIONS
-
         self.topic = topic or PREDICTIONS
         # Not idempotent: a long-lived producer must survive broker restarts (kafka_conf), and
         # this log is at-most-once anyway.

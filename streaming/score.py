@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from datetime import timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -24,9 +25,15 @@ from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
+from bytewax.run import cli_main
+from threadpoolctl import threadpool_limits
 
+from scoring.config import get_settings as scoring_settings
+from scoring.loader import load_scorer
 from scoring.prediction_log import prediction_record
+from scoring.topics import FRAUD_ALERTS, PREDICTIONS, TRANSACTIONS
 from streaming import metrics
+from streaming.config import get_settings
 from streaming.events import Envelope
 from streaming.flow import parse_item
 
@@ -41,13 +48,9 @@ class BatchScorer:
 
     def __call__(self, batch: list[Any]) -> list[tuple[str, dict[str, Any]]]:
         if self._scorer is None:
-            from threadpoolctl import threadpool_limits
-
-            from scoring.config import get_settings
-            from scoring.loader import load_scorer
 
             threadpool_limits(1)
-            self._scorer = load_scorer(get_settings())
+            self._scorer = load_scorer(scoring_settings())
         envs = [e for e in (parse_item(x) for x in batch) if isinstance(e, Envelope)]
         if not envs:
             return []
@@ -83,8 +86,6 @@ def build_flow(source: Source[Any], sink: Sink[Any], alerts_topic: str = "fraud-
 
 
 def get_flow() -> Dataflow:
-    from scoring.topics import FRAUD_ALERTS, PREDICTIONS, TRANSACTIONS
-    from streaming.config import get_settings
 
     s = get_settings()
     source = KafkaSource([s.bootstrap_servers], [TRANSACTIONS], tail=s.tail,
@@ -95,11 +96,6 @@ def get_flow() -> Dataflow:
 
 
 def main() -> None:
-    from datetime import timedelta
-
-    from bytewax._bytewax import cli_main
-
-    from streaming.config import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = get_settings()
