@@ -10,11 +10,12 @@ the lifespan and reached by routes through `ServiceDep`.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import redis.exceptions
 from fastapi import HTTPException
 
+from feature_repo.contract import future_excess_s
 from scoring.models import ModelSet
 from scoring.prediction_log import PredictionLog
 from scoring.scorer import OFFLOAD, ScoreResult
@@ -34,10 +35,9 @@ class ScoringService:
 
     def check_time(self, txns: list[TransactionIn]) -> None:
         """422 `future` for an event_timestamp beyond the contract's bound."""
-        bound = self.settings.max_future_seconds
-        limit = datetime.now(UTC) + timedelta(seconds=bound)
+        bound, now = self.settings.max_future_seconds, datetime.now(UTC)
         for i, t in enumerate(txns):
-            if t.event_timestamp is not None and t.event_timestamp > limit:
+            if t.event_timestamp is not None and future_excess_s(t.event_timestamp, now, bound):
                 field = "event_timestamp" if len(txns) == 1 else f"transactions.{i}.event_timestamp"
                 raise HTTPException(422, [{"field": field, "type": "future",
                                            "message": "event_timestamp lies more than "
