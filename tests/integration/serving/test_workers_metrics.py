@@ -176,12 +176,17 @@ def test_two_workers_export_one_consistent_set_of_metrics(
         # a worker killed: uvicorn starts another; its counts stay, its live gauges go
         victim = pool[0]
         os.kill(victim.pid, signal.SIGKILL)
-        wait_for("a replacement worker",
-                 lambda: len(workers(server)) == 2 and victim.pid not in
-                 {w.pid for w in workers(server)}, 60)
-        # a starting worker reads fraud_model_registry_ok 0 (livemin) until its models load
+        (replacement,) = wait_for(
+            "a replacement worker",
+            lambda: len(now := workers(server)) == 2 and victim.pid not in {w.pid for w in now}
+            and [w for w in now if w.pid != pool[1].pid], 60)
+        # A starting worker reads fraud_model_registry_ok 0 (livemin) until its models load,
+        # and before it has imported the metrics (no file of its own yet) the survivor alone
+        # reads 1: wait for the replacement's own gauge file, then for 1.
         wait_for("the replacement worker started",
-                 lambda: total(scrape(base), "fraud_model_registry_ok") == 1, 60)
+                 lambda: any(f.name.startswith("gauge_livemin_")
+                             for f in metric_files(replacement))
+                 and total(scrape(base), "fraud_model_registry_ok") == 1, 60)
         for _ in range(SCRAPES):
             m = scrape(base)
             assert total(m, "fraud_requests_total", route="/v1/score") == REQUESTS + 20
