@@ -59,7 +59,7 @@ from feast.repo_config import RepoConfig
 from feast.stream_feature_view import StreamFeatureView
 from pydantic import Field as ConfigField
 
-from feature_repo.parquet_files import live_files
+from feature_repo.history import live_files
 from feature_repo.redis_store.client import is_plain_redis
 from feature_repo.redis_store.encode import RowEncoder
 from feature_repo.redis_store.writer import KEYS_PER_CALL, MAX_IN_FLIGHT, view_writer

@@ -37,7 +37,7 @@ from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.repo_config import RepoConfig
 from feast.transformation.base import Transformation
 
-from feature_repo.parquet_files import live_files
+from feature_repo.history import live_files
 from feature_repo.vectorised import twin_for
 
 TS = "event_timestamp"
@@ -51,10 +51,13 @@ class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
 
 def _files(source: FileSource) -> str:
     """The source's parquet files as a DuckDB list, listed once, so that `file_index` names
-    the same file in both passes of `asof_join` even if the stream adds a file meanwhile."""
+    the same file in both passes of `asof_join` even if the stream commits meanwhile.  For a
+    history table (`feature_repo.history`) these are the files of its latest version."""
     path = Path(source.path)
     files = live_files(path) if path.is_dir() else [path]
-    names = [str(f) for f in files] or [f"{path}/**/*.parquet"]
+    if not files:  # not a glob: a history table's directory also holds files it no longer has
+        raise FileNotFoundError(f"no data files in {path}")
+    names = [str(f) for f in files]
     quoted = ["'" + f.replace("'", "''") + "'" for f in names]
     return f"read_parquet([{', '.join(quoted)}])"
 

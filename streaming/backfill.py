@@ -1,9 +1,11 @@
 """Velocity backfill: replay the transaction log through the live feature dataflow.
 
 Runs `streaming.flow.build_flow` (the very flow the Kafka worker runs) over the
-day-partitioned log and writes its rows to the offline history of `user_velocity_fv`
-(`$FRAUD_DATA_DIR/features/user_velocity/backfill-*.parquet`), replacing earlier backfill
-files.  Rows written by the live stream (`stream-*.parquet`) are kept.  Invalid, late and future
+day-partitioned log into a private staging table, then makes its rows the `backfill` rows of
+`user_velocity_fv`'s offline history table (`$FRAUD_DATA_DIR/features/user_velocity`, see
+`feature_repo.history`) in one Delta commit: readers see the earlier backfill's rows until then,
+the new ones after, never both or neither, and the rows the live stream wrote (origin
+`stream`) are kept.  A run that fails leaves the table as it was.  Invalid, late and future
 records (more than `FRAUD_MAX_FUTURE_SECONDS` ahead of the wall clock: the log has no ingestion
 time) go to `$FRAUD_DATA_DIR/dlq/backfill.*.jsonl`, as bounded JSON like the live DLQ's.
 Online values come from `feast materialize`.
@@ -12,11 +14,14 @@ Online values come from `feast materialize`.
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from bytewax.testing import run_main
 
+from feature_repo import history
 from feature_repo.config import apply_env_defaults, data_dir
 from feature_repo.paths import transactions_dir, velocity_history_dir
 from streaming.flow import build_flow
@@ -25,25 +30,26 @@ from streaming.velocity_sink import VelocitySink
 
 
 def backfill(root: Path | None = None, batch_size: int = 5000) -> int:
-    """Rebuild the backfill part of the velocity history; return the number of rows."""
+    """Rebuild the backfill rows of the velocity history; return their number."""
     root = root or data_dir()
     out = velocity_history_dir(root)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("backfill-*.parquet"):
-        old.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
     dlq = root / "dlq" / "backfill"
     for old in dlq.parent.glob("backfill.*.jsonl"):
         old.unlink()
-    flow = build_flow(
-        ParquetLogSource(transactions_dir(root), batch_size),
-        VelocitySink(None, out, prefix="backfill"),
-        JsonlDeadLetterSink(dlq),
-        flow_id="velocity_backfill",
-    )
-    run_main(flow)
-    import pyarrow.dataset as ds
-
-    return ds.dataset(sorted(out.glob("backfill-*.parquet"))).count_rows()
+    # next to the table (same storage), hidden from anything listing the features directory
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-backfill-", dir=out.parent))
+    try:
+        flow = build_flow(
+            ParquetLogSource(transactions_dir(root), batch_size),
+            VelocitySink(None, staging, prefix=history.BACKFILL),
+            JsonlDeadLetterSink(dlq),
+            flow_id="velocity_backfill",
+        )
+        run_main(flow)
+        return history.replace(out, staging, history.BACKFILL)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,25 +1,25 @@
-"""Where velocity rows go: the online store (coalesced) and the offline history (parquet).
+"""Where velocity rows go: the online store (coalesced) and the offline history (a Delta table).
 
 Delivery guarantee: at-least-once, idempotent by key.  Each micro-batch is converted to Arrow
 once.  Online, the newest row of each user in the batch is written, and every write is
 acknowledged before the sink's Bytewax snapshot returns, so before the snapshot that commits
-the batch's input offsets: with a plain Redis online store through
+the batch's input offsets: with a Redis (node or cluster) online store through
 `feature_repo.redis_store.writer` (`RedisOnlineWriter`: the bytes Feast's RedisOnlineStore
 would write, pipelined from a writer thread, and Feast's rule that a row replaces the stored
 one only if its event timestamp is strictly newer, checked atomically per key in Redis); with
 any other online store synchronously through Feast's `write_to_online_store`, which keeps the
 same rule.  A replay therefore cannot roll a user back.  A failed online write fails the
 worker before its snapshot commits; it resumes from the previous snapshot.
-Offline rows are buffered and flushed to a new parquet file at each Bytewax snapshot, before the
-snapshot commits; a crash between flush and commit replays events whose rows are rewritten with
-identical values and timestamps, which the point-in-time join treats as one row.
+Offline rows are buffered and appended to the history table (`feature_repo.history`) in one
+Delta commit at each Bytewax snapshot, before the snapshot commits (and every `FLUSH_ROWS` rows
+in between); a commit is atomic, so readers see all of a flush or none of it.  A crash between
+that commit and the snapshot's replays events whose rows are appended again with identical
+values and timestamps, which the point-in-time join and materialization treat as one row.
 """
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,10 +29,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from feast import FeatureStore
 
+from feature_repo import history
 from feature_repo.redis_store.client import is_plain_redis
 from feature_repo.redis_store.encode import RowEncoder
 from feature_repo.redis_store.writer import ScriptWriter, view_writer
@@ -130,7 +130,7 @@ class FeastOnlineWriter:
 
 
 class RedisOnlineWriter:
-    """A plain Redis online store, through `feature_repo.redis_store.writer.ScriptWriter`.
+    """A Redis online store (node or cluster), through `feature_repo.redis_store.writer.ScriptWriter`.
 
     `write` encodes the newest row per user and queues it; the writer's thread sends it while
     the dataflow goes on.  `flush` (at every Bytewax snapshot, before the snapshot commits)
@@ -161,7 +161,7 @@ class RedisOnlineWriter:
 
 
 def online_writer(repo_path: Path) -> OnlineWriter:
-    """The writer for the repo's online store: `RedisOnlineWriter` for a plain Redis (as the
+    """The writer for the repo's online store: `RedisOnlineWriter` for a Redis node or cluster (as the
     materialization engine's fast path requires), else `FeastOnlineWriter`."""
     store = FeatureStore(repo_path=str(repo_path))
     config = store.config
@@ -174,22 +174,20 @@ def online_writer(repo_path: Path) -> OnlineWriter:
 
 
 class HistoryWriter:
-    """Appends rows to the offline history directory, one parquet file per flush (atomic)."""
+    """Appends rows of one origin (`stream`, `backfill` ...) to the offline history table at
+    `directory` (`feature_repo.history`): one Delta commit per `write`, atomic, and safe while
+    other partitions and processes append to the same table."""
 
-    def __init__(self, directory: Path, prefix: str) -> None:
+    def __init__(self, directory: Path, origin: str) -> None:
         self.directory = directory
-        self.prefix = prefix
-        directory.mkdir(parents=True, exist_ok=True)
+        self.origin = origin
 
     def write(self, tables: list[pa.Table]) -> None:
-        """One file of `tables` (each in the history schema, see `history_table`)."""
+        """One commit of `tables` (each in the history schema, see `history_table`)."""
         table = pa.concat_tables(tables) if tables else None
         if table is None or not table.num_rows:
             return
-        name = f"{self.prefix}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.directory / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.directory / name)  # readers never see a half-written file
+        history.append(self.directory, table, self.origin)
         metrics.ROWS_WRITTEN.labels("offline").inc(table.num_rows)
 
 
@@ -255,7 +253,7 @@ class VelocitySink(FixedPartitionedSink[VelocityRow, None]):
     ) -> _VelocityPartition:
         online = online_writer(self._repo_path) if self._repo_path else None
         history = (
-            HistoryWriter(self._history_dir, f"{self._prefix}-{for_part}")
+            HistoryWriter(self._history_dir, self._prefix)  # the rows' origin in the table
             if self._history_dir
             else None
         )

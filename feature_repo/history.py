@@ -1,0 +1,132 @@
+"""The offline history tables: Delta Lake tables (`deltalake`), one directory each.
+
+A history table (today `user_velocity_fv`'s, `paths.velocity_history_dir`) is a Delta Lake table
+partitioned by `origin`, who wrote the rows (`stream` for the live dataflow, `backfill` for the
+velocity backfill).  Its transaction log (`_delta_log/`) says which parquet files hold its rows;
+the directory also holds files that are no longer part of the table (replaced by a compaction
+or a backfill, kept until `vacuum` deletes them after `DELETED_FILE_RETENTION`) and files of
+writes that never committed.  So nothing reads the directory by listing it:
+
+* the project's readers (the offline store's ASOF join, the materialization engine, a
+  distributed engine) read `live_files(directory)`, the files of the table's latest version;
+* any stock reader reads the same rows: `deltalake.DeltaTable(directory).to_pyarrow_table()`,
+  or DuckDB over `DeltaTable(directory).to_pyarrow_dataset()` (no DuckDB extension needed).
+
+Writes are Delta commits, atomic and safe from several processes at once (each commit is a new
+log entry created only if absent; appends never conflict and are retried on a version race):
+`append` adds rows in one commit, `replace` swaps all rows of one origin for new ones in one
+commit.  Compaction and vacuum are the format's own (`training.compact_history`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import DeltaError
+
+ORIGIN = "origin"
+STREAM = "stream"
+BACKFILL = "backfill"
+DELETED_FILE_RETENTION = "interval 1 hours"
+"""How long a file a commit removed (compaction, backfill) stays on disk for readers that
+listed it before: `vacuum` deletes it only after this (the table's
+`delta.deletedFileRetentionDuration`)."""
+TABLE_CONFIGURATION: dict[str, str | None] = {
+    "delta.deletedFileRetentionDuration": DELETED_FILE_RETENTION,
+    # a stream commits every few seconds: keep two days of log entries, not Delta's 30
+    "delta.logRetentionDuration": "interval 2 days",
+}
+
+
+def is_table(directory: Path) -> bool:
+    """Whether `directory` holds a Delta table."""
+    return DeltaTable.is_deltatable(str(directory))
+
+
+def live_files(directory: Path) -> list[Path]:
+    """The parquet files holding the rows of the source at `directory`: for a Delta table, the
+    files of its latest version (from its log, never the directory listing); for a plain
+    directory of parquet files, all of them."""
+    if is_table(directory):
+        return [Path(uri.removeprefix("file://")) for uri in DeltaTable(str(directory)).file_uris()]
+    return sorted(directory.glob("**/*.parquet"))
+
+
+def read(directory: Path, columns: list[str] | None = None) -> pa.Table:
+    """The table's rows as a stock reader sees them (with the `origin` column); empty if no
+    table was written yet."""
+    if not is_table(directory):
+        return pa.table({})
+    return DeltaTable(str(directory)).to_pyarrow_table(columns=columns)
+
+
+def _with_origin(table: pa.Table, origin: str) -> pa.Table:
+    return table.append_column(ORIGIN, pa.array([origin] * table.num_rows, pa.string()))
+
+
+def _create(directory: Path, schema: pa.Schema) -> None:
+    """Create the table (partitioned by origin) unless it exists; several processes may race."""
+    if is_table(directory):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        DeltaTable.create(str(directory), schema, mode="ignore", partition_by=[ORIGIN],
+                          configuration=TABLE_CONFIGURATION)
+    except DeltaError:
+        if not is_table(directory):  # not a lost race with another creator
+            raise
+
+
+def append(directory: Path, table: pa.Table, origin: str) -> None:
+    """Add `table`'s rows to the history at `directory` as rows of `origin`, in one commit
+    (the table is created at the first append).  Raises if the schema differs from the
+    table's; nothing is added then."""
+    if not table.num_rows:
+        return
+    data = _with_origin(table, _checked(origin))
+    _create(directory, data.schema)
+    write_deltalake(str(directory), data, mode="append")
+
+
+def replace(directory: Path, source: Path, origin: str) -> int:
+    """Make the rows of the history table at `source` the only rows of `origin` in the table at
+    `directory`, in one commit (an overwrite whose predicate is the origin; no source table:
+    a delete of the origin's rows); rows of other origins are kept.  Streams `source` batch by
+    batch; returns the number of rows."""
+    predicate = f"{ORIGIN} = '{_checked(origin)}'"
+    if not is_table(source):
+        if is_table(directory):
+            DeltaTable(str(directory)).delete(predicate)
+        return 0
+    data = DeltaTable(str(source)).to_pyarrow_dataset()
+    columns = [f for f in data.schema if f.name != ORIGIN]
+    schema = pa.schema([*columns, pa.field(ORIGIN, pa.string())])
+    _create(directory, schema)
+    rows = 0
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        nonlocal rows
+        for batch in data.to_batches(columns=[f.name for f in columns]):
+            rows += batch.num_rows
+            yield pa.RecordBatch.from_arrays(
+                [*batch.columns, pa.array([origin] * batch.num_rows, pa.string())],
+                schema=schema)
+
+    write_deltalake(str(directory), pa.RecordBatchReader.from_batches(schema, batches()),
+                    mode="overwrite", predicate=predicate)
+    return rows
+
+
+def _checked(origin: str) -> str:
+    if not origin or not all(c.isalnum() or c in "-_" for c in origin):
+        raise ValueError(f"history origin must be letters, digits, '-' or '_': {origin!r}")
+    return origin
+
+
+def dataset(directory: Path) -> ds.Dataset:
+    """The table's latest version as a pyarrow dataset (DuckDB scans it as it is)."""
+    return DeltaTable(str(directory)).to_pyarrow_dataset()
