@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from feature_repo import history
 from feature_repo.contract import request_fields
 from feature_repo.paths import features_dir, velocity_history_dir
 from feature_repo.velocity import ROW_FIELDS
@@ -50,10 +51,9 @@ def latest_as_of(table: pd.DataFrame, key: str, end: datetime) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def offline(feature_data: Path) -> dict[str, Any]:
     fdir = features_dir(feature_data)
-    files = sorted(velocity_history_dir(feature_data).glob("*.parquet"))
-    velocity = pd.concat([pd.read_parquet(p).assign(_file=p.name) for p in files])
+    velocity = history.read(velocity_history_dir(feature_data)).to_pandas()
     # users a live stream in this session wrote online are not what materialize left there
-    streamed = set(velocity.loc[~velocity["_file"].str.startswith("backfill"), "user_id"])
+    streamed = set(velocity.loc[velocity[history.ORIGIN] != history.BACKFILL, "user_id"])
     return {
         "user_profile": latest_as_of(pd.read_parquet(fdir / "user_profile.parquet"), "user_id",
                                      END),

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from feature_repo import history
 from feature_repo.contract import to_micros
 from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
 from feature_repo.paths import customers_path, features_dir, labels_path, velocity_history_dir
@@ -55,8 +56,7 @@ DAY = pd.Timedelta(days=1)
 
 
 def _load_history(root: Path) -> pd.DataFrame:
-    files = sorted(velocity_history_dir(root).glob("*.parquet"))
-    hist = pd.concat([pd.read_parquet(p).assign(_file=p.name) for p in files], ignore_index=True)
+    hist = history.read(velocity_history_dir(root)).to_pandas()  # a stock Delta reader
     for col in ROW_FIELDS:
         hist[col] = hist[col].map(list)
     return hist
@@ -380,7 +380,7 @@ def test_velocity_features_equal_counts_from_the_log(
 ) -> None:
     """End to end (backfill + join + on-demand view) against the log itself."""
     tx = raw["tx"]
-    streamed = set(raw["velocity"].loc[~raw["velocity"]["_file"].str.startswith("backfill"),
+    streamed = set(raw["velocity"].loc[raw["velocity"][history.ORIGIN] != history.BACKFILL,
                                        "user_id"])
     ts_us = tx["event_timestamp"].astype("datetime64[us, UTC]").astype("int64")
     log = {u: (ts_us[g.index].to_numpy(), g["amount"].to_numpy(), g["merchant_id"].to_numpy())

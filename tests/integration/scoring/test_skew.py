@@ -34,6 +34,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
+from feature_repo import history
 from feature_repo.contract import TransactionEvent
 from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
 from feature_repo.paths import velocity_history_dir
@@ -80,11 +81,8 @@ def same(online: Any, offline: Any) -> bool:
 
 def streamed_users(root: Path) -> set[str]:
     """Users a live stream in this session wrote online: Redis no longer holds SIM_END's row."""
-    users: set[str] = set()
-    for p in velocity_history_dir(root).glob("*.parquet"):
-        if not p.name.startswith("backfill"):
-            users |= set(pd.read_parquet(p, columns=["user_id"])["user_id"])
-    return users
+    rows = history.read(velocity_history_dir(root), ["user_id", history.ORIGIN]).to_pandas()
+    return set(rows.loc[rows[history.ORIGIN] != history.BACKFILL, "user_id"])
 
 
 @pytest.fixture(scope="module")

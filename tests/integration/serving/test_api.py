@@ -31,6 +31,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from feature_repo import history
 from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
 from feature_repo.paths import velocity_history_dir
 from scoring.artifact import ArtifactError
@@ -86,10 +87,8 @@ def metadata(trained_artifact: Path) -> dict[str, Any]:
 def log_tx(feature_data: Path) -> pd.DataFrame:
     """The simulated log, minus users a live stream in this session may have written online."""
     tx = read_transactions(feature_data)
-    streamed: set[str] = set()
-    for p in velocity_history_dir(feature_data).glob("*.parquet"):
-        if not p.name.startswith("backfill"):
-            streamed |= set(pd.read_parquet(p, columns=["user_id"])["user_id"])
+    rows = history.read(velocity_history_dir(feature_data), ["user_id", history.ORIGIN]).to_pandas()
+    streamed = set(rows.loc[rows[history.ORIGIN] != history.BACKFILL, "user_id"])
     return tx[~tx["user_id"].isin(streamed)].reset_index(drop=True)
 
 

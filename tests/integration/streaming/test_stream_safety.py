@@ -29,6 +29,7 @@ from prometheus_client import REGISTRY
 
 from devenv.broker import TansuBroker
 from devenv.localproc import free_port
+from feature_repo import history as offline_history
 from feature_repo.contract import DEFAULT_MAX_FUTURE_SECONDS, TransactionEvent, to_micros
 from feature_repo.velocity import ALLOWED_LATENESS_US
 from scoring.kafka_conf import consumer_conf
@@ -359,8 +360,8 @@ def test_future_timestamp_attack_live_and_in_the_backfill(
     # the backfill replays the same events from a log through the same flow: same rows
     _write_log(tmp_path / "data", events)
     backfill(tmp_path / "data")
-    files = sorted((tmp_path / "data" / "features" / "user_velocity").glob("backfill-*.parquet"))
-    table = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+    table = offline_history.read(tmp_path / "data" / "features" / "user_velocity").to_pylist()
+    assert {r.pop(offline_history.ORIGIN) for r in table} == {offline_history.BACKFILL}
     assert as_velocity_rows([r for r in table if r["user_id"] in (victim, other)]) == stream_rows
     dead = read_dead_letters(tmp_path / "data" / "dlq" / "backfill.*.jsonl")
     assert sorted(json.loads(d["original"])["transaction_id"] for d in dead) == sorted(

@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devenv.broker import TansuBroker
 from devenv.localproc import free_port
+from feature_repo import history as offline_history
 from feature_repo.contract import TransactionEvent, to_micros
 from feature_repo.paths import velocity_history_dir
 from feature_repo.velocity import ROW_FIELDS, window_features
@@ -74,13 +75,12 @@ def produce(bootstrap: str, events: list[TransactionEvent]) -> None:
 
 def history(users: set[str]) -> list[dict[str, Any]]:
     """Offline history rows written by stream workers for `users`."""
-    files = sorted(velocity_history_dir().glob("stream-*.parquet"))
-    if not files:
+    if not offline_history.is_table(velocity_history_dir()):
         return []
-    table = ds.dataset(files, format="parquet").to_table(
-        filter=ds.field("user_id").isin(sorted(users))
+    table = offline_history.dataset(velocity_history_dir()).to_table(  # a stock Delta reader
+        filter=(ds.field(offline_history.ORIGIN) == offline_history.STREAM) & ds.field("user_id").isin(sorted(users))
     )
-    return table.to_pylist()
+    return table.drop_columns([offline_history.ORIGIN]).to_pylist()
 
 
 def as_velocity_rows(records: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:

@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
+from feature_repo import history
 from feature_repo.contract import TransactionEvent, to_micros
 from feature_repo.paths import features_dir, velocity_history_dir
 from feature_repo.velocity import ROW_FIELDS
@@ -66,9 +67,8 @@ def _txn(tid: str, user: str, merchant: str, at: datetime, rng: np.random.Genera
 @pytest.fixture(scope="module")
 def population(feature_data: Path) -> dict[str, list[str]]:
     """Users whose velocity rows all come from the backfill (no live stream wrote online)."""
-    files = sorted(velocity_history_dir(feature_data).glob("*.parquet"))
-    vel = pd.concat([pd.read_parquet(p, columns=["user_id"]).assign(f=p.name) for p in files])
-    streamed = set(vel.loc[~vel["f"].str.startswith("backfill"), "user_id"])
+    vel = history.read(velocity_history_dir(feature_data), ["user_id", history.ORIGIN]).to_pandas()
+    streamed = set(vel.loc[vel[history.ORIGIN] != history.BACKFILL, "user_id"])
     profiles = pd.read_parquet(features_dir(feature_data) / "merchant_profile.parquet")
     return {"users": sorted(set(vel["user_id"]) - streamed),
             "merchants": sorted(profiles["merchant_id"].unique())}
