@@ -50,15 +50,35 @@ def require_env(names: list[str]) -> None:
             )
 
 
-def redis_connection_string(url: str) -> str:
-    """Translate a `redis://[:password@]host:port/db` URL into Feast's `host:port,db=N` form."""
+REDIS_MODES = ("standalone", "cluster")
+
+
+def redis_mode() -> str:
+    """`REDIS_MODE`: `standalone` (one Redis node, the default) or `cluster` (Redis Cluster,
+    `REDIS_URL` naming any seed node).  ValueError, naming the variable, for anything else."""
+    mode = os.environ.get("REDIS_MODE", "").strip().lower() or "standalone"
+    if mode not in REDIS_MODES:
+        raise ValueError(f"REDIS_MODE must be one of {', '.join(REDIS_MODES)}, got {mode!r}")
+    return mode
+
+
+def redis_connection_string(url: str, *, cluster: bool = False) -> str:
+    """Translate a `redis://[user:password@]host:port/db` URL into Feast's connection string:
+    `host:port,db=N,...` for one node; for a cluster (`cluster`) `host:port,...` without a
+    database, as Feast's `redis_type: redis_cluster` expects (a cluster has database 0 only,
+    so a URL naming another one is a ValueError)."""
     parsed = urlparse(url)
     if parsed.scheme not in ("redis", "rediss"):
         raise ValueError(f"REDIS_URL must start with redis:// or rediss://, got {url!r}")
     host = parsed.hostname or "127.0.0.1"
     port = parsed.port or 6379
-    db = (parsed.path or "/0").lstrip("/") or "0"
-    parts = [f"{host}:{port}", f"db={int(db)}"]
+    db = int((parsed.path or "/0").lstrip("/") or "0")
+    parts = [f"{host}:{port}"]
+    if not cluster:
+        parts.append(f"db={db}")
+    elif db != 0:
+        raise ValueError(f"REDIS_URL names database {db}, but a Redis Cluster has only "
+                         f"database 0 (REDIS_MODE=cluster): {url!r}")
     if parsed.password:
         parts.append(f"password={unquote(parsed.password)}")
     if parsed.username and parsed.username != "default":

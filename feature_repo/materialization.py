@@ -4,7 +4,7 @@ Feast's local engine pulls every row of the window into pandas, deduplicates it,
 into protobuf objects in Python and hands them all to `online_write_batch` at once (memory
 grows with the window; figures in docs/benchmarks.md).  This engine overrides only
 `materialize`; for a feature view whose batch source is local parquet and whose online store
-is a plain Redis (`redis_store.client.is_plain_redis`) it
+is a Redis node or cluster (`redis_store.client.is_supported`) it
 
 1. selects each entity key's latest row in the window with one streamed DuckDB query over the
    parquet files: `arg_max` of the row's position by (event timestamp, created timestamp; a
@@ -18,7 +18,7 @@ is a plain Redis (`redis_store.client.is_plain_redis`) it
    materialization ran keeps it).
 
 Anything else (other stores or sources, field mappings, transformations, aggregations, vector
-indexes, views that also write offline, Redis Cluster/Sentinel) goes to the stock local engine
+indexes, views that also write offline, Redis Sentinel) goes to the stock local engine
 unchanged.  As with the stock engine, `FeatureStore.materialize` records the materialized
 interval afterwards, so `feast materialize-incremental` is unaffected.
 
@@ -60,7 +60,7 @@ from feast.stream_feature_view import StreamFeatureView
 from pydantic import Field as ConfigField
 
 from feature_repo.history import live_files
-from feature_repo.redis_store.client import is_plain_redis
+from feature_repo.redis_store.client import is_supported
 from feature_repo.redis_store.encode import RowEncoder
 from feature_repo.redis_store.writer import KEYS_PER_CALL, MAX_IN_FLIGHT, view_writer
 
@@ -136,7 +136,7 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
         store_config = config.online_store
         source = fv.batch_source
         if not (
-            is_plain_redis(store_config)
+            is_supported(store_config)
             and task.only_latest
             and type(fv) in (FeatureView, StreamFeatureView)
             and fv.online

@@ -4,9 +4,9 @@ Built once at start-up from the registry: which feature views to read, with whic
 and TTLs, and which on-demand transformations (the registry's own UDFs, the functions training
 ran through `get_historical_features`) turn them into model inputs.
 
-Per request: on a plain Redis online store one pipelined HMGET per entity for all its feature
-views (`RedisFeatureReader`, through `feature_repo.redis_store.reader`); on any other store
-Feast's public `online_read[_async]`, one call per view.  Then the TTL rule of Feast's offline
+Per request: on a Redis online store (node or cluster) one pipelined HMGET per entity for all
+its feature views (`RedisFeatureReader`, through `feature_repo.redis_store.reader`); on any
+other store Feast's public `online_read[_async]`, one call per view.  Then the TTL rule of Feast's offline
 point-in-time join, which Feast does *not* apply online: a stored row is used only if
 `t - ttl <= row_ts <= t` for the transaction's time `t`; otherwise its features are missing,
 exactly as in the training frame, and counted as stale (a key never written for the view,
@@ -29,7 +29,7 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 
-from feature_repo.redis_store.client import async_redis_client, is_plain_redis
+from feature_repo.redis_store.client import async_redis_client, is_supported
 from feature_repo.redis_store.reader import HashReader, never_written, read_rows_async
 from feature_repo.redis_store.wire import to_python, view_name
 
@@ -103,7 +103,7 @@ class OnlineFeatures:
         self._config = store.config
         self._online = get_online_store_from_config(store.config.online_store)
         self._redis: RedisFeatureReader | None = None
-        if is_plain_redis(store.config.online_store):
+        if is_supported(store.config.online_store):
             self._redis = RedisFeatureReader(store.config, self._reads)
             self._reads = self._redis.reads  # fetch results come back in the reader's order
 

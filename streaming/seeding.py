@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import redis
 from feast import FeatureStore
 from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
@@ -24,7 +23,7 @@ from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import feast_value_type_to_python_type
 
 from feature_repo.contract import TransactionEvent, to_micros
-from feature_repo.redis_store.client import is_plain_redis, redis_client
+from feature_repo.redis_store.client import SyncClient, is_supported, redis_client
 from feature_repo.redis_store.reader import HashReader, never_written, read_rows
 from feature_repo.redis_store.wire import view_name
 from feature_repo.velocity import ROW_FIELDS, UserVelocityState
@@ -54,7 +53,7 @@ class OnlineStateSeeder:
         self._asked: set[str] = set()
         self._cached: dict[str, Stored | None] = {}
         self._redis_checked = False
-        self._redis: tuple[redis.Redis, HashReader] | None = None
+        self._redis: tuple[SyncClient, HashReader] | None = None
 
     def _open(self) -> None:
         store = FeatureStore(repo_path=str(self._repo_path))
@@ -65,7 +64,8 @@ class OnlineStateSeeder:
 
     def read(self, user_ids: list[str]) -> list[Stored | None]:
         """Stored (row, row time in us) of each user, None if absent: one online read (directly
-        from Redis on a plain Redis online store, else through Feast's `online_read`)."""
+        from Redis on a Redis online store, node or cluster, else through Feast's
+        `online_read`)."""
         if not self._ready:
             self._open()
         rows = self._read_redis(user_ids)
@@ -94,13 +94,13 @@ class OnlineStateSeeder:
         """`read` straight from Redis (`feature_repo.redis_store.reader`: one pipelined HMGET
         per user of the hash Feast's RedisOnlineStore writes, decoded as its `online_read`
         decodes it, with the row time to the microsecond, and its rule for a user never
-        written).  None (nothing read) unless the online store is plain Redis and the view's
-        only join key is `user_id`: `read` then goes through Feast.  Connects on the first
-        call."""
+        written).  None (nothing read) unless the online store is Redis (node or cluster)
+        and the view's only join key is `user_id`: `read` then goes through Feast.  Connects
+        on the first call."""
         if not self._redis_checked:
             self._redis_checked = True
             config, view = self._config, self._view
-            if (is_plain_redis(config.online_store)
+            if (is_supported(config.online_store)
                     and [e.name for e in view.entity_columns] == ["user_id"]):
                 hashes = HashReader(config, "user_id", [(view_name(view, config), ROW_FIELDS)])
                 client = redis_client(config.online_store, socket_timeout_s=SEED_TIMEOUT_S)

@@ -33,7 +33,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from feast import FeatureStore
 
 from feature_repo import history
-from feature_repo.redis_store.client import is_plain_redis
+from feature_repo.redis_store.client import is_supported
 from feature_repo.redis_store.encode import RowEncoder
 from feature_repo.redis_store.writer import ScriptWriter, view_writer
 from streaming import metrics
@@ -165,7 +165,7 @@ def online_writer(repo_path: Path) -> OnlineWriter:
     materialization engine's fast path requires), else `FeastOnlineWriter`."""
     store = FeatureStore(repo_path=str(repo_path))
     config = store.config
-    if not (is_plain_redis(config.online_store) and config.entity_key_serialization_version >= 3):
+    if not (is_supported(config.online_store) and config.entity_key_serialization_version >= 3):
         return FeastOnlineWriter(store)
     encoder = RowEncoder.for_view(store.get_feature_view(VELOCITY_VIEW), config)
     writer = view_writer(config.online_store, encoder, socket_timeout_s=WRITE_TIMEOUT_S,

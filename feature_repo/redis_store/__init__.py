@@ -9,5 +9,8 @@ writer of the project goes through here (Feast's own store serves everything els
   engine, stream sink);
 * `reader`: pipelined HMGET reads, decoding, and when a key counts as never written (scorer,
   stream seeder);
-* `client`: connections from Feast's online store config, and `is_plain_redis`.
+* `client`: connections from Feast's online store config (a single node or a Redis Cluster),
+  and `is_supported`;
+* `script`, `cluster`: the newer-row-wins script as packed calls, and their routing to the
+  node owning each key's hash slot on a Redis Cluster.
 """

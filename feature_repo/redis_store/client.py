@@ -1,8 +1,11 @@
 """Connections to the online store's Redis, made in one place from Feast's online store config.
 
-`is_plain_redis` says whether this package serves a store (a single Redis node); Redis Cluster
-and Sentinel (`redis_type` of Feast's config) go through Feast's own store until they are
-supported here, and that support starts in this module.
+`is_supported` says whether this package serves a store: a single Redis node
+(`redis_type: redis`) or a Redis Cluster (`redis_type: redis_cluster`, `REDIS_MODE=cluster`).
+Sentinel goes through Feast's own store.  The connection string is Feast's
+(`host:port[,host:port...],key=value,...`), so Feast and this package reach the same nodes with
+the same options; for a cluster the `host:port`s are seed nodes and redis-py's cluster client
+discovers the rest and which node owns which hash slot.
 """
 
 from __future__ import annotations
@@ -12,22 +15,35 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+SyncClient = redis.Redis | redis.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.RedisCluster
 
-def is_plain_redis(online_store: Any) -> bool:
-    """Whether Feast's online store config (`RepoConfig.online_store`) is a single-node Redis,
-    the only kind this package's readers and writers talk to."""
+
+def is_supported(online_store: Any) -> bool:
+    """Whether Feast's online store config (`RepoConfig.online_store`) is a Redis this
+    package's readers and writers talk to: a single node or a Redis Cluster."""
     return (isinstance(online_store, RedisOnlineStoreConfig)
-            and online_store.redis_type == RedisType.redis)
+            and online_store.redis_type in (RedisType.redis, RedisType.redis_cluster))
 
 
-def client_kwargs(connection_string: str) -> dict[str, Any]:
-    """redis-py keyword arguments for Feast's `host:port,key=value,...` string (single node);
-    values are JSON when they parse as JSON (numbers, booleans), else strings."""
+def is_cluster(online_store: Any) -> bool:
+    """Whether Feast's online store config is a Redis Cluster."""
+    return (isinstance(online_store, RedisOnlineStoreConfig)
+            and online_store.redis_type == RedisType.redis_cluster)
+
+
+def parse(connection_string: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Feast's `host:port[,host:port...],key=value,...` string -> the (host, port) nodes and
+    redis-py keyword arguments; values are JSON when they parse as JSON (numbers, booleans),
+    else strings."""
+    nodes: list[tuple[str, int]] = []
     kwargs: dict[str, Any] = {}
     for part in connection_string.split(","):
         if "=" in part:
@@ -36,45 +52,61 @@ def client_kwargs(connection_string: str) -> dict[str, Any]:
                 kwargs[key] = json.loads(raw)
             except json.JSONDecodeError:
                 kwargs[key] = raw
-        elif "host" not in kwargs:
+        elif part:
             host, _, port = part.partition(":")
-            kwargs["host"], kwargs["port"] = host, int(port or 6379)
-    return kwargs
+            nodes.append((host, int(port or 6379)))
+    if not nodes:
+        raise ValueError(f"no host:port in the Redis connection string {connection_string!r}")
+    return nodes, kwargs
 
 
-def connect(connection_string: str, *, socket_timeout_s: float | None = None,
-            fail_fast: bool = False) -> redis.Redis:
-    """A client for Feast's connection string.
+def connect(connection_string: str, *, cluster: bool = False,
+            socket_timeout_s: float | None = None, fail_fast: bool = False) -> SyncClient:
+    """A client for Feast's connection string: `redis.Redis`, or `redis.RedisCluster` seeded
+    with the string's nodes when `cluster`.
 
     `socket_timeout_s`: the read timeout is at least this (a writer's script call may outlast
     the store's own timeout, which is sized for serving).  `fail_fast`: one immediate retry
     (a pooled connection may be stale after a Redis restart) instead of redis-py's default
     retries with growing sleeps.
     """
-    kwargs = client_kwargs(connection_string)
+    nodes, kwargs = parse(connection_string)
     if socket_timeout_s is not None:
         kwargs["socket_timeout"] = max(float(kwargs.get("socket_timeout") or 0), socket_timeout_s)
     if fail_fast:
         kwargs["retry"] = Retry(NoBackoff(), 1)
-    return redis.Redis(**kwargs)
+    if cluster:
+        kwargs.pop("db", None)  # a cluster has database 0 only
+        return redis.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes], **kwargs)
+    (host, port), = nodes[:1]
+    return redis.Redis(host=host, port=port, **kwargs)
 
 
 def redis_client(online_store: Any, *, socket_timeout_s: float | None = None,
-                 fail_fast: bool = False) -> redis.Redis:
-    """A client for the online store (see `connect`); ValueError unless `is_plain_redis`."""
-    _require_plain(online_store)
-    return connect(online_store.connection_string, socket_timeout_s=socket_timeout_s,
-                   fail_fast=fail_fast)
+                 fail_fast: bool = False) -> SyncClient:
+    """A client for the online store (see `connect`); ValueError unless `is_supported`."""
+    _require_supported(online_store)
+    return connect(online_store.connection_string, cluster=is_cluster(online_store),
+                   socket_timeout_s=socket_timeout_s, fail_fast=fail_fast)
 
 
-def async_redis_client(online_store: Any) -> redis.asyncio.Redis:
-    """An asyncio client for the online store, failing fast as `connect(fail_fast=True)`;
-    ValueError unless `is_plain_redis`."""
-    _require_plain(online_store)
-    kwargs = client_kwargs(online_store.connection_string)
-    return redis.asyncio.Redis(**kwargs, retry=AsyncRetry(NoBackoff(), 1))
+def async_redis_client(online_store: Any) -> AsyncClient:
+    """An asyncio client for the online store (`redis.asyncio.RedisCluster` for a cluster),
+    failing fast as `connect(fail_fast=True)`; ValueError unless `is_supported`."""
+    _require_supported(online_store)
+    nodes, kwargs = parse(online_store.connection_string)
+    retry = AsyncRetry(NoBackoff(), 1)
+    if is_cluster(online_store):
+        kwargs.pop("db", None)
+        return redis.asyncio.RedisCluster(
+            startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in nodes],
+            retry=retry, **kwargs)
+    (host, port), = nodes[:1]
+    return redis.asyncio.Redis(host=host, port=port, retry=retry, **kwargs)
 
 
-def _require_plain(online_store: Any) -> None:
-    if not is_plain_redis(online_store):
-        raise ValueError(f"not a single-node Redis online store: {online_store!r}")
+def _require_supported(online_store: Any) -> None:
+    if not is_supported(online_store):
+        raise ValueError(f"not a single-node Redis or a Redis Cluster online store: "
+                         f"{online_store!r}")

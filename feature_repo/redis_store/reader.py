@@ -2,6 +2,10 @@
 
 Feast keeps every feature view of an entity in one hash (`wire`), so one HMGET reads all the
 views of one join key an entity has, where Feast's `online_read` sends one pipeline per view.
+On a Redis Cluster the pipeline is redis-py's cluster pipeline: it groups the HMGETs by the
+node owning each key's slot and sends each node its share at once (sync: all nodes written,
+then all read; asyncio: the nodes concurrently), so a read costs one round trip per node that
+owns one of its keys, and redis-py follows MOVED/ASK redirections while slots move.
 The values are byte-identical ValueProtos; `tests/integration/serving/test_api.py`, the skew test and
 `tests/integration/streaming/test_seeding.py` check the result against Feast's own reads.
 
@@ -18,11 +22,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
-import redis.asyncio
 from feast.protos.feast.types.Value_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from feature_repo.redis_store.client import AsyncClient, SyncClient
 from feature_repo.redis_store.wire import field_name, key_encoder, to_python, ts_field
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -98,8 +101,8 @@ Reads = Sequence[tuple[HashReader, Sequence[str]]]  # (reader, join key values)
 Rows = list[list[list[StoredRow | None]]]  # per read, per entity, per view
 
 
-def read_rows(client: redis.Redis, reads: Reads) -> Rows:
-    """All `reads` in one pipeline (one round trip)."""
+def read_rows(client: SyncClient, reads: Reads) -> Rows:
+    """All `reads` in one pipeline (one round trip per node; one node unless a cluster)."""
     with client.pipeline(transaction=False) as pipe:
         for reader, values in reads:
             for value in values:
@@ -107,7 +110,7 @@ def read_rows(client: redis.Redis, reads: Reads) -> Rows:
         return _decode(reads, pipe.execute())
 
 
-async def read_rows_async(client: redis.asyncio.Redis, reads: Reads) -> Rows:
+async def read_rows_async(client: AsyncClient, reads: Reads) -> Rows:
     """`read_rows` on an asyncio client."""
     async with client.pipeline(transaction=False) as pipe:
         for reader, values in reads:
