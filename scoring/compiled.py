@@ -41,6 +41,12 @@ def compile_model(model: Any) -> RowPredictor | None:
     return fn
 
 
+def supported_hgb(model: Any) -> Any | None:
+    """The fitted binary HistGradientBoostingClassifier that `model` is (or a one-step Pipeline
+    of) when this module compiles it, else None; `scoring.explain` explains the same models."""
+    return _unwrap(model)
+
+
 def _unwrap(model: Any) -> Any | None:
     """The HistGradientBoostingClassifier this model is (or a one-step Pipeline of), if it
     qualifies: fitted, binary, one tree per iteration, no categorical splits."""

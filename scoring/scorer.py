@@ -7,6 +7,7 @@ decide identically.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,12 @@ def thresholds_for(artifact: Artifact, review: float | None, decline: float | No
     return Thresholds(review=r, decline=max(d, r))
 
 
+def model_row(vec: FeatureVector, features: Sequence[str]) -> list[float]:
+    """A vector's values in the model's input order as floats, missing (None) as NaN: the row
+    the model scores (and `scoring.explain` explains)."""
+    return [math.nan if v is None else float(v) for v in (vec.values[f] for f in features)]
+
+
 def entity_row(txn: TransactionEvent) -> dict[str, Any]:
     """Entity keys + request data of one transaction (the contract's request fields)."""
     return {
@@ -112,10 +119,9 @@ class Scorer:
         if not txns:
             return []
         t0 = time.perf_counter()
-        rows = [[np.nan if v is None else v for v in (vec.values[f] for f in self.artifact.features)]
-                for vec in vectors]
+        rows = [model_row(vec, self.artifact.features) for vec in vectors]
         if self._predict_row is not None and len(rows) <= FAST_PATH_MAX_ROWS:
-            scores = [self._predict_row([float(v) for v in row]) for row in rows]
+            scores = [self._predict_row(row) for row in rows]
         else:
             scores = self.artifact.model.predict_proba(np.array(rows, dtype="float64"))[:, 1]
         if observe:

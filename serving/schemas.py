@@ -47,6 +47,32 @@ class BatchIn(BaseModel):
 class FeatureValue(BaseModel):
     value: Any
     age_seconds: float | None = None  # stored features only: request time minus row time
+    contribution: float | None = Field(
+        default=None, description="TreeSHAP contribution of this input to the score's log-odds "
+        "(null for a model without an explainer); see `explanation`")
+
+
+class Reason(BaseModel):
+    """One of the inputs that moved this score most."""
+
+    feature: str
+    value: float | None = Field(description="the model's input (null: missing)")
+    contribution: float = Field(description="to the score's log-odds")
+    direction: Literal["raises", "lowers"] = Field(
+        description="whether this input pushed the score towards fraud or away from it")
+
+
+class Explanation(BaseModel):
+    """Why the score is what it is (TreeSHAP, exact for the tree ensemble).  In log-odds:
+    `base_value` + the sum of every `features[*].contribution` = logit(`score`) =
+    ln(score / (1 - score)).  The same numbers as `python -m training.explain` computes
+    offline for the same row."""
+
+    method: Literal["tree_shap"] = "tree_shap"
+    units: Literal["log_odds"] = "log_odds"
+    base_value: float = Field(description="the model's expected log-odds over its training data")
+    reasons: list[Reason] = Field(description="the inputs with the largest |contribution|, "
+                                  "largest first (at most 5; inputs that moved nothing are left out)")
 
 
 class ScoreOut(BaseModel):
@@ -57,6 +83,8 @@ class ScoreOut(BaseModel):
     feature_service: str
     missing_features: list[str]
     features: dict[str, FeatureValue] | None = None  # with ?explain=true
+    explanation: Explanation | None = Field(
+        default=None, description="with ?explain=true, for a model with an explainer")
 
 
 class BatchOut(BaseModel):

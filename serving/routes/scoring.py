@@ -7,13 +7,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
+from scoring.explain import TOP_REASONS, explain_results
+from scoring.explain import Explanation as RowExplanation
 from scoring.scorer import ScoreResult
 from serving.deps import ModelsDep, ServiceDep
 from serving.schemas import (
     SCORING_ERRORS,
     BatchIn,
     BatchOut,
+    Explanation,
     FeatureValue,
+    Reason,
     ScoreOut,
     TransactionIn,
 )
@@ -21,16 +25,27 @@ from serving.schemas import (
 router = APIRouter(prefix="/v1", tags=["scoring"], responses=SCORING_ERRORS)
 
 
-def _out(r: ScoreResult, explain: bool) -> ScoreOut:
-    features = None
+EXPLAIN_DOC = ("return every model input with its value, age and contribution to the score, "
+               f"and the top {TOP_REASONS} reasons (TreeSHAP, in log-odds)")
+
+
+def _out(r: ScoreResult, explain: bool, e: RowExplanation | None = None) -> ScoreOut:
+    features = explanation = None
     if explain:
+        contributions = e.contributions if e is not None else {}
         features = {
-            name: FeatureValue(value=_jsonable(v), age_seconds=r.vector.ages.get(name))
+            name: FeatureValue(value=_jsonable(v), age_seconds=r.vector.ages.get(name),
+                               contribution=contributions.get(name))
             for name, v in r.vector.values.items()
         }
+    if e is not None:
+        explanation = Explanation(base_value=e.base_value, reasons=[
+            Reason(feature=x.feature, value=x.value, contribution=x.contribution,
+                   direction=x.direction) for x in e.reasons()])
     return ScoreOut(transaction_id=r.transaction_id, score=r.score, decision=r.decision,
                     model_version=r.model_version, feature_service=r.feature_service,
-                    missing_features=r.vector.missing, features=features)
+                    missing_features=r.vector.missing, features=features,
+                    explanation=explanation)
 
 
 def _jsonable(v: object) -> object:
@@ -40,10 +55,12 @@ def _jsonable(v: object) -> object:
 @router.post("/score", response_model=ScoreOut)
 async def score(
     txn: TransactionIn, models: ModelsDep, service: ServiceDep,
-    explain: Annotated[bool, Query(description="return every model input")] = False,
+    explain: Annotated[bool, Query(description=EXPLAIN_DOC)] = False,
 ) -> ScoreOut:
     """Score one transaction as of its `event_timestamp` (default now)."""
-    out = _out((await service.score(models, [txn]))[0], explain)
+    results = await service.score(models, [txn])
+    e = (await explain_results(models, results))[0] if explain else None
+    out = _out(results[0], explain, e)
     # already validated: skip FastAPI's second validation pass of the return value
     return Response(out.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
 
@@ -51,7 +68,7 @@ async def score(
 @router.post("/score/batch", response_model=BatchOut)
 async def score_batch(
     body: BatchIn, models: ModelsDep, service: ServiceDep,
-    explain: Annotated[bool, Query()] = False,
+    explain: Annotated[bool, Query(description=EXPLAIN_DOC)] = False,
 ) -> BatchOut:
     """Score up to SERVING_MAX_BATCH (at most 1,000) transactions with one online lookup."""
     limit = service.settings.max_batch
@@ -60,5 +77,6 @@ async def score_batch(
                                    "message": f"at most {limit} transactions "
                                    "per request (SERVING_MAX_BATCH)"}])
     results = await service.score(models, body.transactions)
-    out = BatchOut(results=[_out(r, explain) for r in results])
+    explained = await explain_results(models, results) if explain else [None] * len(results)
+    out = BatchOut(results=[_out(r, explain, e) for r, e in zip(results, explained, strict=True)])
     return Response(out.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
