@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.broker"]
+pytest_plugins = ["tests.fixtures.broker", "tests.fixtures.redis_cluster"]
 
 _ROOT: Path | None = None
 _REDIS_PROC: subprocess.Popen[bytes] | None = None
