@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults
@@ -19,6 +19,10 @@ class ScoringSettings(BaseSettings):
 
     model_dir: Path = PROJECT_DIR / "artifacts" / "models"
     model_version: str | None = None  # pins a registered version; default: the registry's champion
+    # The MLflow model registry (scoring/registry.py), shared by every runtime: MODEL_REGISTRY_URL
+    # (sqlite:///..., postgresql+psycopg://..., http(s)://mlflow-server); default SQLite in model_dir
+    model_registry_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("MODEL_REGISTRY_URL", "model_registry_url"))
     # Development only: serve an unregistered pin, or the newest artifact directory when the
     # registry is missing.  Off, the scorer fails closed (scoring/loader.py).
     allow_unregistered_models: bool = False

@@ -1,14 +1,16 @@
 """Start-up and reload: find, verify and bind the model artifacts to the feature store.
 
 What serves is decided by `SERVING_MODEL_VERSION` (a pin: that version alone) or else by the
-model registry `<model_dir>/registry.json` (its champion and challenger).  Every artifact is
-verified before it is unpickled: its sha256 against the hash recorded at registration and
-against its metadata; then its feature service against the Feast registry.
+MLflow model registry at `MODEL_REGISTRY_URL` (scoring/registry.py: its `champion` and
+`challenger` aliases).  Every artifact is verified before it is unpickled: its sha256 against
+the hash the registry recorded at registration (a model version tag) and against its metadata;
+then its feature service against the Feast registry.
 
 Fail closed: the trust anchor is the registry.  A version serves only if the registry names it
 (as champion, challenger or pin) with the hash it recorded; a registry that is missing, empty,
-unreadable or inconsistent (a champion it does not list, a champion that its own history does
-not lead to, a version without a hash) is refused, and a running scorer keeps what it serves.
+unreachable, unreadable or inconsistent (no champion, an alias on a version registered without
+a path and hash, an unknown pinned version) is refused, and a running scorer keeps what it
+serves.
 Artifact directories are not trusted by their presence: the "newest directory" fallback and
 pins of unregistered versions exist only behind `SERVING_ALLOW_UNREGISTERED_MODELS`, a
 development flag.
@@ -55,7 +57,7 @@ def resolve_plan(settings: ScoringSettings) -> ModelPlan:
 
 
 def _plan(settings: ScoringSettings) -> ModelPlan:
-    reg = Registry(settings.model_dir)
+    reg = Registry(settings.model_dir, settings.model_registry_url)
     dev = settings.allow_unregistered_models
     try:
         state = check_consistent(reg.state()) if reg.exists() else None
@@ -75,7 +77,7 @@ def _plan(settings: ScoringSettings) -> ModelPlan:
         if dev:
             return ModelPlan(ModelRef(settings.model_dir / pin), "pinned")
         raise RegistryError(
-            f"SERVING_MODEL_VERSION={pin} is not registered in {reg.path}: register it "
+            f"SERVING_MODEL_VERSION={pin} is not registered in {reg}: register it "
             "(python -m training.registry register DIR) or, in development only, set "
             "SERVING_ALLOW_UNREGISTERED_MODELS=true")
     if state is not None and state["champion"]:
@@ -86,7 +88,7 @@ def _plan(settings: ScoringSettings) -> ModelPlan:
                          spec.share)
     if not dev:
         problem = "does not exist" if state is None else "names no champion"
-        raise RegistryError(f"{reg.path} {problem}: nothing verified to serve (train, or "
+        raise RegistryError(f"{reg} {problem}: nothing verified to serve (train, or "
                             "promote a registered version)")
     versions = sorted(p for p in settings.model_dir.glob("*/metadata.json"))
     if not versions:

@@ -1,42 +1,65 @@
-"""Local model registry: which artifact versions exist, which one serves, which one is tried.
+"""The model registry: MLflow's Model Registry, shared by every scorer, job and operator.
 
-`<model_dir>/registry.json` records every registered version (path, sha256 pinned at
-registration, created_at, feature service, metrics), the champion the scorer serves, an
-optional challenger (`shadow`: scored on the same traffic, never returned; `canary`: serves a
-deterministic share of users) and the promotion history.  The champion is derived from that
-history (promotions push, rollbacks pop), so `rollback` always returns to the champion that
-preceded the current one.
+One registered model (`fraud_model`) holds a model version per artifact.  What serves is named
+by two aliases: `champion` (answers requests) and optional `challenger` (`shadow`: scored on the
+same traffic, never returned; `canary`: serves a deterministic share of users).  Each model
+version carries tags written at registration: `artifact_version` (the artifact's own version,
+the name every CLI and API call uses), `sha256` of model.joblib, `path` (the artifact directory,
+relative to the model directory when inside it), `feature_service`, `created_at` and `metrics`.
+The registered model's tags hold the canary share (`challenger`: JSON version/mode/share) and
+the champions in promotion order (`lineage`), which `rollback` walks back.
 
-Guarantees: writers serialise on an `fcntl` lock (`registry.json.lock`) and replace the file
-atomically (temp file + `os.replace`), so readers never see a partial file and concurrent
-writers never lose an update.  `promote` and `challenger` unpickle nothing they have not
-verified: the artifact's sha256 must match both its metadata and the registered hash.
+The registry lives at `MODEL_REGISTRY_URL`: by default `sqlite:///<model_dir>/mlflow.db` (one
+box), `postgresql+psycopg://...` for a fleet (docker-compose.yml), or an MLflow server's
+`http(s)://` address.  The artifacts stay on the (shared, read-only) model volume; the registry
+records where they are and what their hash must be.
+
+Guarantees:
+* the aliases are the authority: a change made through MLflow's own UI or API
+  (`set_registered_model_alias`) counts like one made here; a promotion done there joins the
+  lineage at the next promotion or rollback made here;
+* `promote` and `challenger` unpickle nothing they have not verified: the artifact's sha256 must
+  match both its metadata and the registered hash;
+* versions are immutable: a second registration of a version with another hash is refused;
+  concurrent registrations of one version keep the first MLflow version (the others are
+  deleted), and exactly one first version becomes champion;
+* alias changes are single atomic MLflow calls; the lineage tag is last-writer-wins when two
+  promotions race (rollback then follows the winner's view).
 
 The CLI is `python -m training.registry` (training/registry.py).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import sqlalchemy
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from scoring.artifact import ArtifactError, load_artifact, read_metadata, sha256_file
 
-REGISTRY_FILE = "registry.json"
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+MODEL_NAME = "fraud_model"
+REGISTRY_DB = "mlflow.db"
+CHAMPION, CHALLENGER = "champion", "challenger"
+LINEAGE_TAG, CHALLENGER_TAG = "lineage", "challenger"
+MAX_LINEAGE = 100  # champions remembered for rollback
+CONNECT_TIMEOUT_S = 5  # a PostgreSQL registry that does not answer fails fast, not after minutes
 Mode = Literal["shadow", "canary"]
 MODES: tuple[Mode, ...] = ("shadow", "canary")
 
 
 class RegistryError(RuntimeError):
-    """The registry file is invalid or the requested change is not allowed."""
+    """The registry is unreachable or invalid, or the requested change is not allowed."""
 
 
 class UnknownVersion(RegistryError):
@@ -50,76 +73,215 @@ class ChallengerSpec:
     share: float  # canary: fraction of users (by user_id hash) served by the challenger
 
 
-def registry_file(model_dir: Path) -> Path:
-    return model_dir / REGISTRY_FILE
+def default_url(model_dir: Path) -> str:
+    """The single-box registry: SQLite next to the artifacts."""
+    return f"sqlite:///{model_dir.resolve() / REGISTRY_DB}"
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def redacted(url: str) -> str:
+    """`url` without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL (an MLflow server's http address)
+        return url.split("@")[-1]
 
 
-def _empty() -> dict[str, Any]:
-    return {"champion": None, "challenger": None, "versions": {}, "history": []}
+def _sqlite_file(url: str) -> Path | None:
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - http(s)://: an MLflow server
+        return None
+    return Path(parsed.database or "") if parsed.get_backend_name() == "sqlite" else None
 
 
-def lineage(state: dict[str, Any]) -> list[str]:
-    """Champions in promotion order, replayed from the history; the last one serves."""
-    stack: list[str] = []
-    for event in state["history"]:
-        if event["action"] in ("register", "promote"):
-            stack.append(event["version"])
-        elif event["action"] == "rollback" and stack:
-            stack.pop()
-    return stack
+def _with_connect_timeout(url: str) -> str:
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001
+        return url
+    if parsed.get_backend_name() != "postgresql" or "connect_timeout" in parsed.query:
+        return url
+    with_timeout = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_S)})
+    return with_timeout.render_as_string(hide_password=False)
+
+
+@lru_cache(maxsize=8)
+def _client(url: str) -> MlflowClient:
+    """One MLflow client per registry URL and process, created at first use (start-up).
+
+    A database registry is probed first with a short timeout: MLflow's own engine creation
+    retries for about 100 s, too long for a start-up that must refuse, or a poll.
+    """
+    # A scorer does not report usage to anyone (MLflow sends telemetry unless told not to).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient  # ~1 s: imported with the first registry call, not per call
+
+    if not url.startswith(("http://", "https://")):
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    return MlflowClient(tracking_uri=url, registry_uri=url)
+
+
+def _code(exc: BaseException) -> str | None:
+    """MLflow's error code of `exc` (RESOURCE_DOES_NOT_EXIST, ...), if it has one."""
+    return getattr(exc, "error_code", None)
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat(
+        timespec="seconds")
+
+
+def _metrics(tag: str | None) -> Any:
+    try:
+        return json.loads(tag) if tag else {}
+    except json.JSONDecodeError:
+        return {}  # informational only
+
+
+def _capped(lineage: list[str]) -> str:
+    """The lineage tag: the most recent champions that fit MLflow's 5,000-character tag."""
+    kept = lineage[-MAX_LINEAGE:]
+    while len(json.dumps(kept)) > 4000:
+        kept = kept[1:]
+    return json.dumps(kept)
+
+
+def _json_tag(tags: dict[str, str], key: str, kind: type) -> Any:
+    if key not in tags:
+        return None
+    try:
+        value = json.loads(tags[key])
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"registered model tag {key!r} is not valid JSON: {exc}") from exc
+    if not isinstance(value, kind):
+        raise RegistryError(f"registered model tag {key!r} is not a JSON {kind.__name__}")
+    return value
 
 
 def check_consistent(state: dict[str, Any]) -> dict[str, Any]:
-    """`state` if what it says is servable, else RegistryError: every version has a path and a
-    sha256, the champion is registered and is where the history leads, the challenger is
-    registered.  A registry edited by hand into any other shape is refused, not guessed at."""
-    for version, entry in state["versions"].items():
-        if not isinstance(entry, dict) or not entry.get("path") or not entry.get("sha256"):
-            raise RegistryError(f"version {version!r} has no recorded path and sha256")
-    champion, chain = state["champion"], lineage(state)
-    if champion is not None and champion not in state["versions"]:
-        raise RegistryError(f"the champion {champion!r} is not a registered version")
-    if champion != (chain[-1] if chain else None):
-        raise RegistryError(f"the champion {champion!r} is not where the promotion history "
-                            f"leads ({chain[-1] if chain else None!r})")
-    challenger = state["challenger"]
-    if challenger is not None and (not isinstance(challenger, dict)
-                                   or challenger.get("version") not in state["versions"]):
-        raise RegistryError(f"the challenger {challenger!r} is not a registered version")
+    """`state` if what it names can serve, else RegistryError: the champion and the challenger
+    are versions with a recorded path and sha256 (a version registered through MLflow by hand,
+    without them, is refused, not guessed at)."""
+    roles = [("champion", state["champion"])]
+    if state["challenger"] is not None:
+        roles.append(("challenger", state["challenger"]["version"]))
+    for role, version in roles:
+        if version is None:
+            continue
+        entry = state["versions"].get(version)
+        if entry is None:
+            raise RegistryError(f"the {role} {version!r} is not a registered version")
+        if not entry.get("path") or not entry.get("sha256"):
+            raise RegistryError(
+                f"the {role} {version!r} (MLflow version {entry['mlflow_version']}) has no "
+                "recorded path and sha256: register artifacts with python -m training.registry")
     return state
 
 
 class Registry:
-    """Read and change `<model_dir>/registry.json`; every change is one locked transaction."""
+    """Read and change the registered model `name` at `url` (default: SQLite in model_dir)."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, url: str | None = None, name: str = MODEL_NAME) -> None:
         self.model_dir = model_dir
-        self.path = registry_file(model_dir)
+        self.url = _with_connect_timeout(url or default_url(model_dir))
+        self.name = name
+        self._file = _sqlite_file(self.url)
+
+    def __repr__(self) -> str:
+        return f"Registry({redacted(self.url)}, {self.name!r})"
+
+    def client(self, create: bool = False) -> MlflowClient:
+        """The MLflow client; RegistryError if the registry does not answer.  Readers never
+        create a SQLite registry (`create` is for writers)."""
+        if self._file is not None and not create and not self._file.is_file():
+            raise RegistryError(f"the model registry {redacted(self.url)} does not exist")
+        if self._file is not None:
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return _client(self.url)
+        except Exception as exc:  # noqa: BLE001 - driver, network and MLflow errors alike
+            raise RegistryError(
+                f"model registry {redacted(self.url)} unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
 
     # --- reading --------------------------------------------------------------------------
     def exists(self) -> bool:
-        return self.path.is_file()
+        """Whether the registered model exists (RegistryError if the registry is unreachable)."""
+        if self._file is not None and not self._file.is_file():
+            return False
+        return self._registered_model() is not None
+
+    def _registered_model(self) -> Any:
+        client = self.client()
+        try:
+            return client.get_registered_model(self.name)
+        except Exception as exc:  # noqa: BLE001 - MLflow's and the database's errors alike
+            if _code(exc) == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise RegistryError(f"model registry {redacted(self.url)} unreadable: "
+                                f"{type(exc).__name__}: {exc}") from exc
+
+    def _rows(self) -> list[tuple[int, dict[str, str], int | None]]:
+        """(MLflow version, tags, creation time in ms) of every version, oldest first."""
+        try:
+            found = self.client().search_model_versions(f"name='{self.name}'")
+        except Exception as exc:  # noqa: BLE001
+            raise RegistryError(f"model registry {redacted(self.url)} unreadable: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        return sorted((int(mv.version), dict(mv.tags), mv.creation_timestamp) for mv in found)
 
     def state(self) -> dict[str, Any]:
-        """The current registry (an empty one if the file does not exist)."""
-        try:
-            state = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return _empty()
-        except json.JSONDecodeError as exc:
-            raise RegistryError(f"{self.path} is not valid JSON: {exc}") from exc
-        if not isinstance(state, dict) or not {"versions", "history"} <= state.keys():
-            raise RegistryError(f"{self.path} is not a model registry")
-        return {**_empty(), **state}
+        """champion, challenger ({version, mode, share}), versions (artifact version -> its
+        record) and lineage; an empty registry if the registered model does not exist."""
+        empty: dict[str, Any] = {"champion": None, "challenger": None, "versions": {},
+                                 "lineage": []}
+        if self._file is not None and not self._file.is_file():
+            return empty
+        model = self._registered_model()
+        if model is None:
+            return empty
+        versions: dict[str, dict[str, Any]] = {}
+        by_number: dict[int, str] = {}
+        for number, tags, created in self._rows():
+            key = tags.get("artifact_version") or f"mlflow-{number}"
+            by_number[number] = key
+            if key in versions:  # a racing duplicate: the first MLflow version stands
+                if versions[key]["sha256"] != tags.get("sha256"):
+                    raise RegistryError(f"version {key!r} is registered twice with different "
+                                        "hashes (MLflow versions "
+                                        f"{versions[key]['mlflow_version']} and {number})")
+                continue
+            versions[key] = {
+                "mlflow_version": number, "path": tags.get("path"),
+                "sha256": tags.get("sha256"), "created_at": tags.get("created_at") or None,
+                "registered_at": _iso(created), "feature_service": tags.get("feature_service"),
+                "metrics": _metrics(tags.get("metrics")),
+            }
+        aliases = {alias: int(v) for alias, v in dict(model.aliases).items()}
+        tags = dict(model.tags)
+        champion = by_number.get(aliases[CHAMPION]) if CHAMPION in aliases else None
+        challenger = None
+        tried = aliases.get(CHALLENGER)
+        if tried is not None and by_number.get(tried) not in (None, champion):
+            spec = _json_tag(tags, CHALLENGER_TAG, dict) or {}
+            version = by_number[tried]
+            mode, share = (spec.get("mode", "shadow"), spec.get("share", 0.0)) \
+                if spec.get("version") == version else ("shadow", 0.0)
+            if mode not in MODES:
+                raise RegistryError(f"the challenger's mode {mode!r} is not one of {MODES}")
+            challenger = {"version": version, "mode": mode, "share": float(share)}
+        lineage = [str(v) for v in _json_tag(tags, LINEAGE_TAG, list) or []]
+        return {"champion": champion, "challenger": challenger, "versions": versions,
+                "lineage": lineage}
 
     def path_of(self, version: str, state: dict[str, Any] | None = None) -> Path:
         """Artifact directory of a registered version (recorded relative to model_dir)."""
-        entry = self.entry(version, state)
-        return self.model_dir / entry["path"]
+        return self.model_dir / self.entry(version, state)["path"]
 
     def challenger(self, state: dict[str, Any] | None = None) -> ChallengerSpec | None:
         c = (self.state() if state is None else state)["challenger"]
@@ -131,43 +293,35 @@ class Registry:
         try:
             return cast(dict[str, Any], state["versions"][version])
         except KeyError:
-            raise UnknownVersion(f"version {version!r} is not registered") from None
+            raise UnknownVersion(f"version {version!r} is not registered in "
+                                 f"{redacted(self.url)}") from None
 
     # --- writing --------------------------------------------------------------------------
-    @contextmanager
-    def _transaction(self) -> Iterator[dict[str, Any]]:
-        """Lock, read, let the caller change the state, write it atomically on success."""
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(REGISTRY_FILE + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                state = self.state()
-                yield state
-                chain = lineage(state)
-                state["champion"] = chain[-1] if chain else None
-                self._write(state)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _write(self, state: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.model_dir, prefix=".registry-", suffix=".json")
+    def _call(self, method: str, *args: Any) -> Any:
+        """One MLflow write, its errors as RegistryError."""
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            return getattr(self.client(create=True), method)(*args)
+        except RegistryError:
             raise
+        except Exception as exc:  # noqa: BLE001
+            raise RegistryError(f"model registry {redacted(self.url)}: {method} failed: "
+                                f"{type(exc).__name__}: {exc}") from exc
+
+    def _ensure_model(self) -> None:
+        client = self.client(create=True)
+        try:
+            client.create_registered_model(
+                self.name, description="fraudstream models: aliases champion and challenger "
+                "name what serves (scoring/registry.py)")
+        except Exception as exc:  # noqa: BLE001
+            if _code(exc) != "RESOURCE_ALREADY_EXISTS":
+                raise RegistryError(f"model registry {redacted(self.url)}: {exc}") from exc
 
     def register(self, directory: Path) -> str:
         """Record an artifact (hash checked, nothing unpickled); return its version.
 
-        The first version registered becomes the champion.
-
-        Idempotent for the same version and hash; a different hash under a registered version
-        is refused (versions are immutable).
+        The first version registered becomes the champion.  Idempotent for the same version
+        and hash; a different hash under a registered version is refused.
         """
         directory = directory.resolve()
         meta = read_metadata(directory)
@@ -175,64 +329,79 @@ class Registry:
         if actual != meta["sha256"]:
             raise ArtifactError(f"{directory}: model file does not match its metadata sha256")
         version = str(meta["version"])
+        self._ensure_model()
+        old = self.state()["versions"].get(version)
+        if old is not None:
+            if old["sha256"] != actual:
+                raise RegistryError(f"version {version} is already registered with another hash")
+            return version
         root = self.model_dir.resolve()
-        entry = {
-            "path": str(directory.relative_to(root) if directory.is_relative_to(root) else directory),
-            "sha256": actual,
-            "created_at": meta.get("created_at"),
-            "registered_at": _now(),
-            "feature_service": meta["feature_service"],
-            "metrics": meta.get("metrics", {}),
-        }
-        with self._transaction() as state:
-            old = state["versions"].get(version)
-            if old is not None:
-                if old["sha256"] != actual:
-                    raise RegistryError(f"version {version} is already registered with another hash")
-                return version
-            state["versions"][version] = entry
-            if not lineage(state):
-                state["history"].append({"at": _now(), "action": "register", "version": version,
-                                         "previous": None})
+        tags = {"artifact_version": version, "sha256": actual,
+                "path": str(directory.relative_to(root) if directory.is_relative_to(root)
+                            else directory),
+                "feature_service": str(meta["feature_service"]),
+                "created_at": str(meta.get("created_at") or ""),
+                "metrics": json.dumps(meta.get("metrics", {}))}
+        mine = int(self._call("create_model_version", self.name, directory.as_uri(), None,
+                              tags).version)
+        rows = self._rows()
+        number, first = next((n, t) for n, t, _ in rows if t.get("artifact_version") == version)
+        if number != mine:  # registered concurrently: the first MLflow version stands
+            self._call("delete_model_version", self.name, str(mine))
+            if first.get("sha256") != actual:
+                raise RegistryError(f"version {version} is already registered with another hash")
+        model = self._registered_model()
+        if model is not None and CHAMPION not in dict(model.aliases) \
+                and not _json_tag(dict(model.tags), LINEAGE_TAG, list):
+            # the first version registered becomes champion; racing registrants agree on it
+            number, tags = next((n, t) for n, t, _ in rows if t.get("sha256") and t.get("path"))
+            self._call("set_registered_model_alias", self.name, CHAMPION, str(number))
+            self._call("set_registered_model_tag", self.name, LINEAGE_TAG,
+                       json.dumps([tags["artifact_version"]]))
         return version
 
     def verify(self, version: str, state: dict[str, Any] | None = None) -> Path:
         """Load the artifact (sha256 vs metadata and vs registration); return its directory."""
         entry = self.entry(version, state)
+        if not entry.get("path") or not entry.get("sha256"):
+            raise RegistryError(f"version {version!r} has no recorded path and sha256")
         path = self.model_dir / entry["path"]
         artifact = load_artifact(path, expected_sha256=entry["sha256"])
         if artifact.version != version:
             raise ArtifactError(f"artifact at {path} is not the registered version {version}")
         return path
 
+    def _set_champion(self, state: dict[str, Any], version: str, lineage: list[str]) -> None:
+        number = str(state["versions"][version]["mlflow_version"])
+        self._call("set_registered_model_alias", self.name, CHAMPION, number)
+        self._call("set_registered_model_tag", self.name, LINEAGE_TAG, _capped(lineage))
+        if state["challenger"] and state["challenger"]["version"] == version:
+            self.clear_challenger()  # the challenger won
+
     def promote(self, version: str) -> str | None:
         """Make a verified version the champion; return the previous champion."""
-        self.verify(version)
-        with self._transaction() as state:
-            self.entry(version, state)
-            previous = state["champion"]
-            if previous == version:
-                raise RegistryError(f"{version} is already the champion")
-            state["history"].append({"at": _now(), "action": "promote", "version": version,
-                                     "previous": previous})
-            if state["challenger"] and state["challenger"]["version"] == version:
-                state["challenger"] = None  # the challenger won
-        return cast(str | None, previous)
+        state = self.state()
+        self.verify(version, state)
+        previous = cast(str | None, state["champion"])
+        if previous == version:
+            raise RegistryError(f"{version} is already the champion")
+        lineage = list(state["lineage"])
+        if previous is not None and (not lineage or lineage[-1] != previous):
+            lineage.append(previous)  # promoted through MLflow directly: remembered now
+        self._set_champion(state, version, [*lineage, version])
+        return previous
 
     def rollback(self) -> str:
         """Return to the (verified) champion before the current one; return it."""
-        chain = lineage(self.state())
-        if len(chain) < 2:
+        state = self.state()
+        lineage = list(state["lineage"])
+        if lineage and lineage[-1] == state["champion"]:
+            lineage.pop()
+        if not lineage:
             raise RegistryError("no previous champion to roll back to")
-        self.verify(chain[-2])
-        with self._transaction() as state:
-            if lineage(state) != chain:
-                raise RegistryError("the registry changed during the rollback: retry")
-            current, target = chain[-1], chain[-2]
-            state["history"].append({"at": _now(), "action": "rollback", "version": target,
-                                     "previous": current})
-            if state["challenger"] and state["challenger"]["version"] == target:
-                state["challenger"] = None
+        target = lineage[-1]
+        self.verify(target, state)
+        self._set_champion(state, target, lineage)
         return target
 
     def set_challenger(self, version: str, mode: Mode, share: float = 0.0) -> None:
@@ -241,14 +410,21 @@ class Registry:
             raise RegistryError(f"mode must be one of {MODES}, not {mode!r}")
         if mode == "canary" and not 0.0 < share <= 1.0:
             raise RegistryError("a canary share must lie in (0, 1]")
-        self.verify(version)
-        with self._transaction() as state:
-            self.entry(version, state)
-            if state["champion"] == version:
-                raise RegistryError(f"{version} is the champion")
-            state["challenger"] = {"version": version, "mode": mode,
-                                   "share": share if mode == "canary" else 0.0}
+        state = self.state()
+        self.verify(version, state)
+        if state["champion"] == version:
+            raise RegistryError(f"{version} is the champion")
+        spec = {"version": version, "mode": mode, "share": share if mode == "canary" else 0.0}
+        self._call("set_registered_model_tag", self.name, CHALLENGER_TAG, json.dumps(spec))
+        self._call("set_registered_model_alias", self.name, CHALLENGER,
+                   str(state["versions"][version]["mlflow_version"]))
 
     def clear_challenger(self) -> None:
-        with self._transaction() as state:
-            state["challenger"] = None
+        """Remove the challenger alias and its mode (nothing to do if there is none)."""
+        model = self._registered_model()
+        if model is None:
+            return
+        if CHALLENGER in dict(model.aliases):
+            self._call("delete_registered_model_alias", self.name, CHALLENGER)
+        if CHALLENGER_TAG in dict(model.tags):
+            self._call("delete_registered_model_tag", self.name, CHALLENGER_TAG)

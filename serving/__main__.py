@@ -2,8 +2,8 @@
 
 With `--workers N` (`SERVING_WORKERS`) uvicorn runs N worker processes on one port.  Each is a
 complete scorer: its own feature store client, models, admission limit and registry poller, so
-each reloads the champion by itself within `SERVING_RELOAD_INTERVAL_S` of a change to
-registry.json (`/admin/*` calls act on the one worker that answers them).  Their metrics are
+each reloads the champion by itself within `SERVING_RELOAD_INTERVAL_S` of a change to the
+model registry (`/admin/*` calls act on the one worker that answers them).  Their metrics are
 merged through prometheus_client's multiprocess mode: this process creates a fresh private
 directory for the workers' metric files before it starts them, and removes it when it stops
 (serving/metrics.py).

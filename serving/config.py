@@ -17,7 +17,7 @@ class ServingSettings(ScoringSettings):
     host: str = "127.0.0.1"  # loopback by default; containers set 0.0.0.0
     port: int = 8000
     workers: int = 1
-    reload_interval_s: float = 5.0  # poll registry.json for changes; 0 disables
+    reload_interval_s: float = 5.0  # poll the model registry for changes; 0 disables
     api_key: SecretStr | None = None  # if set, /v1/score* require it in X-API-Key
     admin_api_key: SecretStr | None = None  # /admin/* require it; unset: admin API disabled
     # event_timestamp may lie at most this far ahead: one setting for the API and the stream

@@ -1,23 +1,25 @@
 """Swapping the served models without a restart.
 
 `ModelManager.current` is the one reference handlers read.  A reload (the admin API, or the
-poller noticing that `registry.json` changed) builds and verifies a complete new `ModelSet` in a
-worker thread, then replaces `current` in one assignment on the event loop.
+poller noticing that the model registry changed: an alias, a tag or a version, whoever made it:
+the CLI, another replica's admin API, MLflow's UI or API) builds and verifies a complete new
+`ModelSet` in a worker thread, then replaces `current` in one assignment on the event loop.
 
 Guarantees: a request that has read `current` finishes on that model set; a model set that fails
 verification (hash, registration, feature service), or a registry that is missing, empty,
-unreadable or inconsistent (scoring/loader.py: fail closed), is refused with an ERROR log,
-`fraud_model_registry_ok` 0, and the old set keeps serving;
-reloads are serialised, so two admin calls never interleave.  The poller retries a refused
-registry state only once the file changes again.
+unreachable, unreadable or inconsistent (scoring/loader.py: fail closed), is refused with an
+ERROR log, `fraud_model_registry_ok` 0, and the old set keeps serving; reloads are serialised,
+so two admin calls never interleave.  The poller reads the registry every
+`SERVING_RELOAD_INTERVAL_S` (two small queries) and retries a refused state only once what it
+reads changes again; a registry that stops answering counts as such a change (refused: 0).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -28,19 +30,19 @@ from prometheus_client import Gauge
 from scoring.loader import build_model_set, open_store
 from scoring.metrics import retire
 from scoring.models import ModelSet
-from scoring.registry import Registry, RegistryError, registry_file
+from scoring.registry import Registry, RegistryError, redacted
 from serving import metrics
 from serving.config import ServingSettings
 
 log = logging.getLogger("serving.lifecycle")
-Signature = tuple[int, int, int] | None
+Signature = str  # what the registry said (or the error it gave), as one comparable string
 
 
 class ModelManager:
     def __init__(self, settings: ServingSettings, store: FeatureStore, models: ModelSet) -> None:
         self.settings = settings
         self.store = store
-        self.registry = Registry(settings.model_dir)
+        self.registry = Registry(settings.model_dir, settings.model_registry_url)
         self.current = models
         self.loaded_at = datetime.now(UTC)
         self.last_error: str | None = None
@@ -58,11 +60,11 @@ class ModelManager:
         return cls(settings, store, build_model_set(settings, store))
 
     def _signature(self) -> Signature:
+        """The registry's current state (blocking: run it off the event loop)."""
         try:
-            st = os.stat(registry_file(self.settings.model_dir))
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_ino, st.st_size)  # os.replace gives a new inode
+            return json.dumps(self.registry.state(), sort_keys=True, default=str)
+        except RegistryError as exc:
+            return f"error: {exc}"
 
     async def reload(self, only_if_changed: bool = False) -> ModelSet:
         """Build, verify and swap in the model set the registry now describes.
@@ -107,7 +109,7 @@ class ModelManager:
         return await self.reload()
 
     async def poll(self) -> None:
-        """Reload whenever registry.json changes; every `reload_interval_s` seconds, forever."""
+        """Reload whenever the registry changes; every `reload_interval_s` seconds, forever."""
         while True:
             await asyncio.sleep(self.settings.reload_interval_s)
             if await asyncio.to_thread(self._signature) == self._seen:
@@ -116,12 +118,12 @@ class ModelManager:
                 await self.reload(only_if_changed=True)
 
     async def status(self) -> dict[str, Any]:
-        registry: dict[str, Any] | None = None
-        if self.registry.exists():
-            try:
-                registry = await asyncio.to_thread(self.registry.state)
-            except RegistryError as exc:
-                registry = {"error": str(exc)}
+        registry: dict[str, Any]
+        try:
+            registry = await asyncio.to_thread(self.registry.state)
+        except RegistryError as exc:
+            registry = {"error": str(exc)}
+        registry["url"] = redacted(self.registry.url)
         return {
             "serving": self.current.describe(),
             "loaded_at": self.loaded_at.isoformat(),

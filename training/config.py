@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_repo.config import PROJECT_DIR, REPO_DIR, apply_env_defaults, data_dir
@@ -15,6 +16,9 @@ class TrainingSettings(BaseSettings):
 
     feature_repo: Path = REPO_DIR
     model_dir: Path = PROJECT_DIR / "artifacts" / "models"
+    # where trained versions are registered: MODEL_REGISTRY_URL, as the scorers (scoring/config.py)
+    model_registry_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("MODEL_REGISTRY_URL", "model_registry_url"))
     feature_service: str = "fraud_model_v1"
     ablation_feature_service: str = "fraud_model_v1_no_velocity"
     test_fraction: float = 0.25  # most recent share of the labelled period held out

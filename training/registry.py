@@ -1,6 +1,7 @@
 """`python -m training.registry list|show [VERSION]|register DIR|promote VERSION|rollback|
 challenger VERSION --mode shadow|canary [--share S]|challenger --clear`: the model registry's
-CLI (the registry itself is `scoring.registry`)."""
+CLI (the registry itself is `scoring.registry`, MLflow's Model Registry at MODEL_REGISTRY_URL;
+every scorer picks a change up within its reload interval)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _table(state: dict[str, Any]) -> str:
     for version, e in sorted(state["versions"].items()):
         m = _headline(e.get("metrics") or {})
         rows.append((version, _role(state, version), str(e.get("created_at") or "-")[:19],
-                     e["feature_service"], f"{m['roc_auc']:.4f}" if "roc_auc" in m else "-",
+                     str(e.get("feature_service") or "-"), f"{m['roc_auc']:.4f}" if "roc_auc" in m else "-",
                      f"{m['pr_auc']:.4f}" if "pr_auc" in m else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -45,8 +46,10 @@ def _table(state: dict[str, Any]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.registry",
-                                description="the local model registry")
+                                description="the model registry (MLflow)")
     p.add_argument("--model-dir", type=Path, help="default: TRAINING_MODEL_DIR")
+    p.add_argument("--registry-url", help="default: MODEL_REGISTRY_URL, else "
+                   "sqlite:///MODEL_DIR/mlflow.db")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every version and its role")
     sub.add_parser("show", help="one version (default: the champion)").add_argument(
@@ -93,8 +96,11 @@ def _run(reg: Registry, a: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     a = _parser().parse_args(argv)
+    settings = get_settings()
+    registry = Registry(a.model_dir or settings.model_dir,
+                        a.registry_url or settings.model_registry_url)
     try:
-        print(_run(Registry(a.model_dir or get_settings().model_dir), a))
+        print(_run(registry, a))
     except (RegistryError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

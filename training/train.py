@@ -180,7 +180,7 @@ def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path
     # (scoring/drift.py)
     write_reference(out, {f: frame.loc[fit | val, f] for f in features})
     plot_curves(curves, out / "roc_pr.png")
-    Registry(settings.model_dir).register(out)
+    Registry(settings.model_dir, settings.model_registry_url).register(out)
     return out
 
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(rows))
     print(format_decisions(meta))
     print(f"  artifact: {out}  plots: {out / 'roc_pr.png'}")
-    champion = Registry(settings.model_dir).state()["champion"]
+    champion = Registry(settings.model_dir, settings.model_registry_url).state()["champion"]
     if champion != meta["version"]:
         print(f"  champion stays {champion}: python -m training.registry promote {meta['version']}")
 

@@ -1,8 +1,11 @@
 """`/admin`: inspect, reload, promote and roll back the served models (needs the admin key).
 
-Every change goes through the model registry and then through `ModelManager.reload`, so what
-serves is always what registry.json says.  A version that fails verification is refused with
-409 and the models that were serving keep serving; an unknown version is 404.
+Every change is written to the MLflow model registry (scoring/registry.py: the `champion` and
+`challenger` aliases) and then loaded through `ModelManager.reload`, so what serves is always
+what the registry says.  This worker reloads at once; every other worker and replica follows
+through its poller within `SERVING_RELOAD_INTERVAL_S`.  A version that fails verification, or a
+registry that does not answer, is refused with 409 and the models that were serving keep
+serving; an unknown version is 404.
 """
 
 from __future__ import annotations
