@@ -68,7 +68,7 @@ def compact(directory: Path | None = None, target_mb: float = TARGET_MB,
         return None
     vacuumed = table.vacuum(
         retention_hours=retention_hours,
-        dry_run=False, enforce_retention_duration=retention_hours is None)
+        dry_run=False, enforce_retention_duration=retention_hours is None, full=True)
     out = Compaction(files_removed=int(metrics["numFilesRemoved"]),
                      files_added=int(metrics["numFilesAdded"]),
                      files_vacuumed=len(vacuumed), version=table.version())
@@ -81,8 +81,8 @@ def summary(r: Compaction) -> str:
             f"unused files vacuumed; table version {r.version}")
 
 
-def run_forever(directory: Path | None, target_mb: float, every_s: float, metrics_host: str,
-                metrics_port: int) -> None:
+def run_forever(directory: Path | None, target_mb: float, retention_hours: int | None,
+                every_s: float, metrics_host: str, metrics_port: int) -> None:
     """`compact` every `every_s` seconds, with Prometheus metrics on metrics_host:port (the
     docker-compose `history-compactor` service).  A failed run is logged and retried at the
     next period; the process only ends when it is stopped (stopping it mid-run is safe)."""
@@ -96,7 +96,7 @@ def run_forever(directory: Path | None, target_mb: float, every_s: float, metric
         start_http_server(metrics_port, addr=metrics_host)
     while True:
         try:
-            r = compact(directory, target_mb)
+            r = compact(directory, target_mb, retention_hours)
         except Exception:  # noqa: BLE001 - keep the service up; the counter shows the failure
             log.exception("history compaction failed")
             runs.labels("failed").inc()
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     apply_env_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if a.every_s > 0:
-        run_forever(a.dir, a.target_mb, a.every_s, a.metrics_host, a.metrics_port)
+        run_forever(a.dir, a.target_mb, a.retain_hours, a.every_s, a.metrics_host,
+                    a.metrics_port)
         return
     t0 = time.perf_counter()
     r = compact(a.dir, a.target_mb, a.retain_hours)
