@@ -25,7 +25,10 @@ class StreamingSettings(BaseSettings):
     )
     feature_repo: Path = REPO_DIR
     recovery_dir: Path = PROJECT_DIR / ".run" / "recovery"
+    # partitions of a new recovery directory; at least one per dataflow process is used
     recovery_partitions: int = 1
+    # dataflow processes of `python -m streaming.features` on this host (`--processes`)
+    processes: int = Field(default=1, ge=1)
     snapshot_interval_s: float = 2.0  # Bytewax epoch: state snapshot + offline flush period
     backup_interval_s: float = 0.0  # how long old snapshots are kept
     # keys of the velocity state; 0: one per user
@@ -33,7 +36,7 @@ class StreamingSettings(BaseSettings):
     source_batch_size: int = 2000
     source_fetch_wait_ms: int = 20  # longest a Kafka fetch waits for data (librdkafka: 500)
     metrics_host: str = "127.0.0.1"  # loopback unless deliberately exposed
-    metrics_port: int = 9101
+    metrics_port: int = 9101  # process k of `--processes N` serves on metrics_port + k
     score_metrics_port: int = 9102
     tail: bool = True  # keep waiting for new events at the end of the topic
     # Where a partition resumes when its offset lies past the log's end or its topic was

@@ -1,9 +1,19 @@
 """The live feature worker: Kafka `transactions` -> velocity state -> Feast online store +
 offline history, bad events to the dead-letter topic.
 
-Run by `python -m streaming.features` (one worker with recovery, metrics and a tuned GC) or
-`python -m bytewax.run streaming.features:get_flow`.  The dataflow itself is
+Run by `python -m streaming.features` (one process with recovery, metrics, /ready and a tuned
+GC), `python -m streaming.features --processes N` (N processes on this host, supervised and
+restarted together by `streaming.cluster.LocalCluster`), or one process per host of a cluster:
+`python -m streaming.features -i K -a "host0:port;host1:port;..."` (Bytewax's cluster form;
+every process gets the same address list, K is its own index in it).  The dataflow itself is
 `streaming.flow.build_flow`; this module wires it to the live source, sinks and seeder.
+
+Scaling out: each Kafka partition of `transactions` is read by one process (Bytewax spreads the
+input partitions over the workers); events are routed to the process that owns their user's
+state shard (`state_shards` keys, routed by Bytewax); the sink has one partition per process,
+rows routed by user, so a user's rows are written in order by one writer.  Each process
+snapshots into its own recovery partitions; the cluster resumes as a whole from the last epoch
+every process committed.
 
 Delivery: with Bytewax recovery (the `python -m streaming.features` default) the input offsets
 and per-user state are snapshotted together every `snapshot_interval_s`; a worker killed at any
@@ -18,9 +28,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
@@ -30,11 +43,13 @@ from bytewax.run import cli_main
 from feature_repo.paths import velocity_history_dir
 from scoring.topics import TRANSACTIONS, TRANSACTIONS_DLQ
 from streaming import metrics
+from streaming.cluster import LocalCluster, parse_args
 from streaming.config import StreamingSettings, get_settings
 from streaming.events import DeadLetter
 from streaming.flow import build_flow
 from streaming.kafka_input import KafkaInput
-from streaming.recovery import ensure_recovery_dir, state_step_id
+from streaming.readiness import Readiness, ReadinessProbe
+from streaming.recovery import ensure_recovery_dir, recovery_partitions, state_step_id
 from streaming.seeding import OnlineStateSeeder
 from streaming.sources import KafkaDeadLetterSink
 from streaming.velocity_sink import VelocityRow, VelocitySink
@@ -44,19 +59,22 @@ log = logging.getLogger(__name__)
 GC_THRESHOLDS = (100_000, 50, 100)  # generation 0 allocations, then collections of 0 and 1
 
 
-def kafka_source(bootstrap: str, topic: str, tail: bool) -> KafkaInput:
+def kafka_source(bootstrap: str, topic: str, tail: bool,
+                 on_assigned: Callable[[str], None] | None = None) -> KafkaInput:
     """The live flow's Kafka input (batch size, fetch wait and offset-reset policy from
     `StreamingSettings`; see `streaming.kafka_input.KafkaInput` for lost logs).
 
     `fetch.wait.max.ms` bounds how long the broker may hold a fetch while it has less than
     `fetch.min.bytes` (1) to answer with: librdkafka's 500 ms default would add up to that
     much to every event's latency on a broker that holds fetches for the full wait.
+    `on_assigned(part)`: called for each input partition this process reads.
     """
     s = get_settings()
     return KafkaInput(bootstrap, topic, tail=tail, batch_size=s.source_batch_size,
                       offset_reset=s.offset_reset,
                       add_config={"socket.keepalive.enable": "true",
-                                  "fetch.wait.max.ms": str(s.source_fetch_wait_ms)})
+                                  "fetch.wait.max.ms": str(s.source_fetch_wait_ms)},
+                      on_assigned=on_assigned)
 
 
 def live_flow(
@@ -65,23 +83,40 @@ def live_flow(
     dlq_sink: Sink[DeadLetter],
     settings: StreamingSettings,
     state_step: str | None = None,
+    workers: int = 1,
+    readiness: Readiness | None = None,
 ) -> Dataflow:
     """`build_flow` as the live worker configures it: users seeded from the online store of
     `settings.feature_repo`, `settings.state_shards` state keys, `settings.max_future_seconds`
-    (`state_step`: the velocity step's id, see `streaming.recovery.state_step_id`)."""
-    return build_flow(source, sink, dlq_sink, seed=OnlineStateSeeder(settings.feature_repo),
+    (`state_step`: the velocity step's id, see `streaming.recovery.state_step_id`).
+
+    `workers`: of the whole cluster.  With one, the seeder prefetches each micro-batch's users
+    where they are keyed (one read per batch); with several, the state of most users lives
+    on another worker than the one that read the event, so each state shard prefetches its
+    own new users instead.  `readiness`: marked running by a `ReadinessProbe` input.
+    """
+    flow = build_flow(source, sink, dlq_sink, seed=OnlineStateSeeder(settings.feature_repo),
                       state_shards=settings.state_shards, state_step=state_step,
-                      max_future_s=settings.max_future_seconds)
+                      max_future_s=settings.max_future_seconds,
+                      prefetch_when_keyed=workers == 1)
+    if readiness is not None:
+        op.input("ready", flow, ReadinessProbe(readiness))
+    return flow
 
 
-def get_flow(state_step: str | None = None) -> Dataflow:
+def get_flow(state_step: str | None = None, workers: int = 1,
+             readiness: Readiness | None = None) -> Dataflow:
     """The live flow: Kafka `transactions` -> Feast online store + offline history + DLQ
-    (`state_step`: the velocity step's id, see `streaming.recovery.state_step_id`)."""
+    (`state_step`: the velocity step's id, see `streaming.recovery.state_step_id`; `workers`:
+    of the whole cluster, one velocity sink partition each)."""
     s = get_settings()
-    source = kafka_source(s.bootstrap_servers, TRANSACTIONS, tail=s.tail)
-    sink = VelocitySink(s.feature_repo, velocity_history_dir(), prefix="stream")
+    on_assigned = None if readiness is None else readiness.partition_assigned
+    source = kafka_source(s.bootstrap_servers, TRANSACTIONS, tail=s.tail,
+                          on_assigned=on_assigned)
+    sink = VelocitySink(s.feature_repo, velocity_history_dir(), partitions=workers,
+                        prefix="stream")
     dlq = KafkaDeadLetterSink(s.bootstrap_servers, TRANSACTIONS_DLQ, s.dlq_retry_s)
-    return live_flow(source, sink, dlq, s, state_step)
+    return live_flow(source, sink, dlq, s, state_step, workers, readiness)
 
 
 def tune_gc() -> None:
@@ -96,25 +131,54 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def main() -> None:
-    """Run the live flow on one worker with recovery, metrics and a frozen heap."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    s = get_settings()
-    metrics.start_metrics_server(s.metrics_host, s.metrics_port)
-    ensure_recovery_dir(s.recovery_dir, s.recovery_partitions)
+def run_process(s: StreamingSettings, process_id: int = 0,
+                addresses: list[str] | None = None) -> None:
+    """This process's part of the dataflow (the only part without `addresses`): metrics and
+    /ready, its recovery partitions, the flow, a frozen heap, then Bytewax until the input
+    ends (`STREAMING_TAIL=false`) or the process is stopped."""
+    processes = len(addresses) if addresses else 1
+    readiness = Readiness(process_id, processes)
+    metrics.start_metrics_server(s.metrics_host, s.metrics_port, readiness.http)
+    ensure_recovery_dir(s.recovery_dir, recovery_partitions(s.recovery_partitions, processes),
+                        process_id, processes)
     step = state_step_id(s.recovery_dir, s.state_shards)
-    flow = get_flow(step)
+    flow = get_flow(step, processes, readiness)
     tune_gc()
-    log.info("feature dataflow: %s -> online store + history; state step %s",
-             s.bootstrap_servers, step)
+    log.info("feature dataflow process %d of %d: %s -> online store + history; state step %s",
+             process_id, processes, s.bootstrap_servers, step)
     cli_main(
         flow,
         workers_per_process=1,
+        process_id=process_id if addresses else None,
+        addresses=addresses,
         epoch_interval=timedelta(seconds=s.snapshot_interval_s),
         recovery_config=RecoveryConfig(
             str(s.recovery_dir), backup_interval=timedelta(seconds=s.backup_interval_s)
         ),
     )
+
+
+def supervise(s: StreamingSettings, processes: int) -> int:
+    """`processes` local processes as one cluster (`streaming.cluster.LocalCluster`), after
+    creating the recovery partitions and state layout they share."""
+    ensure_recovery_dir(s.recovery_dir, recovery_partitions(s.recovery_partitions, processes))
+    state_step_id(s.recovery_dir, s.state_shards)  # the children read the same layout
+    log.info("feature dataflow: %d processes, metrics and /ready on ports %d-%d", processes,
+             s.metrics_port, s.metrics_port + processes - 1)
+    return LocalCluster(processes, metrics_port=s.metrics_port).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One process, `--processes N` local processes, or process `-i` of the cluster `-a`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    s = get_settings()
+    a = parse_args(argv, s.processes)
+    if a.addresses is not None:
+        run_process(s, a.process_id, a.addresses)
+    elif a.processes > 1:
+        sys.exit(supervise(s, a.processes))
+    else:
+        run_process(s)
 
 
 if __name__ == "__main__":

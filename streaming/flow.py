@@ -137,6 +137,7 @@ def build_flow(
     state_shards: int = DEFAULT_STATE_SHARDS,
     state_step: str | None = None,
     max_future_s: float | None = None,
+    prefetch_when_keyed: bool = True,
 ) -> Dataflow:
     """Events from `source` -> (user_id, VelocityRow) into `sink`; DeadLetters into `dlq_sink`.
 
@@ -145,7 +146,9 @@ def build_flow(
     `max_future_s` bounds event time ahead of the reference clock (default:
     `FRAUD_MAX_FUTURE_SECONDS`, read when the flow is built; see "Future events" above).
     A seed with a `prefetch(user_ids)` method is given each micro-batch's users first, so it
-    can read their rows in one round trip.
+    can read their rows in one round trip: where the batch is keyed (`prefetch_when_keyed`,
+    right with one worker) and, for the users new to it, in each state shard (`ShardLogic`;
+    with several workers a shard usually lives on another worker than the one that keyed).
 
     Per-user state is keyed by `state_shards` shards of users (`ShardLogic`), or by user when
     0 (`VelocityLogic`).  The step id (`state_step`, by default "velocity_256shards" or
@@ -162,8 +165,8 @@ def build_flow(
     parsed = op.flat_map_batch("parse", raw, partial(_parse_batch, bound))
     valid = op.branch("valid", parsed, _is_envelope)
     key_of = partial(user_shard, shard_keys(state_shards)) if state_shards > 0 else _user_of
-    keyed = op.flat_map_batch("key", valid.trues,
-                              partial(key_batch, key_of, getattr(seed, "prefetch", None)))
+    prefetch = getattr(seed, "prefetch", None) if prefetch_when_keyed else None
+    keyed = op.flat_map_batch("key", valid.trues, partial(key_batch, key_of, prefetch))
     # One type over both builders, so mypy can bind `stateful_batch`'s type parameters: their
     # snapshot types differ, and Bytewax's `W` is invariant (the next steps take `Outcome`s).
     logic: Callable[[Any], StatefulBatchLogic[Envelope, Any, Any]] = partial(

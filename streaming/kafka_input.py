@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, cast
 
@@ -174,17 +175,25 @@ class KafkaInput(FixedPartitionedSource[KafkaMessage, int]):
     noticed are read again after the reset: nothing is skipped.  Consume errors other than
     the end of a partition are logged and counted (`fraud_stream_source_errors_total`),
     never raised.
+
+    Several processes: every worker lists every partition of the topic and Bytewax builds
+    each on exactly one worker, spreading them over the workers (4 partitions on 2 processes:
+    2 each), so every record is read once in the cluster; `on_assigned(part)` is called for
+    each partition this process builds.  More workers than partitions leaves some without
+    input (they still hold state shards and sink partitions).
     """
 
     def __init__(self, bootstrap: str, topic: str, tail: bool = True, batch_size: int = 1000,
                  offset_reset: str = "earliest", add_config: dict[str, Any] | None = None,
-                 check_every_s: float = 2.0) -> None:
+                 check_every_s: float = 2.0,
+                 on_assigned: Callable[[str], None] | None = None) -> None:
         if offset_reset not in ("earliest", "latest"):
             raise ValueError(f"offset_reset must be 'earliest' or 'latest', not {offset_reset!r}")
         self._bootstrap, self._topic, self._tail = bootstrap, topic, tail
         self._batch_size, self._reset, self._check_every_s = (batch_size, offset_reset,
                                                               check_every_s)
         self._add_config = add_config or {}
+        self._on_assigned = on_assigned
         self._admin: AdminClient | None = None
 
     def _admin_client(self) -> AdminClient:
@@ -206,5 +215,8 @@ class KafkaInput(FixedPartitionedSource[KafkaMessage, int]):
             self._bootstrap, "fraudstream-unused",  # no group: offsets live in the snapshots
             logger=log, **{"enable.auto.commit": False, "enable.partition.eof": not self._tail,
                            "auto.offset.reset": self._reset, **self._add_config})
-        return _KafkaPartition(Consumer(conf), self._admin_client(), TopicPartition(topic, int(idx)),
+        part = _KafkaPartition(Consumer(conf), self._admin_client(), TopicPartition(topic, int(idx)),
                                resume_state, self._batch_size, self._reset, self._check_every_s)
+        if self._on_assigned is not None:
+            self._on_assigned(for_part)
+        return part

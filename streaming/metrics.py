@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 EVENTS = Counter(
     "fraud_stream_events_total", "Events read by the feature dataflow, by outcome", ["outcome"]
@@ -42,7 +48,37 @@ PREDICTIONS = Counter(
 )
 
 
-def start_metrics_server(host: str, port: int) -> None:
-    """Expose /metrics on host:port (loopback by default; 0 disables)."""
-    if port:
-        start_http_server(port, addr=host)
+READY = Gauge("fraud_stream_ready", "1 once this dataflow process runs (see /ready)")
+STARTUP = Gauge("fraud_stream_startup_seconds",
+                "Process start to dataflow running (partitions assigned, state restored)")
+
+ReadyProbe = Callable[[], tuple[bool, bytes]]  # (ready, JSON body)
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def start_metrics_server(host: str, port: int, ready: ReadyProbe | None = None) -> None:
+    """Serve /metrics on host:port (loopback by default; 0 disables) and, with `ready`,
+    /ready: 200 once `ready()` says so, 503 before, with its JSON body either way."""
+    if not port:
+        return
+    server = make_server(host, port, _app(make_wsgi_app(), ready), ThreadingWSGIServer,
+                         handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        """No access log: a scrape every few seconds is not news."""
+
+
+def _app(metrics_app: WsgiApp, ready: ReadyProbe | None) -> WsgiApp:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/ready" and ready is not None:
+            ok, body = ready()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))])
+            return [body]
+        return metrics_app(environ, start_response)
+
+    return app

@@ -8,6 +8,8 @@ the online store instead, as after a crash).
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from bytewax.recovery import init_db_dir
@@ -31,7 +33,7 @@ def state_step_id(recovery_dir: Path, shards: int) -> str:
     if marker.exists():
         last = json.loads(marker.read_text())
         generation = int(last["generation"]) + (last["layout"] != layout)
-    tmp = marker.with_suffix(".tmp")
+    tmp = marker.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the directory
     tmp.write_text(json.dumps({"layout": layout, "generation": generation}))
     tmp.replace(marker)
     return plain_step_id(shards) if generation == 0 else f"velocity_{layout}_g{generation}"
@@ -42,9 +44,31 @@ def plain_step_id(shards: int) -> str:
     return f"velocity_{shards}shards" if shards else "velocity"
 
 
-def ensure_recovery_dir(recovery_dir: Path, partitions: int) -> None:
+def ensure_recovery_dir(recovery_dir: Path, partitions: int, process_id: int = 0,
+                        processes: int = 1) -> None:
     """Create Bytewax's recovery partitions in `recovery_dir` unless it already holds some
-    (an existing directory is resumed from, never reset)."""
-    if not any(recovery_dir.glob("part-*.sqlite3")):
-        recovery_dir.mkdir(parents=True, exist_ok=True)
-        init_db_dir(recovery_dir, partitions)
+    (an existing directory is resumed from, never reset).
+
+    Process `process_id` of a cluster of `processes` creates only its share of the
+    `partitions` partitions (`part-j` for j = process_id mod processes): processes on
+    separate hosts, each with a local directory, then hold the whole set between them, as
+    Bytewax requires on resume; processes sharing one directory (`--processes N` on one
+    host: the supervisor creates them all first) see every partition, and Bytewax gives each
+    to one worker.  Each file is created aside and moved in whole.
+    """
+    if any(recovery_dir.glob("part-*.sqlite3")):
+        return
+    recovery_dir.mkdir(parents=True, exist_ok=True)
+    mine = [j for j in range(partitions) if j % processes == process_id]
+    with tempfile.TemporaryDirectory(dir=recovery_dir, prefix=".init-") as tmp:
+        init_db_dir(Path(tmp), partitions)
+        for j in mine:
+            name = f"part-{j}.sqlite3"
+            os.replace(Path(tmp) / name, recovery_dir / name)
+
+
+def recovery_partitions(configured: int, workers: int) -> int:
+    """Partitions for a new recovery directory: at least one per worker, so each worker
+    writes its own snapshots (the count is fixed once created; Bytewax can rescale the
+    workers later, but not the partitions)."""
+    return max(configured, workers)

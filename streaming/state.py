@@ -113,6 +113,7 @@ class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSna
 
     def on_batch(self, values: list[Envelope]) -> tuple[list[VelocityRow | DeadLetter], bool]:
         users, dirty, out = self._users, self._dirty, []
+        self._prefetch(values)
         for env in values:
             uid = env.event.user_id
             state = users.get(uid)
@@ -128,6 +129,17 @@ class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSna
             if outcome is not None:
                 out.append(outcome)
         return out, StatefulBatchLogic.RETAIN
+
+    def _prefetch(self, values: list[Envelope]) -> None:
+        """Hand the seed's `prefetch` the batch's users this shard holds no state for, so
+        they are read in one round trip (a no-op for users it was already asked about)."""
+        prefetch = getattr(self._seed, "prefetch", None)
+        if prefetch is None:
+            return
+        users, pickled = self._users, self._pickled
+        new = {env.event.user_id for env in values} - users.keys() - pickled.keys()
+        if new:
+            prefetch(new)
 
     def snapshot(self) -> ShardSnapshot:
         pickled, users = self._pickled, self._users
