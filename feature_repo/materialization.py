@@ -60,6 +60,8 @@ from feast.stream_feature_view import StreamFeatureView
 from pydantic import Field as ConfigField
 
 from feature_repo.history import live_files
+from feature_repo.offline_engines import get_settings as engine_settings
+from feature_repo.offline_engines import spark
 from feature_repo.redis_store.client import is_supported
 from feature_repo.redis_store.encode import RowEncoder
 from feature_repo.redis_store.writer import KEYS_PER_CALL, MAX_IN_FLIGHT, view_writer
@@ -203,8 +205,13 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
         q = _quote
         join_keys = [k for k, _ in plan.encoder.join_keys]
         keys = ", ".join(q(k) for k in join_keys)
-        columns = ", ".join(q(c) for c in dict.fromkeys(
-            join_keys + [f for f, _ in plan.encoder.features]))
+        names = list(dict.fromkeys(join_keys + [f for f, _ in plan.encoder.features]))
+        if engine_settings().engine == "spark":  # OFFLINE_ENGINE: the same rows, from Spark
+            yield from spark.latest_rows(plan.files, join_keys, names, plan.timestamp_field,
+                                         plan.created_field, task.start_time, task.end_time,
+                                         self.options.read_batch_rows)
+            return
+        columns = ", ".join(q(c) for c in names)
         ts = f"{q(plan.timestamp_field)}::TIMESTAMPTZ"
         order = f"epoch_us({ts})"
         if plan.created_field:

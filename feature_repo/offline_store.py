@@ -8,11 +8,16 @@ for an entity row at t, the feature row with the greatest timestamp <= t (ties b
 newest created timestamp), discarded when older than t - ttl; one output row per entity row,
 in input order, duplicates kept.  Anything else (SQL entity frames,
 `filter_by_created_timestamp`, non-file sources) falls back to the stock implementation.
+
+`AsofOfflineStore` (the one feature_store.yaml registers) runs the same join on the engine
+`OFFLINE_ENGINE` selects: DuckDB here, or Spark (`feature_repo.offline_engines.spark`, equal
+row for row and value for value); the on-demand views run the same code after either.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +43,9 @@ from feast.repo_config import RepoConfig
 from feast.transformation.base import Transformation
 
 from feature_repo.history import live_files
+from feature_repo.offline_engines import get_settings as engine_settings
+from feature_repo.offline_engines import spark
+from feature_repo.offline_engines.plan import ViewJoin
 from feature_repo.vectorised import twin_for
 
 TS = "event_timestamp"
@@ -46,6 +54,12 @@ TS = "event_timestamp"
 class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
     type: Literal["feature_repo.offline_store.AsofDuckDBOfflineStore"] = (
         "feature_repo.offline_store.AsofDuckDBOfflineStore"
+    )
+
+
+class AsofOfflineStoreConfig(DuckDBOfflineStoreConfig):
+    type: Literal["feature_repo.offline_store.AsofOfflineStore"] = (
+        "feature_repo.offline_store.AsofOfflineStore"
     )
 
 
@@ -161,6 +175,61 @@ def asof_join(
     return table
 
 
+def _entity_table(entity_df: pd.DataFrame) -> pa.Table:
+    ent = entity_df.copy()
+    ent[TS] = pd.to_datetime(ent[TS], utc=True).astype("datetime64[us, UTC]")
+    return pa.Table.from_pandas(ent, preserve_index=False).replace_schema_metadata(None)
+
+
+def view_joins(
+    feature_views: list[FeatureView], feature_refs: list[str], full_feature_names: bool
+) -> list[ViewJoin]:
+    """Each (file-sourced) view's part of the join: files, keys, times, ttl, features."""
+    plans = []
+    for fv in feature_views:
+        src = cast(FileSource, fv.batch_source)
+        path = Path(src.path)
+        files = live_files(path) if path.is_dir() else [path]
+        if not files:
+            raise FileNotFoundError(f"no data files in {path}")
+        prefix = fv.projection.name_to_use()
+        feats = [r.split(":", 1)[1] for r in feature_refs if r.startswith(prefix + ":")]
+        base = fv.projection.name_alias or fv.name
+        plans.append(ViewJoin(
+            files=files,
+            keys=fv.projection.join_key_map or {e.name: e.name for e in fv.entity_columns},
+            timestamp_field=src.timestamp_field,
+            created_field=src.created_timestamp_column or None,
+            ttl=fv.ttl,
+            features=feats,
+            names=[f"{base}__{f}" if full_feature_names else f for f in feats],
+        ))
+    return plans
+
+
+def spark_asof_join(
+    entity_df: pd.DataFrame,
+    feature_views: list[FeatureView],
+    feature_refs: list[str],
+    full_feature_names: bool,
+) -> pa.Table:
+    """`asof_join` on Spark (`feature_repo.offline_engines.spark`): the same table."""
+    plans = view_joins(feature_views, feature_refs, full_feature_names)
+    table = _entity_table(entity_df)
+    joined = sorted({ek for p in plans for ek in p.keys.values()})
+    for part in spark.asof_join(table.select([*joined, TS]), plans):
+        for name in part.column_names:
+            table = table.append_column(name, part[name])
+    return table
+
+
+JOINS: dict[str, Callable[[pd.DataFrame, list[FeatureView], list[str], bool], pa.Table]] = {
+    "duckdb": asof_join,
+    "spark": spark_asof_join,
+}
+"""The point-in-time join of each `OFFLINE_ENGINE`."""
+
+
 class _AsofRetrievalJob(IbisRetrievalJob):
     """Applies the on-demand views itself, on exactly the columns each one reads.
 
@@ -206,6 +275,45 @@ class _AsofRetrievalJob(IbisRetrievalJob):
         return self._to_arrow_internal(timeout).to_pandas()
 
 
+def _retrieve(
+    join: Callable[[pd.DataFrame, list[FeatureView], list[str], bool], pa.Table],
+    config: RepoConfig,
+    feature_views: list[FeatureView],
+    feature_refs: list[str],
+    entity_df: pd.DataFrame | str,
+    registry: BaseRegistry,
+    project: str,
+    full_feature_names: bool,
+    filter_by_created_timestamp: bool,
+) -> RetrievalJob:
+    """`get_historical_features` with `join` for the point-in-time join; anything `_supported`
+    declines goes to Feast's DuckDB store."""
+    if not _supported(feature_views, entity_df, filter_by_created_timestamp):
+        return DuckDBOfflineStore.get_historical_features(
+            config, feature_views, feature_refs, entity_df, registry, project,
+            full_feature_names, filter_by_created_timestamp,
+        )
+    assert isinstance(entity_df, pd.DataFrame)  # noqa: S101 - narrowed by _supported
+    table = join(entity_df, feature_views, feature_refs, full_feature_names)
+    odfvs = OnDemandFeatureView.get_requested_odfvs(feature_refs, project, registry)
+    ts = pd.to_datetime(entity_df[TS], utc=True)
+    return _AsofRetrievalJob(
+        table,
+        [fv for fv in odfvs if fv.mode != "substrait"],
+        full_feature_names=full_feature_names,
+        metadata=RetrievalMetadata(
+            features=feature_refs,
+            keys=list(set(entity_df.columns) - {TS}),
+            min_event_timestamp=ts.min().to_pydatetime() if len(ts) else None,
+            max_event_timestamp=ts.max().to_pydatetime() if len(ts) else None,
+        ),
+        data_source_writer=_write_data_source,
+        staging_location=None,
+        staging_location_endpoint_override=None,
+        repo_path=str(config.repo_path),
+    )
+
+
 class AsofDuckDBOfflineStore(DuckDBOfflineStore):
     """Feast's DuckDB offline store with an ASOF point-in-time join (see module docstring)."""
 
@@ -220,27 +328,27 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
         full_feature_names: bool = False,
         filter_by_created_timestamp: bool = False,
     ) -> RetrievalJob:
-        if not _supported(feature_views, entity_df, filter_by_created_timestamp):
-            return DuckDBOfflineStore.get_historical_features(
-                config, feature_views, feature_refs, entity_df, registry, project,
-                full_feature_names, filter_by_created_timestamp,
-            )
-        assert isinstance(entity_df, pd.DataFrame)  # noqa: S101 - narrowed by _supported
-        table = asof_join(entity_df, feature_views, feature_refs, full_feature_names)
-        odfvs = OnDemandFeatureView.get_requested_odfvs(feature_refs, project, registry)
-        ts = pd.to_datetime(entity_df[TS], utc=True)
-        return _AsofRetrievalJob(
-            table,
-            [fv for fv in odfvs if fv.mode != "substrait"],
-            full_feature_names=full_feature_names,
-            metadata=RetrievalMetadata(
-                features=feature_refs,
-                keys=list(set(entity_df.columns) - {TS}),
-                min_event_timestamp=ts.min().to_pydatetime() if len(ts) else None,
-                max_event_timestamp=ts.max().to_pydatetime() if len(ts) else None,
-            ),
-            data_source_writer=_write_data_source,
-            staging_location=None,
-            staging_location_endpoint_override=None,
-            repo_path=str(config.repo_path),
-        )
+        return _retrieve(asof_join, config, feature_views, feature_refs, entity_df, registry,
+                         project, full_feature_names, filter_by_created_timestamp)
+
+
+class AsofOfflineStore(AsofDuckDBOfflineStore):
+    """The store feature_store.yaml registers: the point-in-time join runs on the engine
+    `OFFLINE_ENGINE` names (`JOINS`: DuckDB's ASOF join, or Spark's); the on-demand views,
+    fallbacks and every other method are the DuckDB store's.  Feast expands `${VAR}` only in
+    YAML values, so the engine is read here, when a retrieval starts."""
+
+    @staticmethod
+    def get_historical_features(
+        config: RepoConfig,
+        feature_views: list[FeatureView],
+        feature_refs: list[str],
+        entity_df: pd.DataFrame | str,
+        registry: BaseRegistry,
+        project: str,
+        full_feature_names: bool = False,
+        filter_by_created_timestamp: bool = False,
+    ) -> RetrievalJob:
+        join = JOINS[engine_settings().engine]
+        return _retrieve(join, config, feature_views, feature_refs, entity_df, registry,
+                         project, full_feature_names, filter_by_created_timestamp)

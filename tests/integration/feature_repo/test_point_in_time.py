@@ -23,9 +23,11 @@ import pytest
 from feature_repo import history
 from feature_repo.contract import to_micros
 from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
+from feature_repo.offline_store import JOINS
 from feature_repo.paths import customers_path, features_dir, labels_path, velocity_history_dir
 from feature_repo.transforms import TRANSACTION_FEATURES, transaction_features
 from feature_repo.velocity import HORIZON_US, HOUR_US, MINUTE_US, ROW_FIELDS, window_features
+from tests.fixtures.engines import ENGINE_PARAMS, offline_engine
 from training.batch_features import MIN_RESULTANT, WINDOW_DAYS, build_profiles
 from training.retrieval import entity_frame, read_transactions, training_frame
 from training.simulate import SimConfig, customers, simulate, write
@@ -202,9 +204,12 @@ def entities(raw: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return entity_frame(frame)
 
 
-@pytest.fixture(scope="module")
-def service_frame(store: Any, entities: pd.DataFrame) -> pd.DataFrame:
-    return training_frame(store, "fraud_model_v1", entities)
+@pytest.fixture(scope="module", params=ENGINE_PARAMS)
+def service_frame(store: Any, entities: pd.DataFrame, request: pytest.FixtureRequest
+                  ) -> pd.DataFrame:
+    """The service's training frame, on each offline engine (OFFLINE_ENGINE)."""
+    with offline_engine(request.param):
+        return training_frame(store, "fraud_model_v1", entities)
 
 
 @pytest.fixture(scope="module")
@@ -646,9 +651,9 @@ def _ts(*values: Any) -> pd.Series:
     return pd.Series(pd.to_datetime(list(values), utc=True)).astype("datetime64[us, UTC]")
 
 
-def test_asof_join_edge_cases(tmp_path: Path) -> None:
-    from feature_repo.offline_store import asof_join
-
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_asof_join_edge_cases(tmp_path: Path, engine: str) -> None:
+    asof_join = JOINS[engine]
     h = pd.Timestamp("2026-10-20 10:00", tz="UTC")
     m = pd.Timedelta(minutes=1)
     table = pd.DataFrame(
@@ -689,11 +694,12 @@ def test_asof_join_edge_cases(tmp_path: Path) -> None:
     assert got == [c[2] for c in cases]
 
 
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
 @pytest.mark.parametrize("seed", [0])
-def test_asof_join_matches_brute_force_on_random_tables(tmp_path: Path, seed: int) -> None:
+def test_asof_join_matches_brute_force_on_random_tables(tmp_path: Path, seed: int,
+                                                        engine: str) -> None:
     """Two views (one with created timestamps and ttl, one without ttl) vs the oracle."""
-    from feature_repo.offline_store import asof_join
-
+    asof_join = JOINS[engine]
     rng = np.random.default_rng(seed)
     base = pd.Timestamp("2026-10-01", tz="UTC")
     grid = [base + pd.Timedelta(minutes=int(x)) for x in range(0, 600, 7)]  # coarse: many ties
