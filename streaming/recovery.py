@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 from bytewax.recovery import init_db_dir
@@ -46,25 +48,35 @@ def plain_step_id(shards: int) -> str:
 
 def ensure_recovery_dir(recovery_dir: Path, partitions: int, process_id: int = 0,
                         processes: int = 1) -> None:
-    """Create Bytewax's recovery partitions in `recovery_dir` unless it already holds some
-    (an existing directory is resumed from, never reset).
+    """Create Bytewax's recovery partitions in `recovery_dir` that process `process_id` of
+    `processes` owns and that are missing; existing partitions are resumed from, never reset.
 
-    Process `process_id` of a cluster of `processes` creates only its share of the
-    `partitions` partitions (`part-j` for j = process_id mod processes): processes on
-    separate hosts, each with a local directory, then hold the whole set between them, as
-    Bytewax requires on resume; processes sharing one directory (`--processes N` on one
-    host: the supervisor creates them all first) see every partition, and Bytewax gives each
-    to one worker.  Each file is created aside and moved in whole.
+    A process owns `part-j` for j = process_id mod processes, of `partitions` partitions (or
+    of as many as the partitions already in the directory were created for: their count is
+    fixed).  Processes on separate hosts, each with a local directory, then hold the whole
+    set between them, as Bytewax requires on resume; processes sharing one directory create
+    one share each (or the supervisor of `--processes N` creates them all first), and Bytewax
+    gives each partition to one worker.  Each file is created aside and moved in whole.
     """
-    if any(recovery_dir.glob("part-*.sqlite3")):
-        return
     recovery_dir.mkdir(parents=True, exist_ok=True)
-    mine = [j for j in range(partitions) if j % processes == process_id]
+    existing = sorted(recovery_dir.glob("part-*.sqlite3"))
+    count = _part_count(existing[0]) if existing else partitions
+    missing = [j for j in range(count) if j % processes == process_id
+               and not (recovery_dir / f"part-{j}.sqlite3").exists()]
+    if not missing:
+        return
     with tempfile.TemporaryDirectory(dir=recovery_dir, prefix=".init-") as tmp:
-        init_db_dir(Path(tmp), partitions)
-        for j in mine:
+        init_db_dir(Path(tmp), count)
+        for j in missing:
             name = f"part-{j}.sqlite3"
             os.replace(Path(tmp) / name, recovery_dir / name)
+
+
+def _part_count(part: Path) -> int:
+    """How many partitions the set `part` belongs to was created with."""
+    with closing(sqlite3.connect(f"file:{part}?mode=ro", uri=True)) as db:
+        (count,) = db.execute("SELECT part_count FROM parts").fetchone()
+    return int(count)
 
 
 def recovery_partitions(configured: int, workers: int) -> int:

@@ -68,8 +68,13 @@ def test_each_process_creates_its_share_of_the_recovery_partitions(tmp_path: Pat
         ensure_recovery_dir(tmp_path / f"host-{k}", count, k, 2)
     assert _parts(tmp_path / "host-0") == {"part-0.sqlite3": (0, 2)}
     assert _parts(tmp_path / "host-1") == {"part-1.sqlite3": (1, 2)}
-    # one host for all (the supervisor creates them all first); an existing set is kept
-    ensure_recovery_dir(tmp_path / "shared", count)
-    ensure_recovery_dir(tmp_path / "shared", 4, 1, 2)
+    # one directory for both processes: each creates its share, in either order
+    ensure_recovery_dir(tmp_path / "shared", count, 1, 2)
+    ensure_recovery_dir(tmp_path / "shared", count, 0, 2)
     assert _parts(tmp_path / "shared") == {"part-0.sqlite3": (0, 2), "part-1.sqlite3": (1, 2)}
+    # an existing set keeps its count: nothing is added, reset or re-created
+    ensure_recovery_dir(tmp_path / "shared", 4)
+    ensure_recovery_dir(tmp_path / "host-0", 4, 0, 2)
+    assert _parts(tmp_path / "shared") == {"part-0.sqlite3": (0, 2), "part-1.sqlite3": (1, 2)}
+    assert _parts(tmp_path / "host-0") == {"part-0.sqlite3": (0, 2)}
     assert not list((tmp_path / "shared").glob(".init-*"))
