@@ -31,11 +31,28 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 COPY README.md ./
 COPY feature_repo ./feature_repo
+COPY scoring ./scoring
 COPY serving ./serving
 COPY streaming ./streaming
 COPY training ./training
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -c constraints.txt .
+
+# --- mlflow: MLflow's tracking server and UI over the model registry (compose `mlflow`) -------
+# The server's MLflow is the client's (mlflow-skinny in constraints.txt): both migrate and read
+# the same database schema.  psycopg: the driver of MODEL_REGISTRY_URL (postgresql+psycopg://).
+FROM ${PYTHON_IMAGE} AS mlflow
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PYTHONDONTWRITEBYTECODE=1 \
+    MLFLOW_DISABLE_TELEMETRY=true HOME=/home/mlflow
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install "mlflow==3.18.0" "psycopg[binary]==3.3.9" \
+ && groupadd --system --gid 10001 mlflow \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/mlflow --create-home \
+        --shell /usr/sbin/nologin mlflow
+WORKDIR /home/mlflow
+USER 10001:10001
+EXPOSE 5000
+CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]
 
 # --- runtime: the virtualenv, the feature repo for the `feast` CLI, a non-root user ----------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -44,6 +61,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     FEAST_USAGE=False \
+    MLFLOW_DISABLE_TELEMETRY=true \
     HOME=/home/fraud \
     SERVING_HOST=0.0.0.0 \
     FRAUD_DATA_DIR=/var/lib/fraudstream/data \

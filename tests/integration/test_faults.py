@@ -749,12 +749,9 @@ def test_corrupt_new_version_is_refused_and_the_old_keeps_serving(
         assert str(new) in promoted.json()["detail"]
         assert registry.state()["champion"] == f"good-{damage}"
 
-        # promoted behind this replica's back (registry edited by hand): reload refuses too
-        state = json.loads(registry.path.read_text())
-        state["history"].append({"at": "now", "action": "promote", "version": f"new-{damage}",
-                                 "previous": f"good-{damage}"})
-        state["champion"] = f"new-{damage}"
-        registry.path.write_text(json.dumps(state))
+        # promoted behind this replica's back (MLflow's own API): reload refuses too
+        number = registry.state()["versions"][f"new-{damage}"]["mlflow_version"]
+        registry.client().set_registered_model_alias(registry.name, "champion", str(number))
         reloaded = client.post("/admin/reload", headers=admin)
         assert reloaded.status_code == 409, reloaded.text
         status = client.get("/admin/models", headers=admin).json()

@@ -33,10 +33,11 @@ from scoring.artifact import (
     sha256_file,
 )
 from scoring.models import in_canary
-from scoring.registry import Registry, RegistryError, lineage
+from scoring.registry import REGISTRY_DB, Registry, RegistryError
 from serving.app import create_app
 from serving.config import ServingSettings
 from tests.conftest import PROJECT
+from tests.fixtures.model_registry import fresh_registry
 from training.model import make_pipeline
 from training.registry import main
 
@@ -92,7 +93,7 @@ def _version(client: TestClient, user: str = "u1", **headers: str) -> str:
 def model_dir(tmp_path: Path, trained_artifact: Path) -> Path:
     """v1 (champion) and v2 registered in a private model directory."""
     d = tmp_path / "models"
-    reg = Registry(d)
+    reg = fresh_registry(d)
     for v in ("v1", "v2"):
         reg.register(_clone(trained_artifact, d, v))
     return d
@@ -111,6 +112,7 @@ def test_cli_register_list_promote_rollback(
     tmp_path: Path, trained_artifact: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     d = tmp_path / "models"
+    fresh_registry(d)
     for v in ("v1", "v2"):
         _clone(trained_artifact, d, v)
     assert _cli(d, "register", str(d / "v1")).stdout.strip() == "registered v1 (champion)"
@@ -130,9 +132,9 @@ def test_cli_register_list_promote_rollback(
     cli("challenger", "v1", "--mode", "canary", "--share", "0.25")
     assert "canary 25%" in cli("list")
     cli("rollback")  # rolling back to the challenger clears it
-    state = json.loads((d / "registry.json").read_text())
+    state = Registry(d).state()
     assert state["champion"] == "v1" and state["challenger"] is None
-    assert [e["action"] for e in state["history"]] == ["register", "promote", "rollback"]
+    assert state["lineage"] == ["v1"]
     for args, message in ((["rollback"], "no previous champion"),
                           (["promote", "v9"], "not registered"),
                           (["challenger", "v1"], "is the champion")):
@@ -143,11 +145,12 @@ def test_cli_register_list_promote_rollback(
     _tamper(d / "v2")
     refused = _cli(d, "promote", "v2")
     assert refused.returncode == 1 and "sha256" in refused.stderr
-    assert json.loads((d / "registry.json").read_text())["champion"] == "v1"
+    assert Registry(d).state()["champion"] == "v1"
 
 
 def test_registry_concurrent_writers_lose_nothing(tmp_path: Path, trained_artifact: Path) -> None:
     d = tmp_path / "models"
+    fresh_registry(d)
     dirs = [_clone(trained_artifact, d, f"v{i}") for i in range(12)]
     errors: list[BaseException] = []
 
@@ -165,8 +168,7 @@ def test_registry_concurrent_writers_lose_nothing(tmp_path: Path, trained_artifa
     assert not errors
     state = Registry(d).state()
     assert sorted(state["versions"]) == sorted(p.name for p in dirs)
-    assert len(lineage(state)) == 1  # exactly one first version became champion
-    assert not list(d.glob(".registry-*"))  # no temp files left behind
+    assert state["lineage"] == [state["champion"]]  # exactly one first version became champion
     _tamper(dirs[0])  # same version, another (consistently hashed) model file
     meta = json.loads((dirs[0] / METADATA_FILE).read_text())
     meta["sha256"] = sha256_file(dirs[0] / MODEL_FILE)
@@ -332,8 +334,8 @@ def test_reload_refuses_a_registry_state_that_cannot_serve(
 
 
 def test_poller_follows_the_registry_and_survives_a_broken_file(model_dir: Path) -> None:
-    registry = model_dir / "registry.json"
-    good = registry.read_text()
+    registry = model_dir / REGISTRY_DB
+    good = registry.read_bytes()
 
     def wait_for(version: str, c: TestClient) -> None:
         deadline = time.monotonic() + 10
@@ -342,13 +344,14 @@ def test_poller_follows_the_registry_and_survives_a_broken_file(model_dir: Path)
             time.sleep(0.05)
 
     with TestClient(create_app(_settings(model_dir, reload_interval_s=0.1))) as c:
-        registry.write_text("{not json")
+        with registry.open("r+b") as f:  # in place: the scorer's open connection reads it
+            f.write(b"not an SQLite database" * 64)
         deadline = time.monotonic() + 10
         while not c.get("/admin/models", headers=ADMIN).json()["last_error"]:
             assert time.monotonic() < deadline, "broken registry not noticed"
             time.sleep(0.05)
         assert _version(c) == "v1"
-        registry.write_text(good)
+        registry.write_bytes(good)
         Registry(model_dir).promote("v2")
         wait_for("v2", c)
         Registry(model_dir).rollback()

@@ -2,8 +2,10 @@
 
 None of this needs a Docker engine.  The Compose file is read with PyYAML and its model checked
 here; when the Compose v2 CLI is installed, `docker compose config` (client-side only: it
-parses, interpolates and normalises the model) must accept it too, and when `promtool` is
-installed (Debian package `prometheus`) it checks the Prometheus configuration and alert rules.
+parses, interpolates and normalises the model) must accept it too, and so must the Python
+`docker-compose` 1.29 (`docker-compose config`, schema validation included) when it is on PATH
+or at `DOCKER_COMPOSE_V1`; when `promtool` is installed (Debian package `prometheus`) it checks
+the Prometheus configuration and alert rules.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ DATASOURCES = GRAFANA_PROVISIONING / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA_PROVISIONING / "dashboards" / "fraudstream.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fraudstream.json"
 
-INFRA = {"kafka", "redis", "postgres", "prometheus", "grafana"}
+INFRA = {"kafka", "redis", "postgres", "prometheus", "grafana", "mlflow", "scorer-lb"}
 # Services run from the project image, and the command each runs.
 PROJECT_COMMANDS = {
     "scorer": "python -m serving",
-    "feature-dataflow": "python -m streaming.features",
+    "feature-dataflow": "python -m streaming.features --processes 2",
     "stream-scorer": "python -m streaming.score",
     "producer": "python -m streaming.produce live --rate 200",
     "history-compactor": "python -m training.compact_history --every-s 3600 --metrics-host "
@@ -42,9 +44,10 @@ PROJECT_COMMANDS = {
 ONE_SHOT = {"init", "train", "skew-audit"}
 REQUIRED_SERVICES = INFRA | set(PROJECT_COMMANDS) | {"init"}
 # Where Prometheus must find each service's metrics.
-SCRAPE_TARGETS = {("scorer", 8000), ("feature-dataflow", 9101), ("stream-scorer", 9102),
-                  ("history-compactor", 9103)}
+SCRAPE_TARGETS = {("scorer", 8000), ("feature-dataflow", 9101), ("feature-dataflow", 9102),
+                  ("stream-scorer", 9102), ("history-compactor", 9103)}
 DATA_DIR = "/var/lib/fraudstream/data"
+MODEL_DIR = "/var/lib/fraudstream/models"
 COMMON_ENV = {
     "REDIS_URL": "redis://redis:6379/0",
     "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
@@ -168,7 +171,7 @@ def test_every_dependency_waits_on_a_condition(services: dict[str, dict[str, Any
 def test_published_ports_bind_loopback_only(services: dict[str, dict[str, Any]]) -> None:
     published = {name: published_ports(service) for name, service in services.items()}
     publishing = {name for name, ports in published.items() if ports}
-    assert publishing == {"scorer", "prometheus", "grafana"}
+    assert publishing == {"scorer-lb", "mlflow", "prometheus", "grafana"}
     for name, ports in published.items():
         assert services[name].get("network_mode") != "host", name
         for host_ip, _ in ports:
@@ -244,15 +247,25 @@ def test_project_services_share_the_connection_settings(
         registry = env["FEAST_REGISTRY_URL"]
         assert registry.startswith("postgresql+psycopg://fraud:${POSTGRES_PASSWORD")
         assert registry.endswith("@postgres:5432/feast"), registry
+        models = env["MODEL_REGISTRY_URL"]
+        assert models.startswith("postgresql+psycopg://fraud:${POSTGRES_PASSWORD")
+        assert models.endswith("@postgres:5432/mlflow"), models
+        assert env["REDIS_MODE"] == "standalone", "the documented REDIS_MODE switch"
 
 
-def test_scorer_is_replicated_behind_loopback_ports(services: dict[str, dict[str, Any]]) -> None:
-    scorer = services["scorer"]
-    replicas = scorer["deploy"]["replicas"]
-    assert replicas >= 2
-    ((_, published),) = published_ports(scorer)
-    first, _, last = published.partition("-")
-    assert int(last or first) - int(first) + 1 >= replicas, "one host port per replica"
+def test_scorer_replicas_are_behind_one_loopback_port(services: dict[str, dict[str, Any]]) -> None:
+    scorer, lb = services["scorer"], services["scorer-lb"]
+    assert scorer["deploy"]["replicas"] >= 2
+    assert not published_ports(scorer), "replicas are reached through the load balancer"
+    assert published_ports(lb) == [("127.0.0.1", "8000")]
+    assert lb["depends_on"]["scorer"]["condition"] == "service_healthy"
+    config = ROOT / volume_mounts(lb)["/etc/nginx/nginx.conf"]
+    text = config.read_text()
+    # every replica, re-resolved through Docker's DNS, on the port the scorer listens on
+    assert re.search(r"^\s*server scorer:8000 resolve;", text, re.M), text
+    assert "resolver 127.0.0.11" in text and "listen 8000;" in text
+    assert text.count("{") == text.count("}")
+    assert environment(scorer)["SERVING_WORKERS"].isdigit()
     assert scorer["depends_on"]["init"]["condition"] == "service_completed_successfully"
     assert scorer["depends_on"]["redis"]["condition"] == "service_healthy"
     assert environment(scorer)["SERVING_HOST"] == "0.0.0.0"
@@ -273,6 +286,29 @@ def test_scorer_logs_predictions_where_the_skew_audit_reads(
     assert report.startswith(DATA_DIR + "/"), "the report must land on a writable volume"
     assert audit["profiles"] == ["jobs"]
     assert audit["depends_on"]["init"]["condition"] == "service_completed_successfully"
+
+
+def test_the_model_registry_is_shared_and_writable(services: dict[str, dict[str, Any]]) -> None:
+    """Registry writes (train, CLI, POST /admin/promote) go to MLflow on PostgreSQL, never to
+    the read-only models mount; MLflow's own server shows the same registry; its version is the
+    client's (one database schema)."""
+    url = environment(services["scorer"])["MODEL_REGISTRY_URL"]
+    assert url.startswith("postgresql+psycopg://"), "not a file under the read-only mount"
+    for name in ("scorer", "stream-scorer"):
+        assert f"models:{MODEL_DIR}:ro" in services[name]["volumes"], name
+    assert f"models:{MODEL_DIR}" in services["train"]["volumes"], "train writes the artifact"
+    mlflow = services["mlflow"]
+    assert environment(mlflow)["MODEL_REGISTRY_URL"] == url
+    assert '--backend-store-uri "$$MODEL_REGISTRY_URL"' in command_line(mlflow)
+    assert mlflow["build"]["target"] == "mlflow"
+    assert mlflow["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert "python -m training.registry" in command_line(services["init"]), "schema, once"
+    init_sql = ROOT / volume_mounts(services["postgres"])["/docker-entrypoint-initdb.d"]
+    assert "CREATE DATABASE mlflow" in " ".join(p.read_text() for p in init_sql.glob("*.sql"))
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split())
+    server = re.search(r'"mlflow==([^"]+)"', DOCKERFILE.read_text())
+    assert server and server.group(1) == pins["mlflow-skinny"], "server and client MLflow differ"
+    assert mlflow["image"].endswith(":" + pins["mlflow-skinny"])
 
 
 def test_init_runs_once_after_the_infrastructure(services: dict[str, dict[str, Any]]) -> None:
@@ -514,3 +550,38 @@ def test_compose_config_requires_the_secrets(tmp_path: Path, missing: str) -> No
     result = run_compose_config(tmp_path, secrets, "--quiet")
     assert result.returncode != 0
     assert f"set {missing}" in result.stderr
+
+
+# --- docker-compose 1.29 (the Python package): `docker-compose config` --------------------------
+
+
+def compose_v1_or_skip() -> str:
+    """The Python `docker-compose` 1.29 (at DOCKER_COMPOSE_V1, else on PATH), or skip.  It does
+    not install into the project's virtualenv (it pins PyYAML<6); in a venv of its own:
+    `pip install "cython<3" wheel && pip install --no-build-isolation pyyaml==5.4.1 &&
+    pip install docker-compose==1.29.2`."""
+    binary = os.environ.get("DOCKER_COMPOSE_V1") or shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose 1.29 not installed (set DOCKER_COMPOSE_V1 to its path)")
+    return binary
+
+
+def test_docker_compose_v1_validates_and_interpolates(tmp_path: Path) -> None:
+    binary = compose_v1_or_skip()
+    env_file = tmp_path / "empty.env"  # so a developer's .env cannot mask a missing variable
+    env_file.write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in TEST_SECRETS} | TEST_SECRETS
+    command = [binary, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
+               "--env-file", str(env_file), "--profile", "demo", "--profile", "jobs", "config"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    model = yaml.safe_load(result.stdout)
+    assert REQUIRED_SERVICES | {"train", "skew-audit"} == set(model["services"])
+    password = TEST_SECRETS["POSTGRES_PASSWORD"]
+    for name in ("scorer", "stream-scorer", "train", "mlflow"):
+        url = model["services"][name]["environment"]["MODEL_REGISTRY_URL"]
+        assert url == f"postgresql+psycopg://fraud:{password}@postgres:5432/mlflow", name
+    assert model["services"]["scorer"]["deploy"]["replicas"] == 2
+    missing = subprocess.run([*command, "-q"], capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in env.items() if k != "POSTGRES_PASSWORD"})
+    assert missing.returncode != 0 and "set POSTGRES_PASSWORD" in missing.stderr
