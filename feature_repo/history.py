@@ -60,6 +60,7 @@ def read(directory: Path, columns: list[str] | None = None) -> pa.Table:
     """The table's rows as a stock reader sees them (with the `origin` column); empty if no
     table was written yet."""
     if not is_table(directory):
+        _refuse_plain_files(directory)
         return pa.table({})
     return DeltaTable(str(directory)).to_pyarrow_table(columns=columns)
 
@@ -72,6 +73,7 @@ def _create(directory: Path, schema: pa.Schema) -> None:
     """Create the table (partitioned by origin) unless it exists; several processes may race."""
     if is_table(directory):
         return
+    _refuse_plain_files(directory)
     directory.mkdir(parents=True, exist_ok=True)
     try:
         DeltaTable.create(str(directory), schema, mode="ignore", partition_by=[ORIGIN],
@@ -79,6 +81,16 @@ def _create(directory: Path, schema: pa.Schema) -> None:
     except DeltaError:
         if not is_table(directory):  # not a lost race with another creator
             raise
+
+
+def _refuse_plain_files(directory: Path) -> None:
+    """A history directory of plain parquet files (written before the history became a Delta
+    table) is not silently shadowed by a new table: its rows would vanish from every read."""
+    if directory.is_dir() and next(directory.glob("*.parquet"), None) is not None:
+        raise RuntimeError(
+            f"{directory} holds parquet files but no Delta table: a history written before "
+            "the history became a Delta table (feature_repo.history). Move the directory "
+            "away and rebuild it with `make backfill` (python -m streaming.backfill).")
 
 
 def append(directory: Path, table: pa.Table, origin: str) -> None:

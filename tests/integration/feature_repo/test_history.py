@@ -189,3 +189,9 @@ def test_live_files_of_a_plain_parquet_directory_lists_it(tmp_path: Path) -> Non
     pq.write_table(pa.table({"a": [1]}), tmp_path / "d" / "x" / "1.parquet")
     assert history.live_files(tmp_path / "d") == [tmp_path / "d" / "x" / "1.parquet"]
     assert history.read(tmp_path / "nothing").num_rows == 0
+    # a history of plain files from before the Delta table: a clear error, never shadowed
+    with pytest.raises(RuntimeError, match="make backfill"):
+        history.append(tmp_path / "d" / "x", pa.table({"a": [2]}), history.STREAM)
+    with pytest.raises(RuntimeError, match="no Delta table"):
+        history.read(tmp_path / "d" / "x")
+    assert not history.is_table(tmp_path / "d" / "x")
