@@ -64,13 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--days", type=int, default=60)
     p.add_argument("--no-stream", action="store_true", help="skip the Kafka part")
+    p.add_argument("--stream-processes", type=int, default=1,
+                   help="feature dataflow processes (python -m streaming.features -p N)")
     a = p.parse_args(argv)
+    if a.stream_processes < 1:
+        p.error("--stream-processes must be at least 1")
     apply_env_defaults()
     t_start = time.perf_counter()
     summary: dict[str, Any] = {}
     _offline(a.users, a.days, summary)
     art = _train(summary)
-    _serve(art, summary, stream=not a.no_stream)
+    _serve(art, summary, stream=not a.no_stream, stream_processes=a.stream_processes)
     _summary(summary, time.perf_counter() - t_start)
 
 
@@ -118,7 +122,8 @@ def _train(summary: dict[str, Any]) -> Artifact:
     return art
 
 
-def _serve(art: Artifact, summary: dict[str, Any], stream: bool) -> None:
+def _serve(art: Artifact, summary: dict[str, Any], stream: bool,
+           stream_processes: int = 1) -> None:
     """Start the scorer, score and explain three live transactions, then the stream part."""
     env, root = dict(os.environ), data_dir()
     port = free_port()
@@ -148,7 +153,8 @@ def _serve(art: Artifact, summary: dict[str, Any], stream: bool) -> None:
             show(client, base, body, label, art.model, art.features)
         if stream:
             stream_part(env, client, base, u0, lambda txn, label: show(
-                client, base, txn, label, art.model, art.features), summary, step)
+                client, base, txn, label, art.model, art.features), summary, step,
+                stream_processes)
 
 
 def _known_users(root: Path) -> list[dict[str, Any]]:
