@@ -114,7 +114,7 @@ def _train(summary: dict[str, Any]) -> Artifact:
     run(sys.executable, "-m", "training.train")
     model_dir = training_settings().model_dir
     new = sorted(p for p in model_dir.glob("v*/metadata.json"))[-1].parent
-    registry = Registry(model_dir)
+    registry = Registry(model_dir, training_settings().model_registry_url)
     if registry.state()["champion"] != new.name:
         registry.promote(new.name)
     art = load_artifact(resolve_model_path(get_settings()))
