@@ -18,6 +18,11 @@ Offline: `training.retrieval.training_frame(store, "fraud_model_v1", entity_fram
 very function training uses.  Online, both read paths: `Scorer.score` (blocking, through
 Feast's `online_read`, as the stream scorer uses it) and `POST /v1/score/batch?explain=true`
 (async, through the scorer's one-round-trip Redis reader, JSON on the wire).
+
+Every online test runs twice (`online_mode`): against the session's single Redis node, and
+against a 3-master Redis Cluster (`REDIS_MODE=cluster`, `tests/fixtures/redis_cluster.py`) into
+which `feast materialize` wrote the same data: there the blocking path is Feast's RedisCluster
+client and the async path the scorer's reader on redis-py's asyncio cluster client.
 """
 
 from __future__ import annotations
@@ -149,8 +154,23 @@ def wire_of(cases: pd.DataFrame) -> list[dict[str, Any]]:
             for r in cases.to_dict("records")]
 
 
+@pytest.fixture(scope="module", params=["standalone", "cluster"])
+def online_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Where the scorer reads features: the session's Redis, or the materialized cluster
+    (`REDIS_MODE` and `REDIS_URL` are read when the scorer opens its feature store)."""
+    if request.param == "standalone":
+        yield request.param
+        return
+    request.getfixturevalue("materialized_cluster")
+    cluster = request.getfixturevalue("redis_cluster")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REDIS_MODE", "cluster")
+        mp.setenv("REDIS_URL", cluster.url)
+        yield request.param
+
+
 @pytest.fixture(scope="module")
-def scorer(trained_artifact: Path) -> Scorer:
+def scorer(trained_artifact: Path, online_mode: str) -> Scorer:
     return load_scorer(ServingSettings(model_dir=trained_artifact.parent,
                                        model_version=trained_artifact.name))
 
@@ -175,7 +195,7 @@ def online_sync(scored_sync: list[ScoreResult]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def client(trained_artifact: Path) -> Iterator[TestClient]:
+def client(trained_artifact: Path, online_mode: str) -> Iterator[TestClient]:
     settings = ServingSettings(model_dir=trained_artifact.parent,
                                model_version=trained_artifact.name)
     with TestClient(create_app(settings)) as c:
@@ -316,3 +336,14 @@ def test_repeated_reads_keep_the_requested_features_fixed(scorer: Scorer,
     assert not any(f.startswith("_ts:") for names in before for f in names)
     again = [r.vector.values for r in scorer.score(events)]
     assert all(same(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
+
+
+def test_the_scorer_reads_the_store_under_test(scorer: Scorer, online_mode: str,
+                                               client: TestClient) -> None:
+    """The cluster run is not the standalone run again: both read paths use the cluster."""
+    online_store = scorer.features.store.config.online_store
+    want = "redis_cluster" if online_mode == "cluster" else "redis"
+    assert online_store.redis_type == want
+    assert scorer.features._redis is not None  # the one-round-trip reader, on either kind
+    app_store = client.app.state.models.store  # type: ignore[attr-defined]
+    assert app_store.config.online_store.redis_type == want
