@@ -15,6 +15,9 @@ slots, so every batch the writer sends and every read spans the three primaries.
   node; the project's own reader (`redis_store.reader.read_rows` and `read_rows_async` on
   redis-py's cluster clients) returns exactly what Feast's stock `get_online_features` on the
   cluster returns, for every user and merchant and for unknown ones.
+* The writer (`ScriptWriter` on a `RedisCluster`): a slot moved after it read the slot map
+  (MOVED) and connections killed on every primary are retried; any other error stops it and
+  nothing after it is written.
 """
 
 from __future__ import annotations
@@ -35,12 +38,16 @@ import pytest
 import redis
 from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType
 from feast.types import Int64
+from redis.crc import key_slot
+from redis.exceptions import MovedError
 
 from feature_repo.config import REPO_DIR, redis_connection_string
 from feature_repo.materialization import ENGINE_TYPE
 from feature_repo.redis_store.client import async_redis_client, redis_client
+from feature_repo.redis_store.encode import EncodedRows, RowEncoder
 from feature_repo.redis_store.reader import HashReader, read_rows, read_rows_async
-from feature_repo.redis_store.wire import view_name
+from feature_repo.redis_store.wire import field_name, key_encoder, view_name
+from feature_repo.redis_store.writer import ScriptWriter, WriteError, script_header, write_script
 from tests.conftest import SIM_END
 from tests.fixtures.redis_cluster import RedisClusterProcs
 from tests.integration.feature_repo.test_materialization_engine import (
@@ -283,3 +290,94 @@ def test_our_reader_returns_what_feast_reads_from_the_cluster(
             compared += 1
     sync_client.close()
     assert compared > 300
+
+
+# --- the writer on the cluster: redirections, dropped connections, errors ----------------------
+
+T0 = 1_790_000_000_000_000
+
+
+def _writer_parts() -> tuple[RowEncoder, Any]:
+    encoder = RowEncoder(project="ctest", view_name="v", join_keys=[("k", ValueType.STRING.value)],
+                         features=[("f", ValueType.INT64.value)], key_serialization_version=3)
+    return encoder, key_encoder("k", 3, b"ctest")
+
+
+def _batch(encoder: RowEncoder, keys: list[str], micros: int, value: int) -> EncodedRows:
+    table = pa.table({"k": keys, "f": pa.array([value] * len(keys), pa.int64())})
+    return encoder.encode(table, np.full(len(keys), micros))
+
+
+def _move_slot(cluster: RedisClusterProcs, slot: int, to_port: int) -> None:
+    """Reassign an empty slot to the node at `to_port` (every node told at once)."""
+    with cluster.node(to_port) as target:
+        target_id = target.cluster("MYID")
+        target_id = target_id.decode() if isinstance(target_id, bytes) else target_id
+    for port in cluster.ports:
+        with cluster.node(port) as node:
+            node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+def _retried(caplog: pytest.LogCaptureFixture, error: type[BaseException]) -> bool:
+    retried = [r for r in caplog.records if r.getMessage() == "Redis write failed, retrying"]
+    caplog.clear()
+    return any(r.exc_info and isinstance(r.exc_info[1], error) for r in retried)
+
+
+def test_writer_follows_a_moved_slot_and_a_dropped_connection(
+        redis_cluster: RedisClusterProcs, caplog: pytest.LogCaptureFixture) -> None:
+    encoder, key = _writer_parts()
+    names = [f"w{i}" for i in range(60)]
+    client: Any = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0],
+                                     client_name="cluster-writer-test")
+    check: Any = redis_cluster.client()
+    writer = ScriptWriter(client, write_script(1), script_header(encoder, ttl=0, force=False))
+    def values(keys: list[str]) -> set[bytes]:
+        return {check.hget(key(n), field_name("v", "f")) for n in keys}
+
+    try:
+        writer.send(_batch(encoder, names, T0, 1))
+        assert writer.flush() == 60
+        assert values(names) == {b"\x20\x01"}  # int64_val 1
+        assert {check.get_node_from_key(key(n)).port for n in names} == set(redis_cluster.ports)
+
+        # a slot moves after the writer read the slot map: MOVED, refresh, resend (the resent
+        # keys written before the redirection are left alone: the same row is not newer)
+        moved = "moved-key"
+        slot = key_slot(key(moved))
+        owner = check.get_node_from_key(key(moved)).port
+        target = next(p for p in redis_cluster.ports if p != owner)
+        _move_slot(redis_cluster, slot, target)
+        writer.send(_batch(encoder, [moved, *names], T0 + 1, 2))
+        writer.flush()
+        assert _retried(caplog, MovedError)
+        assert values([moved, *names]) == {b"\x20\x02"}
+        with redis_cluster.node(target) as node:
+            assert node.exists(key(moved))
+
+        # every connection of the writer killed: retried on fresh ones
+        killed = 0
+        for port in redis_cluster.ports:
+            with redis_cluster.node(port) as node:
+                for c in node.client_list():
+                    if c["name"] == "cluster-writer-test":
+                        killed += node.client_kill_filter(_id=c["id"])
+        assert killed >= 3
+        writer.send(_batch(encoder, names, T0 + 2, 3))
+        writer.flush()
+        assert _retried(caplog, redis.ConnectionError)
+        assert values(names) == {b"\x20\x03"}
+
+        # any other error stops the writer: nothing after it is written
+        check.set(key("bad"), "not a hash")
+        writer.send(_batch(encoder, ["bad"], T0, 4))
+        with pytest.raises(WriteError):
+            writer.flush()
+        with pytest.raises(WriteError):
+            writer.send(_batch(encoder, ["after"], T0, 5))
+        assert not check.exists(key("after"))
+    finally:
+        writer.close()
+        for n in [*names, "moved-key", "bad", "after"]:
+            check.delete(key(n))
+        check.close()
