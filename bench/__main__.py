@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "retrieval": ("training retrieval (point-in-time join)", "bench.retrieval:run"),
     "batch_score": ("batch scoring", "bench.batch_score:run"),
     "soak": ("the scorer at a fixed open-loop rate for minutes", "bench.soak:run"),
+    "explain": ("POST /v1/score with and without ?explain=true", "bench.explain:run"),
 }
 
 
