@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "stream": ("stream throughput and freshness", "bench.stream:run"),
     "retrieval": ("training retrieval (point-in-time join)", "bench.retrieval:run"),
     "batch_score": ("batch scoring", "bench.batch_score:run"),
+    "offline_engines": ("the offline tier on Spark vs DuckDB", "bench.offline_engines:run"),
     "soak": ("the scorer at a fixed open-loop rate for minutes", "bench.soak:run"),
     "explain": ("POST /v1/score with and without ?explain=true", "bench.explain:run"),
 }

@@ -9,6 +9,10 @@ A user's profile also carries the card holder's home time zone from the customer
 (`$FRAUD_DATA_DIR/customers.parquet`; missing when there are none) and the user's usual time
 of day: the circular mean of the UTC hours of their transactions in the window, so the
 request-time features can say how far a transaction lies from the user's own rhythm.
+
+This job runs on DuckDB whatever `OFFLINE_ENGINE` says: a Spark port would change the last
+bits of the float features (summation order, the JVM's sin/cos), hence the model
+(docs/scaling.md, "Offline store and batch jobs").
 """
 
 from __future__ import annotations

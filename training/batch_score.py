@@ -6,7 +6,8 @@
 Scores every transaction of the log (`training.retrieval.read_transactions`) with
 start <= event day < end through the model's own feature service
 (`training.retrieval.training_frame`: the same feature definitions and on-demand functions as
-online, each transaction as of its own event time), the online scorer's artifact loader
+online, each transaction as of its own event time, joined on the `OFFLINE_ENGINE`: DuckDB or
+Spark, identical scores), the online scorer's artifact loader
 (`scoring.artifact.load_artifact`, hash-checked) and thresholds (`scoring.scorer.thresholds_for`
 with the SERVING_* overrides).  Without `--model` the model is the one the scorer would serve.
 

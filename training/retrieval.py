@@ -90,6 +90,9 @@ def training_frame(
     everything Feast returns, including the inputs of the on-demand views that are not model
     inputs (the velocity arrays: recent_txn_ts, recent_amounts, ...).  `columns`: only
     transaction_id and these (others are then never converted to pandas).
+
+    The join runs on the engine `OFFLINE_ENGINE` selects (feature_repo.offline_engines:
+    DuckDB in this process, or Spark); the frame is the same on both, cell for cell.
     """
     if entities["transaction_id"].duplicated().any():
         raise ValueError("entity frame has duplicate transaction_id values")
