@@ -41,6 +41,7 @@ from feast.types import Int64
 from redis.crc import key_slot
 from redis.exceptions import MovedError
 
+from devenv.redis_cluster import LocalRedisCluster
 from feature_repo.config import REPO_DIR, redis_connection_string
 from feature_repo.materialization import ENGINE_TYPE
 from feature_repo.redis_store.client import async_redis_client, redis_client
@@ -49,7 +50,6 @@ from feature_repo.redis_store.reader import HashReader, read_rows, read_rows_asy
 from feature_repo.redis_store.wire import field_name, key_encoder, view_name
 from feature_repo.redis_store.writer import ScriptWriter, WriteError, script_header, write_script
 from tests.conftest import SIM_END
-from tests.fixtures.redis_cluster import RedisClusterProcs
 from tests.integration.feature_repo.test_materialization_engine import (
     BASE,
     END,
@@ -71,7 +71,7 @@ def _node_url(db: int = NODE_DB) -> str:
     return f"{os.environ['REDIS_URL'].rsplit('/', 1)[0]}/{db}"
 
 
-def cluster_hashes(cluster: RedisClusterProcs) -> tuple[Hashes, list[int]]:
+def cluster_hashes(cluster: LocalRedisCluster) -> tuple[Hashes, list[int]]:
     """Every hash of the cluster, read node by node, and how many keys each primary holds."""
     out: Hashes = {}
     sizes = []
@@ -109,7 +109,7 @@ def _open(root: Path, name: str, engine: str, connection_string: str, redis_type
 # --- a synthetic repo: our engine into the cluster, Feast's stock engine into one node ---------
 
 @pytest.fixture(scope="module")
-def synthetic(redis_cluster: RedisClusterProcs,
+def synthetic(redis_cluster: LocalRedisCluster,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("cluster-engine")
     rng = np.random.default_rng(20)
@@ -138,7 +138,7 @@ def synthetic(redis_cluster: RedisClusterProcs,
 
 
 def test_engine_into_the_cluster_writes_what_stock_feast_writes_into_one_node(
-        synthetic: dict[str, Any], redis_cluster: RedisClusterProcs) -> None:
+        synthetic: dict[str, Any], redis_cluster: LocalRedisCluster) -> None:
     redis_cluster.flushall()
     synthetic["stores"]["cluster"].materialize(start_date=START, end_date=END)
     got, sizes = cluster_hashes(redis_cluster)
@@ -162,7 +162,7 @@ def test_engine_into_the_cluster_writes_what_stock_feast_writes_into_one_node(
 
 
 def test_a_newer_stored_row_survives_materialization_into_the_cluster(
-        synthetic: dict[str, Any], redis_cluster: RedisClusterProcs) -> None:
+        synthetic: dict[str, Any], redis_cluster: LocalRedisCluster) -> None:
     store = synthetic["stores"]["cluster"]
     table = synthetic["wide_table"].to_pandas()
     table = table[table["event_timestamp"] <= pd.Timestamp(END)]
@@ -181,7 +181,7 @@ def test_a_newer_stored_row_survives_materialization_into_the_cluster(
 
 
 def test_wide_view_with_key_ttl_on_the_cluster(synthetic: dict[str, Any],
-                                              redis_cluster: RedisClusterProcs) -> None:
+                                              redis_cluster: LocalRedisCluster) -> None:
     """170 features (several HSETs per key in the script) and `key_ttl_seconds` (EXPIRE)."""
     rng = np.random.default_rng(5)
     n, width = 400, 170
@@ -234,7 +234,7 @@ def node_materialized(store: Any) -> Iterator[Hashes]:
 
 def test_repo_materialized_into_the_cluster_equals_standalone(
         materialized_cluster: Any, node_materialized: Hashes,
-        redis_cluster: RedisClusterProcs) -> None:
+        redis_cluster: LocalRedisCluster) -> None:
     got, sizes = cluster_hashes(redis_cluster)
     assert len(node_materialized) > 300
     assert min(sizes) > 0
@@ -308,7 +308,7 @@ def _batch(encoder: RowEncoder, keys: list[str], micros: int, value: int) -> Enc
     return encoder.encode(table, np.full(len(keys), micros))
 
 
-def _move_slot(cluster: RedisClusterProcs, slot: int, to_port: int) -> None:
+def _move_slot(cluster: LocalRedisCluster, slot: int, to_port: int) -> None:
     """Reassign an empty slot to the node at `to_port` (every node told at once)."""
     with cluster.node(to_port) as target:
         target_id = target.cluster("MYID")
@@ -325,7 +325,7 @@ def _retried(caplog: pytest.LogCaptureFixture, error: type[BaseException]) -> bo
 
 
 def test_writer_follows_a_moved_slot_and_a_dropped_connection(
-        redis_cluster: RedisClusterProcs, caplog: pytest.LogCaptureFixture) -> None:
+        redis_cluster: LocalRedisCluster, caplog: pytest.LogCaptureFixture) -> None:
     encoder, key = _writer_parts()
     names = [f"w{i}" for i in range(60)]
     client: Any = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0],

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from devenv.redis_cluster import LocalRedisCluster
 from feature_repo.config import REPO_DIR
 from feature_repo.velocity import UserVelocityState
 from streaming.seeding import OnlineStateSeeder
@@ -25,7 +26,6 @@ from streaming.velocity_sink import (
     newest_per_user,
     online_writer,
 )
-from tests.fixtures.redis_cluster import RedisClusterProcs
 
 T0 = 1_790_000_000_000_000
 SECOND = 1_000_000
@@ -49,7 +49,7 @@ def _hashes(cluster: Any, keys: set[bytes]) -> dict[bytes, dict[bytes, bytes]]:
     return {k: cluster.hgetall(k) for k in sorted(keys)}
 
 
-def _keys(redis_cluster: RedisClusterProcs) -> set[bytes]:
+def _keys(redis_cluster: LocalRedisCluster) -> set[bytes]:
     out: set[bytes] = set()
     for port in redis_cluster.ports:
         with redis_cluster.node(port) as node:
@@ -58,7 +58,7 @@ def _keys(redis_cluster: RedisClusterProcs) -> set[bytes]:
 
 
 def test_stream_writer_on_the_cluster_matches_feast(
-        materialized_cluster: Any, cluster_env: RedisClusterProcs) -> None:
+        materialized_cluster: Any, cluster_env: LocalRedisCluster) -> None:
     cluster: Any = cluster_env.client()
     rows = _rows()
     newest = [rows[i] for i in newest_per_user(rows)]
@@ -91,7 +91,7 @@ def test_stream_writer_on_the_cluster_matches_feast(
 
 
 @pytest.mark.usefixtures("materialized_cluster")
-def test_seeder_reads_the_cluster_as_feast_does(cluster_env: RedisClusterProcs) -> None:
+def test_seeder_reads_the_cluster_as_feast_does(cluster_env: LocalRedisCluster) -> None:
     users = [f"u{i:03d}" for i in range(60)] + ["u-never-seen", "", "ü-✓"]
     seeder = OnlineStateSeeder(REPO_DIR)
     fast = seeder.read(users)
