@@ -62,6 +62,7 @@ from pydantic import Field as ConfigField
 from feature_repo.history import live_files
 from feature_repo.offline_engines import get_settings as engine_settings
 from feature_repo.offline_engines import spark
+from feature_repo.progress import progress
 from feature_repo.redis_store.client import is_supported
 from feature_repo.redis_store.encode import RowEncoder
 from feature_repo.redis_store.writer import KEYS_PER_CALL, MAX_IN_FLIGHT, view_writer
@@ -180,18 +181,20 @@ class FastRedisMaterializationEngine(LocalComputeEngine):
         )
         watch = _Stopwatch()
         rows = 0
-        with writer:
+        # a bar of the rows read on a terminal; the one INFO line at the end says the rest
+        with writer, progress(f"materialize {plan.view.name}", unit="keys",
+                              logger=logger) as bar:
             for batch, micros in watch.timed("read", self.latest_rows(plan, task)):
                 with watch.stage("encode"):
                     encoded = encoder.encode(batch, micros)
                 with watch.stage("write"):
                     writer.send(encoded)
                 rows += batch.num_rows
+                bar.update(batch.num_rows)
             with watch.stage("write"):
                 written = writer.flush()
-        logger.info("%s: %d of %d keys written (%d kept a stored row at least as new) in "
-                    "%.1fs (%s)", plan.view.name, written, rows, rows - written,
-                    time.monotonic() - t0, watch)
+            bar.note = (f"({written:,} written, {rows - written:,} kept a stored row at least as "
+                        f"new; {time.monotonic() - t0:.1f}s with set-up: {watch})")
         return written
 
     def latest_rows(self, plan: _Plan,

@@ -18,15 +18,49 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
+from bytewax.inputs import StatefulSourcePartition
 from bytewax.testing import run_main
 
 from feature_repo import history
 from feature_repo.config import apply_env_defaults, data_dir
 from feature_repo.paths import transactions_dir, velocity_history_dir
+from feature_repo.progress import Progress, progress, show_summaries
 from streaming.flow import build_flow
 from streaming.sources import JsonlDeadLetterSink, ParquetLogSource
 from streaming.velocity_sink import VelocitySink
+
+
+class _CountedPartition(StatefulSourcePartition[dict[str, Any], Any]):
+    """The log's partition, reporting every batch it hands the flow to a progress bar."""
+
+    def __init__(self, inner: StatefulSourcePartition[dict[str, Any], Any], bar: Progress):
+        self._inner, self._bar = inner, bar
+
+    def next_batch(self) -> list[dict[str, Any]]:
+        batch = list(self._inner.next_batch())
+        self._bar.update(len(batch))
+        return batch
+
+    def next_awake(self) -> Any:
+        return self._inner.next_awake()
+
+    def snapshot(self) -> Any:
+        return self._inner.snapshot()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _CountedLogSource(ParquetLogSource):
+    def __init__(self, directory: Path, batch_size: int, bar: Progress) -> None:
+        super().__init__(directory, batch_size)
+        self._bar = bar
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Any:
+        return _CountedPartition(super().build_part(step_id, for_part, resume_state), self._bar)
 
 
 def backfill(root: Path | None = None, batch_size: int = 5000) -> int:
@@ -39,15 +73,21 @@ def backfill(root: Path | None = None, batch_size: int = 5000) -> int:
         old.unlink()
     # next to the table (same storage), hidden from anything listing the features directory
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-backfill-", dir=out.parent))
+    events = sum(pq.ParquetFile(f).metadata.num_rows
+                 for f in transactions_dir(root).glob("*/*.parquet"))
     try:
-        flow = build_flow(
-            ParquetLogSource(transactions_dir(root), batch_size),
-            VelocitySink(None, staging, prefix=history.BACKFILL),
-            JsonlDeadLetterSink(dlq),
-            flow_id="velocity_backfill",
-        )
-        run_main(flow)
-        return history.replace(out, staging, history.BACKFILL)
+        # progress: events read from the log (a bar on a terminal, one INFO line at the end)
+        with progress("velocity backfill", total=events, unit="events") as bar:
+            flow = build_flow(
+                _CountedLogSource(transactions_dir(root), batch_size, bar),
+                VelocitySink(None, staging, prefix=history.BACKFILL),
+                JsonlDeadLetterSink(dlq),
+                flow_id="velocity_backfill",
+            )
+            run_main(flow)
+            rows = history.replace(out, staging, history.BACKFILL)
+            bar.note = f"({rows:,} velocity rows)"
+        return rows
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -55,6 +95,7 @@ def backfill(root: Path | None = None, batch_size: int = 5000) -> int:
 def main(argv: list[str] | None = None) -> None:
     apply_env_defaults()
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    show_summaries()
     t0 = time.perf_counter()
     n = backfill()
     dt = time.perf_counter() - t0

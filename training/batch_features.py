@@ -25,6 +25,7 @@ import duckdb
 
 from feature_repo.config import apply_env_defaults, data_dir
 from feature_repo.paths import customers_path, features_dir, labels_path, transactions_dir
+from feature_repo.progress import progress, show_summaries
 
 WINDOW_DAYS = 30
 # Below this mean resultant length the hours of a window spread evenly round the clock and
@@ -164,15 +165,22 @@ def build_profiles(root: Path | None = None) -> dict[str, int]:
     cust = customers_path(root)
     customers = (f"SELECT user_id, home_utc_offset_hours FROM read_parquet('{cust}')"
                  if cust.exists() else _NO_CUSTOMERS)
-    con.execute(
-        _PRELUDE.format(tx_glob=transactions_dir(root) / "*" / "*.parquet", labels=labels_path(root),
-                        customers=customers)
-    )
     counts = {}
-    for name, sql in (("user_profile", _USER_SQL), ("merchant_profile", _MERCHANT_SQL)):
-        out = out_dir / f"{name}.parquet"
-        con.execute(sql.format(w=WINDOW_DAYS, out=out, min_resultant=MIN_RESULTANT))
-        counts[name] = con.execute(f"SELECT count(*) FROM '{out}'").fetchone()[0]  # type: ignore[index]
+    # progress: the log's load, then each table (a bar on a terminal, one INFO line at the end)
+    with progress("batch features", total=3, unit="steps") as bar:
+        bar.step("load the log")
+        con.execute(
+            _PRELUDE.format(tx_glob=transactions_dir(root) / "*" / "*.parquet",
+                            labels=labels_path(root), customers=customers)
+        )
+        bar.update()
+        for name, sql in (("user_profile", _USER_SQL), ("merchant_profile", _MERCHANT_SQL)):
+            bar.step(name)
+            out = out_dir / f"{name}.parquet"
+            con.execute(sql.format(w=WINDOW_DAYS, out=out, min_resultant=MIN_RESULTANT))
+            counts[name] = con.execute(f"SELECT count(*) FROM '{out}'").fetchone()[0]  # type: ignore[index]
+            bar.update()
+        bar.note = f"({sum(counts.values()):,} snapshot rows)"
     con.close()
     return counts
 
@@ -180,6 +188,7 @@ def build_profiles(root: Path | None = None) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     apply_env_defaults()
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    show_summaries()
     t0 = time.perf_counter()
     counts = build_profiles()
     print(

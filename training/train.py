@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from feature_repo.progress import Progress, progress, show_summaries
 from scoring.artifact import save_artifact, service_feature_names
 from scoring.drift import write_reference
 from scoring.registry import Registry
@@ -116,8 +117,29 @@ def plot_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) ->
     plt.close(fig)
 
 
+# what `train` does, in order: the steps of its progress bar
+STEPS = ("retrieve training frame", "fit with_velocity", "fit without_velocity",
+         "choose thresholds", "write artifact")
+
+
 def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path:
-    """Train, choose thresholds, evaluate and write the artifact; return its directory."""
+    """Train, choose thresholds, evaluate and write the artifact; return its directory.
+    A progress bar of `STEPS` on a terminal; one INFO line at the end."""
+    with progress("train", total=len(STEPS), unit="steps") as bar:
+        return _train(settings, frame, bar)
+
+
+def _train(settings: TrainingSettings, frame: pd.DataFrame | None, bar: Progress) -> Path:
+    started = False
+
+    def step(name: str) -> None:  # `name` starts: the step before it is done
+        nonlocal started
+        if started:
+            bar.update()
+        started = True
+        bar.step(name)
+
+    step(STEPS[0])
     store = open_store(settings.feature_repo)
     service = store.get_feature_service(settings.feature_service)
     features = service_feature_names(service)
@@ -133,6 +155,7 @@ def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path
     curves = {}
     models = {}
     for name, cols in (("with_velocity", features), ("without_velocity", ablation)):
+        step(f"fit {name}")
         pipe = make_pipeline(settings.seed)
         pipe.fit(frame.loc[fit, cols].to_numpy("float64"), y[fit])
         score = pipe.predict_proba(frame.loc[test, cols].to_numpy("float64"))[:, 1]
@@ -140,6 +163,7 @@ def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path
         curves[name] = (y[test], score)
         models[name] = pipe
     model = models["with_velocity"]
+    step(STEPS[3])
     budget = AlertBudget(settings.max_review_rate, settings.min_decline_precision)
     val_score = model.predict_proba(frame.loc[val, features].to_numpy("float64"))[:, 1]
     thresholds = choose_thresholds(y[val], val_score, budget)
@@ -147,6 +171,7 @@ def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path
     now = datetime.now(UTC)
     version = now.strftime("v%Y%m%d-%H%M%S")
     out = settings.model_dir / version
+    bar.note = f"({len(frame):,} rows, model {version})"
     meta = {
         "version": version,
         "created_at": now.isoformat(),
@@ -175,12 +200,14 @@ def train(settings: TrainingSettings, frame: pd.DataFrame | None = None) -> Path
         "python": platform.python_version(),
         "retrieval_seconds": round(t_ret, 2),
     }
+    step(STEPS[4])
     save_artifact(out, model, meta)
     # distribution of every input before the held-out period: the drift reference
     # (scoring/drift.py)
     write_reference(out, {f: frame.loc[fit | val, f] for f in features})
     plot_curves(curves, out / "roc_pr.png")
     Registry(settings.model_dir, settings.model_registry_url).register(out)
+    bar.update()
     return out
 
 
@@ -222,6 +249,7 @@ def format_decisions(meta: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    show_summaries()
     settings = get_settings()
     t0 = time.perf_counter()
     out = train(settings)

@@ -6,6 +6,7 @@ import fcntl
 import io
 import logging
 import os
+import select
 import struct
 import termios
 from typing import Any
@@ -21,6 +22,15 @@ def run_job(file: Any, n: int = 250) -> int:
             p.update()
         p.step("done")
     return p.count
+
+
+def test_the_summary_carries_a_note(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="progress"):
+        with progress("train", total=2, unit="step", file=io.StringIO()) as p:
+            p.update(2)
+            p.note = "(1,234 rows)"
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "progress"]
+    assert line.startswith("train: 2 step in ") and line.endswith(" s (1,234 rows)")
 
 
 def test_silent_when_not_a_tty(caplog: pytest.LogCaptureFixture) -> None:
@@ -51,7 +61,10 @@ def test_a_bar_on_a_terminal() -> None:
         assert tty.isatty()
         run_job(tty)
         tty.flush()
-        written = os.read(leader, 65536).decode(errors="replace")  # before the follower closes
+        chunks = []  # read before the follower closes
+        while select.select([leader], [], [], 0.2)[0]:
+            chunks.append(os.read(leader, 65536))
+        written = b"".join(chunks).decode(errors="replace")
     finally:
         tty.close()
         os.close(leader)
