@@ -47,9 +47,6 @@ class BatchIn(BaseModel):
 class FeatureValue(BaseModel):
     value: Any
     age_seconds: float | None = None  # stored features only: request time minus row time
-    contribution: float | None = Field(
-        default=None, description="TreeSHAP contribution of this input to the score's log-odds "
-        "(null for a model without an explainer); see `explanation`")
 
 
 class Reason(BaseModel):
@@ -64,13 +61,15 @@ class Reason(BaseModel):
 
 class Explanation(BaseModel):
     """Why the score is what it is (TreeSHAP, exact for the tree ensemble).  In log-odds:
-    `base_value` + the sum of every `features[*].contribution` = logit(`score`) =
-    ln(score / (1 - score)).  The same numbers as `python -m training.explain` computes
-    offline for the same row."""
+    `base_value` + the sum of `contributions` = logit(`score`) = ln(score / (1 - score)).
+    The same numbers as `python -m training.explain` computes offline for the same row."""
 
     method: Literal["tree_shap"] = "tree_shap"
     units: Literal["log_odds"] = "log_odds"
     base_value: float = Field(description="the model's expected log-odds over its training data")
+    contributions: dict[str, float] = Field(
+        description="every model input's contribution to the score's log-odds (> 0: towards "
+        "fraud), in the model's input order")
     reasons: list[Reason] = Field(description="the inputs with the largest |contribution|, "
                                   "largest first (at most 5; inputs that moved nothing are left out)")
 

@@ -25,21 +25,20 @@ from serving.schemas import (
 router = APIRouter(prefix="/v1", tags=["scoring"], responses=SCORING_ERRORS)
 
 
-EXPLAIN_DOC = ("return every model input with its value, age and contribution to the score, "
-               f"and the top {TOP_REASONS} reasons (TreeSHAP, in log-odds)")
+EXPLAIN_DOC = ("return every model input with its value and age, and the explanation: each "
+               f"input's contribution to the score and the top {TOP_REASONS} reasons (TreeSHAP, "
+               "in log-odds)")
 
 
 def _out(r: ScoreResult, explain: bool, e: RowExplanation | None = None) -> ScoreOut:
     features = explanation = None
     if explain:
-        contributions = e.contributions if e is not None else {}
         features = {
-            name: FeatureValue(value=_jsonable(v), age_seconds=r.vector.ages.get(name),
-                               contribution=contributions.get(name))
+            name: FeatureValue(value=_jsonable(v), age_seconds=r.vector.ages.get(name))
             for name, v in r.vector.values.items()
         }
     if e is not None:
-        explanation = Explanation(base_value=e.base_value, reasons=[
+        explanation = Explanation(base_value=e.base_value, contributions=e.contributions, reasons=[
             Reason(feature=x.feature, value=x.value, contribution=x.contribution,
                    direction=x.direction) for x in e.reasons()])
     return ScoreOut(transaction_id=r.transaction_id, score=r.score, decision=r.decision,

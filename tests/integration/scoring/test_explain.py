@@ -113,7 +113,8 @@ def test_api_contributions_equal_the_offline_computation(
             value = out["features"][f]["value"]
             assert (value is None and pd.isna(row[f])) or value == pytest.approx(row[f], rel=1e-12), \
                 f"{tid} {f}: feature skew online={value!r} offline={row[f]!r}"
-            assert out["features"][f]["contribution"] == c[f], (tid, f)
+            assert out["explanation"]["contributions"][f] == c[f], (tid, f)
+        assert list(out["explanation"]["contributions"]) == artifact.features
 
 
 def test_contributions_add_up_to_the_score(artifact: Artifact,
@@ -121,7 +122,7 @@ def test_contributions_add_up_to_the_score(artifact: Artifact,
                                            offline: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     for out in online_single:
         total = out["explanation"]["base_value"] + math.fsum(
-            fv["contribution"] for fv in out["features"].values())
+            out["explanation"]["contributions"].values())
         assert total == pytest.approx(math.log(out["score"] / (1 - out["score"])), abs=1e-9)
     frame, contributions = offline
     margin = artifact.model.decision_function(frame[artifact.features].to_numpy("float64"))
@@ -136,10 +137,10 @@ def test_reasons_are_the_largest_contributions(online_single: list[dict[str, Any
         assert (e["method"], e["units"]) == ("tree_shap", "log_odds")
         reasons = e["reasons"]
         assert 1 <= len(reasons) <= 5
-        ranked = sorted((abs(fv["contribution"]) for fv in features.values()), reverse=True)
+        ranked = sorted((abs(c) for c in e["contributions"].values()), reverse=True)
         assert [abs(r["contribution"]) for r in reasons] == ranked[:len(reasons)]
         for r in reasons:
-            assert r["contribution"] == features[r["feature"]]["contribution"]
+            assert r["contribution"] == e["contributions"][r["feature"]]
             assert r["direction"] == ("raises" if r["contribution"] > 0 else "lowers")
             assert r["value"] == features[r["feature"]]["value"] or (
                 r["value"] is None and features[r["feature"]]["value"] is None)
@@ -166,10 +167,11 @@ def test_openapi_documents_the_explanation(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     comp = schema["components"]["schemas"]
     assert "explanation" in comp["ScoreOut"]["properties"]
-    assert set(comp["Explanation"]["properties"]) == {"method", "units", "base_value", "reasons"}
+    assert set(comp["Explanation"]["properties"]) == {"method", "units", "base_value",
+                                                       "contributions", "reasons"}
     assert set(comp["Reason"]["properties"]) == {"feature", "value", "contribution", "direction"}
     assert comp["Reason"]["properties"]["direction"]["enum"] == ["raises", "lowers"]
-    assert "contribution" in comp["FeatureValue"]["properties"]
+    assert set(comp["FeatureValue"]["properties"]) == {"value", "age_seconds"}  # unchanged
     params = schema["paths"]["/v1/score"]["post"]["parameters"]
     assert "contribution" in next(p for p in params if p["name"] == "explain")["description"]
 
