@@ -51,7 +51,7 @@ class _KafkaPartition(StatefulSourcePartition[KafkaMessage, int]):
                 log.warning("partition %d: resume offset %d not checked against the log (%s); "
                             "the running check will", tp.partition, self._offset, exc)
             else:
-                if self._offset > high:
+                if self._offset > high and not self._holds(self._offset - 1):
                     self._offset = self._reset_offset(
                         f"resume offset {self._offset} lies past the log's end ({high})", low, high)
         consumer.assign([TopicPartition(tp.topic, tp.partition, self._offset)])
@@ -118,7 +118,7 @@ class _KafkaPartition(StatefulSourcePartition[KafkaMessage, int]):
             self._topic_id = topic_id
         if topic_id != self._topic_id:
             why = f"topic {self._tp.topic} was recreated (id {self._topic_id} -> {topic_id})"
-        elif asked_at > high:
+        elif asked_at > high and not self._holds(asked_at - 1):
             why = f"offset {asked_at} lies past the log's end ({high})"
         else:
             return
@@ -130,6 +130,22 @@ class _KafkaPartition(StatefulSourcePartition[KafkaMessage, int]):
             low, high = OFFSET_BEGINNING, OFFSET_END  # resolved by the consumer
         self._offset = self._reset_offset(why, low, high)
         self._consumer.assign([TopicPartition(self._tp.topic, self._tp.partition, self._offset)])
+
+    def _holds(self, offset: int) -> bool:
+        """Whether the log still serves the record at `offset`, one this partition has read,
+        before an end offset below it is believed: Tansu answers a partition's end as the
+        first offset of its last record batch + 1 (1 after one batch of 750 records), while a
+        log that really ended before `offset` cannot serve it (the fetch then waits up to
+        `CHECK_TIMEOUT_S`).  The consumer is re-assigned at the current offset afterwards."""
+        topic, part = self._tp.topic, self._tp.partition
+        self._consumer.assign([TopicPartition(topic, part, offset)])
+        try:
+            msgs = self._consumer.consume(1, CHECK_TIMEOUT_S)
+        except KafkaException:
+            msgs = []
+        finally:
+            self._consumer.assign([TopicPartition(topic, part, self._offset)])
+        return any(m.error() is None and m.offset() == offset for m in msgs)
 
     def _reset_offset(self, why: str, low: int, high: int) -> int:
         new = low if self._reset_to == "earliest" else high
@@ -166,11 +182,12 @@ class KafkaInput(FixedPartitionedSource[KafkaMessage, int]):
     deleted and recreated) keeps the consumer fetching at offsets the new log reaches only
     much later, and Tansu does not answer OFFSET_OUT_OF_RANGE.  So each partition checks,
     when built from a resume offset and then every `check_every_s` while running (without
-    blocking the flow), whether the topic's id changed or its offset lies past the log's end;
-    then it logs a WARNING, counts `fraud_stream_offset_resets_total{partition}` and resumes
-    by `offset_reset` (`STREAMING_OFFSET_RESET`): "earliest" (default) re-reads the new log
-    from its start (events already applied are ignored as duplicates), "latest" skips to its
-    end.  librdkafka applies the same policy (`auto.offset.reset`) where a broker does answer
+    blocking the flow), whether the topic's id changed or its offset lies past the log's end
+    (believed only once the log no longer serves the last record read: Tansu under-reports
+    the end, see `_KafkaPartition._holds`); then it logs a WARNING, counts
+    `fraud_stream_offset_resets_total{partition}` and resumes by `offset_reset`
+    (`STREAMING_OFFSET_RESET`): "earliest" (default) re-reads the new log from its start
+    (events already applied are ignored as duplicates), "latest" skips to its end.  librdkafka applies the same policy (`auto.offset.reset`) where a broker does answer
     OFFSET_OUT_OF_RANGE.  Records of the new log read at the old offsets before the check
     noticed are read again after the reset: nothing is skipped.  Consume errors other than
     the end of a partition are logged and counted (`fraud_stream_source_errors_total`),
