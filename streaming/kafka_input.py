@@ -187,7 +187,8 @@ class KafkaInput(FixedPartitionedSource[KafkaMessage, int]):
     the end, see `_KafkaPartition._holds`); then it logs a WARNING, counts
     `fraud_stream_offset_resets_total{partition}` and resumes by `offset_reset`
     (`STREAMING_OFFSET_RESET`): "earliest" (default) re-reads the new log from its start
-    (events already applied are ignored as duplicates), "latest" skips to its end.  librdkafka applies the same policy (`auto.offset.reset`) where a broker does answer
+    (events already applied are ignored as duplicates), "latest" skips to its end.
+    librdkafka applies the same policy (`auto.offset.reset`) where a broker does answer
     OFFSET_OUT_OF_RANGE.  Records of the new log read at the old offsets before the check
     noticed are read again after the reset: nothing is skipped.  Consume errors other than
     the end of a partition are logged and counted (`fraud_stream_source_errors_total`),
