@@ -5,20 +5,24 @@ backfill's rows are replaced."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
 from feature_repo import history
+from feature_repo.paths import velocity_history_dir
 from tests.conftest import PROJECT
 
 ROWS_PER_BATCH = 7
@@ -170,6 +174,41 @@ def test_a_backfill_replaces_its_rows_in_one_commit_and_keeps_the_streams(
     assert all(v == stream for v in _read_all_ways(directory))
 
 
+def _log(root: Path, users: list[str], per_user: int) -> None:
+    """A transaction log (the simulator's layout) of `per_user` events for each user."""
+    t0 = datetime.now(UTC) - timedelta(days=1)
+    rows = [{"transaction_id": f"{u}-t{i}", "user_id": u, "merchant_id": f"m{i % 3}",
+             "amount": 10.0 + i, "currency": "EUR", "channel": "online",
+             "event_timestamp": t0 + timedelta(minutes=i)}
+            for u in users for i in range(per_user)]
+    day = root / "transactions" / f"date={t0:%Y-%m-%d}"
+    shutil.rmtree(root / "transactions", ignore_errors=True)
+    day.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows).cast(pa.schema([
+        ("transaction_id", pa.string()), ("user_id", pa.string()), ("merchant_id", pa.string()),
+        ("amount", pa.float64()), ("currency", pa.string()), ("channel", pa.string()),
+        ("event_timestamp", pa.timestamp("us", tz="UTC"))])), day / "part-0.parquet")
+
+
+def test_a_backfill_rerun_replaces_its_rows_and_keeps_the_streams(tmp_path: Path) -> None:
+    from streaming.backfill import backfill
+    from streaming.velocity_sink import HistoryWriter
+
+    root = tmp_path / "data"
+    table = velocity_history_dir(root)
+    _log(root, ["b1", "b2"], 5)
+    assert backfill(root) == 10
+    first = history.read(table).slice(0, 1).drop_columns([history.ORIGIN])
+    HistoryWriter(table, history.STREAM).write(
+        [first.set_column(0, "user_id", pa.array(["s1"]))])  # a row the live stream wrote
+    _log(root, ["b3"], 4)  # the log changed: the backfill's rows are now b3's only
+    assert backfill(root) == 4
+    rows = history.read(table, ["user_id", history.ORIGIN]).to_pylist()
+    assert sorted((r["user_id"], r[history.ORIGIN]) for r in rows) == [
+        *[("b3", history.BACKFILL)] * 4, ("s1", history.STREAM)]
+    assert not list(table.parent.glob(".*backfill*"))  # the staging table is gone
+
+
 def test_bad_input_is_refused_and_nothing_changes(tmp_path: Path) -> None:
     directory = tmp_path / "h"
     history.append(directory, _batch("s", 1), history.STREAM)
@@ -183,8 +222,6 @@ def test_bad_input_is_refused_and_nothing_changes(tmp_path: Path) -> None:
 
 
 def test_live_files_of_a_plain_parquet_directory_lists_it(tmp_path: Path) -> None:
-    import pyarrow.parquet as pq
-
     (tmp_path / "d" / "x").mkdir(parents=True)
     pq.write_table(pa.table({"a": [1]}), tmp_path / "d" / "x" / "1.parquet")
     assert history.live_files(tmp_path / "d") == [tmp_path / "d" / "x" / "1.parquet"]
