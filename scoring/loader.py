@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from feast import FeatureStore
 
@@ -29,6 +30,8 @@ from scoring.features import OnlineFeatures
 from scoring.models import Challenger, ModelSet
 from scoring.registry import Mode, Registry, RegistryError, check_consistent
 from scoring.scorer import Scorer, thresholds_for
+
+RegistryState = dict[str, Any] | RegistryError  # what reading the registry gave
 
 
 @dataclass(frozen=True)
@@ -48,19 +51,28 @@ class ModelPlan:
     share: float = 0.0
 
 
-def resolve_plan(settings: ScoringSettings) -> ModelPlan:
-    """The pinned version, else the registry's champion and challenger (fail closed)."""
+def resolve_plan(settings: ScoringSettings, state: RegistryState | None = None) -> ModelPlan:
+    """The pinned version, else the registry's champion and challenger (fail closed).
+
+    `state`: the registry as just read (`Registry.state()` or the RegistryError it raised), to
+    plan from without reading it again; default: read it now."""
     try:
-        return _plan(settings)
+        return _plan(settings, state)
     except RegistryError as exc:
         raise ArtifactError(f"model registry: {exc}") from exc
 
 
-def _plan(settings: ScoringSettings) -> ModelPlan:
+def _plan(settings: ScoringSettings, read: RegistryState | None) -> ModelPlan:
     reg = Registry(settings.model_dir, settings.model_registry_url)
     dev = settings.allow_unregistered_models
+    state: dict[str, Any] | None
     try:
-        state = check_consistent(reg.state()) if reg.exists() else None
+        if read is None:
+            read = reg.state()
+        if isinstance(read, RegistryError):
+            raise read
+        # an empty state: no registered model (or no registry file) at all
+        state = check_consistent(read) if read["versions"] else None
     except RegistryError:
         if not dev:
             raise
@@ -115,12 +127,13 @@ def _scorer(ref: ModelRef, store: FeatureStore, settings: ScoringSettings,
         raise ArtifactError(f"model {artifact.version}: {exc}") from exc
 
 
-def build_model_set(settings: ScoringSettings, store: FeatureStore) -> ModelSet:
+def build_model_set(settings: ScoringSettings, store: FeatureStore,
+                    state: RegistryState | None = None) -> ModelSet:
     """Load and verify every model of the plan (blocking: run it off the event loop).
 
     Raises ArtifactError for anything that must not serve; nothing is half-built.
     """
-    plan = resolve_plan(settings)
+    plan = resolve_plan(settings, state)
     features: dict[str, OnlineFeatures] = {}
     champion = _scorer(plan.champion, store, settings, features)
     challenger = None

@@ -54,6 +54,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 LINEAGE_TAG, CHALLENGER_TAG = "lineage", "challenger"
 MAX_LINEAGE = 100  # champions remembered for rollback
 CONNECT_TIMEOUT_S = 5  # a PostgreSQL registry that does not answer fails fast, not after minutes
+_POOLCLASS = "MLFLOW_SQLALCHEMYSTORE_POOLCLASS"
 Mode = Literal["shadow", "canary"]
 MODES: tuple[Mode, ...] = ("shadow", "canary")
 
@@ -114,16 +115,32 @@ def _client(url: str) -> MlflowClient:
     """
     # A scorer does not report usage to anyone (MLflow sends telemetry unless told not to).
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient  # ~1 s: imported with the first registry call, not per call
+    from mlflow import MlflowClient  # 1-2 s: imported with the first registry call, not per call
 
-    if not url.startswith(("http://", "https://")):
-        engine = sqlalchemy.create_engine(url, poolclass=NullPool)
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    return MlflowClient(tracking_uri=url, registry_uri=url)
+    if url.startswith(("http://", "https://")):
+        return MlflowClient(tracking_uri=url, registry_uri=url)
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+    if _sqlite_file(url) is None:
+        return MlflowClient(tracking_uri=url, registry_uri=url)
+    # SQLite: a connection per query (MLflow's engines are created with the pool class its
+    # variable names, read while the stores are created below), so a registry file that is
+    # replaced, restored from a backup say, is read, not the old file a pooled connection holds.
+    previous = os.environ.get(_POOLCLASS)
+    os.environ[_POOLCLASS] = "NullPool"
+    try:
+        client = MlflowClient(tracking_uri=url, registry_uri=url)
+        client.search_registered_models(max_results=1)  # creates the registry store now
+    finally:
+        if previous is None:
+            os.environ.pop(_POOLCLASS, None)
+        else:
+            os.environ[_POOLCLASS] = previous
+    return client
 
 
 def _code(exc: BaseException) -> str | None:

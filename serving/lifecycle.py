@@ -27,7 +27,7 @@ from typing import Any
 from feast import FeatureStore
 from prometheus_client import Gauge
 
-from scoring.loader import build_model_set, open_store
+from scoring.loader import RegistryState, build_model_set, open_store
 from scoring.metrics import retire
 from scoring.models import ModelSet
 from scoring.registry import Registry, RegistryError, redacted
@@ -59,12 +59,16 @@ class ModelManager:
         store = open_store(settings)
         return cls(settings, store, build_model_set(settings, store))
 
-    def _signature(self) -> Signature:
-        """The registry's current state (blocking: run it off the event loop)."""
+    def _read(self) -> tuple[Signature, RegistryState]:
+        """The registry's current state and its signature (blocking: run it off the loop)."""
         try:
-            return json.dumps(self.registry.state(), sort_keys=True, default=str)
+            state: RegistryState = self.registry.state()
         except RegistryError as exc:
-            return f"error: {exc}"
+            return f"error: {exc}", exc
+        return json.dumps(state, sort_keys=True, default=str), state
+
+    def _signature(self) -> Signature:
+        return self._read()[0]
 
     async def reload(self, only_if_changed: bool = False) -> ModelSet:
         """Build, verify and swap in the model set the registry now describes.
@@ -72,11 +76,11 @@ class ModelManager:
         Raises ArtifactError (the old set keeps serving) if it must not serve.
         """
         async with self._lock:
-            seen = await asyncio.to_thread(self._signature)
+            seen, state = await asyncio.to_thread(self._read)
             if only_if_changed and seen == self._seen:
                 return self.current
             try:
-                new = await asyncio.to_thread(build_model_set, self.settings, self.store)
+                new = await asyncio.to_thread(build_model_set, self.settings, self.store, state)
             except Exception as exc:
                 self._seen, self.last_error = seen, str(exc)
                 metrics.MODEL_RELOADS.labels("refused").inc()
