@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "offline_engines": ("the offline tier on Spark vs DuckDB", "bench.offline_engines:run"),
     "soak": ("the scorer at a fixed open-loop rate for minutes", "bench.soak:run"),
     "explain": ("POST /v1/score with and without ?explain=true", "bench.explain:run"),
+    "cluster": ("scoring on a 3-master Redis Cluster vs one Redis node", "bench.cluster:run"),
 }
 
 
