@@ -4,7 +4,7 @@ The worker is the real `python -m streaming.features` in a subprocess, with its 
 recovery directory and metrics port; it inherits the session environment (test data dir,
 registry, Redis db 15).  Every test uses fresh user ids (not in the simulated data), checks
 the online store through stock `FeatureStore.get_online_features`, and reads the offline
-history (`stream-*.parquet`) back.  Subprocesses are always killed in `finally`; every wait
+history (the Delta table's `stream` rows) back.  Subprocesses are always killed in `finally`; every wait
 is bounded.
 """
 
