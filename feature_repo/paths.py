@@ -26,5 +26,5 @@ def features_dir(root: Path | None = None) -> Path:
 
 
 def velocity_history_dir(root: Path | None = None) -> Path:
-    """Offline history of `user_velocity_fv`: one parquet file per writer batch."""
+    """Offline history of `user_velocity_fv`: a Delta Lake table (`feature_repo.history`)."""
     return features_dir(root) / "user_velocity"
