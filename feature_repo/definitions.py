@@ -62,7 +62,7 @@ merchant_profile_source = FileSource(
 # Offline history of the velocity rows: appended by the live dataflow, replayed by the backfill.
 user_velocity_source = FileSource(
     name="user_velocity_source",
-    path=str(FEATURES_DIR / "user_velocity"),  # a directory of parquet files
+    path=str(FEATURES_DIR / "user_velocity"),  # a Delta table: read its files via feature_repo.history
     file_format=ParquetFormat(),
     timestamp_field="event_timestamp",
     created_timestamp_column="created_timestamp",
