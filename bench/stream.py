@@ -7,10 +7,13 @@ scratch directory), the Kafka dead-letter sink, one worker, recovery snapshots e
 `python -m streaming.features` runs.  *Stock*: the same events, parsed and turned into the same
 velocity rows, written with `FeatureStore.push()` one event at a time (online only).
 
-1. Throughput: N events are produced into a fresh topic of a private Tansu broker first; a
-   worker (`tail=False`) then consumes them to the end and exits.  Its event counter is polled
-   every 0.1 s; the sustained rate is taken between 10% and 90% of the events (start-up and the
-   last partial batch excluded).
+1. Throughput: N events are produced into a fresh topic (4 partitions) of a private Tansu
+   broker first; the dataflow (`tail=False`) then consumes them to the end and exits, once as
+   one process and once as a cluster of 2 processes (`-i k -a ...`, what
+   `python -m streaming.features --processes 2` runs), each run from an empty online store.
+   The event counters are polled every 0.1 s (summed over the processes); the sustained rate
+   is taken between 10% and 90% of the events (start-up and the last partial batch excluded);
+   CPU per event is the CPU time of all processes over the whole run / events.
 2. Freshness: a worker tails another topic while `python -m streaming.produce live` sends
    events open loop at a fixed rate; the worker's `fraud_stream_freshness_seconds` histogram
    (producer timestamp -> online write acknowledged) is read before and after, and its
@@ -79,14 +82,20 @@ def run(sizes: Sizes, section: Section) -> None:
         with TansuBroker(log_path=log_dir / "tansu.log") as broker:
             ensure_topics(broker.bootstrap, partitions={THRU_TOPIC: 4, FRESH_TOPIC: 4,
                                                         DLQ_TOPIC: 1})
-            thru = _throughput(broker.bootstrap, sizes, env, scratch, log_dir)
+            pre = _preload(broker.bootstrap, THRU_TOPIC, sizes.stream_events, sizes.stream_users)
+            thru = _throughput(broker.bootstrap, sizes, env, scratch, log_dir, pre, 1)
+            rdb.flushdb()  # the 2-process run starts from an empty online store too
+            thru2 = _throughput(broker.bootstrap, sizes, env, scratch, log_dir, pre, 2)
+            rdb.flushdb()
             fresh = _freshness(broker.bootstrap, sizes, env, scratch, log_dir)
             push = run_json("stock push", python(
                 "-m", "bench.stream", "push", "--events", str(sizes.push_events), "--rate",
                 str(sizes.fresh_rate), "--window", str(sizes.push_window_s), "--users",
                 str(sizes.stream_users)), env, log_dir / "stream-push.log", timeout_s=900)
-            section.details = {"throughput": thru, "freshness": fresh, "stock_push": push}
+            section.details = {"throughput": thru, "throughput_2_processes": thru2,
+                               "freshness": fresh, "stock_push": push}
             _measures(section, sizes, thru, fresh, push)
+            _process_measures(section, thru, thru2, push)
             if section.missed():
                 section.profiles["ours worker, throughput run again on the same topic (py-spy)"] \
                     = _profile(broker.bootstrap, env, scratch, log_dir)
@@ -115,11 +124,12 @@ def _preload(bootstrap: str, topic: str, n: int, users: int) -> dict[str, Any]:
 
 
 def _worker_argv(bootstrap: str, topic: str, scratch: Path, name: str, port: int,
-                 tail: bool) -> list[str]:
+                 tail: bool, process_id: int = 0, addresses: str = "") -> list[str]:
+    cluster = ["--process-id", str(process_id), "--addresses", addresses] if addresses else []
     return python("-m", "bench.stream", "worker", "--bootstrap", bootstrap, "--topic", topic,
                   "--dlq-topic", DLQ_TOPIC, "--history", str(scratch / f"history-{name}"),
                   "--recovery", str(scratch / f"recovery-{name}"), "--metrics-port", str(port),
-                  *(["--tail"] if tail else []))
+                  *(["--tail"] if tail else []), *cluster)
 
 
 def _scrape(port: int) -> dict[str, Any] | None:
@@ -146,28 +156,60 @@ def _scrape(port: int) -> dict[str, Any] | None:
 
 
 def _throughput(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path,
-                log_dir: Path) -> dict[str, Any]:
+                log_dir: Path, pre: dict[str, Any], processes: int) -> dict[str, Any]:
+    """The pre-loaded topic read to its end by `processes` dataflow processes (one cluster)."""
+    from contextlib import ExitStack
+
+    from streaming.cluster import free_ports
+
     n = sizes.stream_events
-    pre = _preload(bootstrap, THRU_TOPIC, n, sizes.stream_users)
-    port = free_port()
+    ports = _consecutive_ports(processes)
+    addresses = ";".join(f"127.0.0.1:{p}" for p in free_ports(processes)) if processes > 1 else ""
+    name = "thru" if processes == 1 else f"thru{processes}"
     samples: list[tuple[float, float, float]] = []  # (time, events, online rows)
     timeout = 120 + n / 1000  # even 1,000 events/s finishes in time
-    argv = _worker_argv(bootstrap, THRU_TOPIC, scratch, "thru", port, tail=False)
-    with running("stream worker", argv, env, log_dir / "stream-worker.log") as child:
+    logs = [log_dir / f"stream-worker{'' if processes == 1 else f'-{processes}p-{k}'}.log"
+            for k in range(processes)]
+    with ExitStack() as stack:
+        children = [stack.enter_context(running(
+            f"stream worker {k + 1}/{processes}",
+            _worker_argv(bootstrap, THRU_TOPIC, scratch, name, ports[k], tail=False,
+                         process_id=k, addresses=addresses), env, logs[k]))
+            for k in range(processes)]
         t0 = time.perf_counter()
-        while child.alive() and time.perf_counter() - t0 < timeout:
-            m = _scrape(port)
-            if m is not None:
-                samples.append((time.perf_counter(), m["events"], m["rows_online"]))
+        while any(c.alive() for c in children) and time.perf_counter() - t0 < timeout:
+            scraped = [_scrape(port) for port in ports]
+            if all(m is not None for m in scraped):
+                samples.append((time.perf_counter(), sum(m["events"] for m in scraped if m),
+                                sum(m["rows_online"] for m in scraped if m)))
             time.sleep(0.1)
         wall = time.perf_counter() - t0
-        if child.alive():
-            raise BenchError(f"stream worker did not finish {n:,} events in {timeout:.0f}s")
-        if child.exit_code:
-            raise BenchError(f"stream worker failed:\n{log_tail(child.log_path)}")
-    result = _read_result(log_dir / "stream-worker.log")
-    return {"preload": pre, "events": n, "process_wall_s": wall, "worker": result,
-            "sustained": _sustained(samples, n), "samples": len(samples)}
+        if any(c.alive() for c in children):
+            raise BenchError(f"{processes} stream process(es) did not finish {n:,} events in "
+                             f"{timeout:.0f}s")
+        for c in children:
+            if c.exit_code:
+                raise BenchError(f"{c.name} failed:\n{log_tail(c.log_path)}")
+    results = [_read_result(log) for log in logs]
+    worker = {key: sum(r[key] for r in results)
+              for key in ("events", "dlq", "rows_online", "rows_offline", "cpu_s")}
+    worker.update(run_s=max(r["run_s"] for r in results),
+                  peak_rss_mib=sum(r["peak_rss_mib"] for r in results))
+    return {"processes": processes, "preload": pre, "events": n, "process_wall_s": wall,
+            "worker": worker, "per_process": results, "sustained": _sustained(samples, n),
+            "samples": len(samples)}
+
+
+def _consecutive_ports(n: int) -> list[int]:
+    """`n` consecutive free loopback ports (process k's metrics on the first + k)."""
+    from devenv.localproc import port_open
+
+    for _ in range(50):
+        first = free_port()
+        ports = list(range(first, first + n))
+        if ports[-1] < 65536 and not any(port_open("127.0.0.1", p) for p in ports[1:]):
+            return ports
+    raise BenchError(f"no {n} consecutive free loopback ports")
 
 
 def _read_result(log: Path) -> dict[str, Any]:
@@ -334,6 +376,40 @@ def _measures(section: Section, sizes: Sizes, thru: dict[str, Any], fresh: dict[
     ]
 
 
+def _process_measures(section: Section, one: dict[str, Any], two: dict[str, Any],
+                      push: dict[str, Any]) -> None:
+    """1 and 2 dataflow processes side by side (the stock column: `store.push()`, one
+    process, as above)."""
+    r1, r2 = one["sustained"].get("rate"), two["sustained"].get("rate")
+    cpu1 = _per_event_us(one["worker"], "cpu_s", "events")
+    cpu2 = _per_event_us(two["worker"], "cpu_s", "events")
+    section.measures += [
+        Measure("sustained events/s (10-90%), 2 processes", "/s", r2, push["unpaced_rate"],
+                "higher", note=f"1 process: {_fmt(r1)}/s; 2 / 1 = {_ratio(r2, r1)}"),
+        Measure("events/s incl. start-up and last batch, 2 processes", "/s",
+                two["events"] / two["worker"]["run_s"], push["unpaced_rate"], "higher"),
+        Measure("CPU per event, 2 processes (all processes)", "µs", cpu2,
+                _per_event_us(push, "unpaced_cpu_s", "unpaced_events"), "lower",
+                note=f"1 process: {_fmt(cpu1)} µs; the difference is the exchange between "
+                     "the processes (events to their state shard, rows to their sink "
+                     "partition) and the second runtime"),
+    ]
+    section.notes.append(
+        f"Processes: the same {one['events']:,} pre-loaded events (4 partitions) read by 1 "
+        f"process and by a cluster of 2 (`-i k -a ...`), each from an empty online store: "
+        f"{_fmt(r1)} and {_fmt(r2)} events/s sustained, {_fmt(cpu1)} and {_fmt(cpu2)} µs CPU "
+        f"per event.  On a 2-core machine the second process competes with the broker, Redis "
+        f"and this harness for the same cores, so the gain is bounded.")
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:,.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or not b else f"{a / b:.2f}"
+
+
 def _per_event_us(result: dict[str, Any], cpu_key: str, events_key: str) -> float | None:
     cpu, events = result.get(cpu_key), result.get(events_key)
     return cpu / events * 1e6 if cpu is not None and events else None
@@ -357,23 +433,26 @@ def worker_main(a: argparse.Namespace) -> None:
     from prometheus_client import REGISTRY
 
     from streaming import features, metrics
+    from streaming.cluster import parse_addresses
     from streaming.config import get_settings as stream_settings
-    from streaming.recovery import ensure_recovery_dir
+    from streaming.recovery import ensure_recovery_dir, recovery_partitions
     from streaming.sources import KafkaDeadLetterSink
     from streaming.velocity_sink import VelocitySink
 
     logging.basicConfig(level=logging.WARNING)
     st = stream_settings()
+    addresses = parse_addresses(a.addresses) if a.addresses else None
+    processes = len(addresses) if addresses else 1
     metrics.start_metrics_server("127.0.0.1", a.metrics_port)
-    ensure_recovery_dir(a.recovery, 1)
+    ensure_recovery_dir(a.recovery, recovery_partitions(1, processes), a.process_id, processes)
     source = features.kafka_source(a.bootstrap, a.topic, tail=a.tail)
-    sink = VelocitySink(st.feature_repo, a.history, prefix="bench")
+    sink = VelocitySink(st.feature_repo, a.history, partitions=processes, prefix="bench")
     dlq_sink = KafkaDeadLetterSink(a.bootstrap, a.dlq_topic)
-    flow = features.live_flow(source, sink, dlq_sink, st)
+    flow = features.live_flow(source, sink, dlq_sink, st, workers=processes)
     features.tune_gc()  # what `streaming.features.main` does to the heap after start-up
     t0, cpu0 = time.perf_counter(), _cpu_s()
-    cli_main(flow, workers_per_process=1,
-             epoch_interval=timedelta(seconds=st.snapshot_interval_s),
+    cli_main(flow, workers_per_process=1, process_id=a.process_id if addresses else None,
+             addresses=addresses, epoch_interval=timedelta(seconds=st.snapshot_interval_s),
              recovery_config=RecoveryConfig(str(a.recovery)))
     run_s = time.perf_counter() - t0
 
@@ -477,6 +556,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--recovery", type=Path, required=True)
     w.add_argument("--metrics-port", type=int, required=True)
     w.add_argument("--tail", action="store_true")
+    w.add_argument("--process-id", type=int, default=0)  # of a cluster (`--addresses`)
+    w.add_argument("--addresses", default="")
     ps = sub.add_parser("push")
     ps.add_argument("--events", type=int, required=True)
     ps.add_argument("--rate", type=float, required=True)
