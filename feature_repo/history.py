@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -51,8 +52,9 @@ def live_files(directory: Path) -> list[Path]:
     """The parquet files holding the rows of the source at `directory`: for a Delta table, the
     files of its latest version (from its log, never the directory listing); for a plain
     directory of parquet files, all of them."""
-    if is_table(directory):
-        return [Path(uri.removeprefix("file://")) for uri in DeltaTable(str(directory)).file_uris()]
+    if is_table(directory):  # URIs, percent-encoded
+        return [Path(unquote(uri.removeprefix("file://")))
+                for uri in DeltaTable(str(directory)).file_uris()]
     return sorted(directory.glob("**/*.parquet"))
 
 

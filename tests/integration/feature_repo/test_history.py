@@ -221,6 +221,13 @@ def test_bad_input_is_refused_and_nothing_changes(tmp_path: Path) -> None:
     assert _read_all_ways(directory)[0] == {"s-0"}
 
 
+def test_live_files_are_paths_on_disk_whatever_the_directory_name(tmp_path: Path) -> None:
+    directory = tmp_path / "data dir é" / "h"  # (a literal % breaks delta-rs itself)
+    history.append(directory, pa.table({"a": [1]}), history.STREAM)
+    files = history.live_files(directory)
+    assert len(files) == 1 and files[0].is_file() and directory in files[0].parents
+
+
 def test_live_files_of_a_plain_parquet_directory_lists_it(tmp_path: Path) -> None:
     (tmp_path / "d" / "x").mkdir(parents=True)
     pq.write_table(pa.table({"a": [1]}), tmp_path / "d" / "x" / "1.parquet")
