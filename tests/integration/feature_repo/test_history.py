@@ -28,36 +28,38 @@ from tests.conftest import PROJECT
 ROWS_PER_BATCH = 7
 
 # One stream process appending `n` flushes of ROWS_PER_BATCH rows, row ids
-# "<tag>-<flush>-<row>", each flush one commit: through the dataflow's own HistoryWriter, or
-# `history.append` under it (which imports in a second, not ten).
+# "<tag>-<flush>-<row>", each flush one commit (`history.append`, under the dataflow's
+# HistoryWriter), from `start` (epoch seconds) on; prints when it started and ended.
 APPENDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import pyarrow as pa
+    from feature_repo import history
     directory, tag, n, pause = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    if sys.argv[5] == "writer":
-        from streaming.velocity_sink import HistoryWriter
-        write = HistoryWriter(directory, "stream").write
-    else:
-        from feature_repo import history
-        def write(tables): history.append(directory, pa.concat_tables(tables), "stream")
+    time.sleep(max(0.0, float(sys.argv[5]) - time.time()))
+    began = time.time()
     for b in range(n):
         ids = [f"{tag}-{b}-{r}" for r in range(ROWS)]
-        write([pa.table({"id": ids, "batch": [f"{tag}-{b}"] * len(ids)})])
+        history.append(directory, pa.table({"id": ids, "batch": [f"{tag}-{b}"] * len(ids)}),
+                       "stream")
         time.sleep(pause)
+    print(began, time.time())
 """).replace("ROWS", str(ROWS_PER_BATCH))
 
 
 def _appender(directory: Path, tag: str, n: int, pause: float = 0.0,
-              via: str = "append") -> subprocess.Popen[str]:
+              start: float = 0.0) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", APPENDER, str(directory), tag, str(n),
-                             str(pause), via], cwd=PROJECT, stdout=subprocess.PIPE,
+                             str(pause), str(start)], cwd=PROJECT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(proc: subprocess.Popen[str]) -> None:
+def _wait(proc: subprocess.Popen[str]) -> tuple[float, float]:
+    """When the appender started and ended appending."""
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
+    began, ended = out.split()[-2:]
+    return float(began), float(ended)
 
 
 def _check(ids: list[str], batches: list[str], where: str) -> set[str]:
@@ -88,9 +90,10 @@ def _read_all_ways(directory: Path) -> list[set[str]]:
 
 def test_appends_from_two_processes_all_land(tmp_path: Path) -> None:
     directory = tmp_path / "h"  # both processes create the table: they race from the start
-    procs = [_appender(directory, tag, 40, via="writer") for tag in ("a", "b")]
-    for p in procs:
-        _wait(p)
+    start = time.time() + 3  # both imported by then
+    procs = [_appender(directory, tag, 40, start=start) for tag in ("a", "b")]
+    (a_began, a_ended), (b_began, b_ended) = (_wait(p) for p in procs)
+    assert a_began < b_ended and b_began < a_ended  # they did append at the same time
     expected = {f"{tag}-{b}" for tag in ("a", "b") for b in range(40)}
     for seen in _read_all_ways(directory):
         assert seen == expected
