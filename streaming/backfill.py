@@ -63,6 +63,9 @@ class _CountedLogSource(ParquetLogSource):
         return _CountedPartition(super().build_part(step_id, for_part, resume_state), self._bar)
 
 
+STALE_STAGING_S = 86_400.0
+
+
 def backfill(root: Path | None = None, batch_size: int = 5000) -> int:
     """Rebuild the backfill rows of the velocity history; return their number."""
     root = root or data_dir()
@@ -71,7 +74,11 @@ def backfill(root: Path | None = None, batch_size: int = 5000) -> int:
     dlq = root / "dlq" / "backfill"
     for old in dlq.parent.glob("backfill.*.jsonl"):
         old.unlink()
-    # next to the table (same storage), hidden from anything listing the features directory
+    # next to the table (same storage), hidden from anything listing the features directory;
+    # a killed run's is removed by the next run a day later (no backfill runs that long)
+    for stale in out.parent.glob(f".{out.name}-backfill-*"):
+        if time.time() - stale.stat().st_mtime > STALE_STAGING_S:
+            shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-backfill-", dir=out.parent))
     events = sum(pq.ParquetFile(f).metadata.num_rows
                  for f in transactions_dir(root).glob("*/*.parquet"))

@@ -5,6 +5,7 @@ backfill's rows are replaced."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -205,11 +206,16 @@ def test_a_backfill_rerun_replaces_its_rows_and_keeps_the_streams(tmp_path: Path
     HistoryWriter(table, history.STREAM).write(
         [first.set_column(0, "user_id", pa.array(["s1"]))])  # a row the live stream wrote
     _log(root, ["b3"], 4)  # the log changed: the backfill's rows are now b3's only
+    killed, running = (table.parent / f".{table.name}-backfill-{n}" for n in ("killed", "running"))
+    killed.mkdir()  # a staging table a SIGKILLed run left two days ago, and one being written
+    os.utime(killed, (time.time() - 2 * 86_400,) * 2)
+    running.mkdir()
     assert backfill(root) == 4
     rows = history.read(table, ["user_id", history.ORIGIN]).to_pylist()
     assert sorted((r["user_id"], r[history.ORIGIN]) for r in rows) == [
         *[("b3", history.BACKFILL)] * 4, ("s1", history.STREAM)]
-    assert not list(table.parent.glob(".*backfill*"))  # the staging table is gone
+    # its own staging table is gone, and the killed run's
+    assert list(table.parent.glob(".*backfill*")) == [running]
 
 
 def test_bad_input_is_refused_and_nothing_changes(tmp_path: Path) -> None:
