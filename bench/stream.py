@@ -31,6 +31,7 @@ import json
 import resource
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ from bench.procs import (
     running,
 )
 from bench.report import Measure, Section, Target
+from devenv.localproc import port_open
+from streaming.cluster import free_ports
 
 THROUGHPUT_TARGET = 20_000.0  # events/s, one worker
 FRESHNESS_P99_TARGET_MS = 1000.0  # at 5,000 events/s (the full size)
@@ -158,16 +161,13 @@ def _scrape(port: int) -> dict[str, Any] | None:
 def _throughput(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path,
                 log_dir: Path, pre: dict[str, Any], processes: int) -> dict[str, Any]:
     """The pre-loaded topic read to its end by `processes` dataflow processes (one cluster)."""
-    from contextlib import ExitStack
-
-    from streaming.cluster import free_ports
-
     n = sizes.stream_events
     ports = _consecutive_ports(processes)
     addresses = ";".join(f"127.0.0.1:{p}" for p in free_ports(processes)) if processes > 1 else ""
     name = "thru" if processes == 1 else f"thru{processes}"
     samples: list[tuple[float, float, float]] = []  # (time, events, online rows)
-    timeout = 120 + n / 1000  # even 1,000 events/s finishes in time
+    # start-up (imports, the cluster) on a busy machine, then even 1,000 events/s finishes
+    timeout = get_settings().server_start_timeout_s + n / 1000
     logs = [log_dir / f"stream-worker{'' if processes == 1 else f'-{processes}p-{k}'}.log"
             for k in range(processes)]
     with ExitStack() as stack:
@@ -202,8 +202,6 @@ def _throughput(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path
 
 def _consecutive_ports(n: int) -> list[int]:
     """`n` consecutive free loopback ports (process k's metrics on the first + k)."""
-    from devenv.localproc import port_open
-
     for _ in range(50):
         first = free_port()
         ports = list(range(first, first + n))
