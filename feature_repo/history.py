@@ -20,6 +20,7 @@ commit.  Compaction and vacuum are the format's own (`training.compact_history`)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
@@ -27,11 +28,14 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import DeltaError
+from deltalake.exceptions import CommitFailedError, DeltaError
+
+log = logging.getLogger(__name__)
 
 ORIGIN = "origin"
 STREAM = "stream"
 BACKFILL = "backfill"
+REPLACE_ATTEMPTS = 3
 DELETED_FILE_RETENTION = "interval 1 hours"
 """How long a file a commit removed (compaction, backfill) stays on disk for readers that
 listed it before: `vacuum` deletes it only after this (the table's
@@ -109,8 +113,9 @@ def append(directory: Path, table: pa.Table, origin: str) -> None:
 def replace(directory: Path, source: Path, origin: str) -> int:
     """Make the rows of the history table at `source` the only rows of `origin` in the table at
     `directory`, in one commit (an overwrite whose predicate is the origin; no source table:
-    a delete of the origin's rows); rows of other origins are kept.  Streams `source` batch by
-    batch; returns the number of rows."""
+    a delete of the origin's rows); rows of other origins are kept, and appends to them may
+    go on meanwhile.  Streams `source` batch by batch; if a compaction of the origin's files
+    commits first, writes again (`REPLACE_ATTEMPTS` in all).  Returns the number of rows."""
     predicate = f"{ORIGIN} = '{_checked(origin)}'"
     if not is_table(source):
         if is_table(directory):
@@ -120,19 +125,24 @@ def replace(directory: Path, source: Path, origin: str) -> int:
     columns = [f for f in data.schema if f.name != ORIGIN]
     schema = pa.schema([*columns, pa.field(ORIGIN, pa.string())])
     _create(directory, schema)
-    rows = 0
 
     def batches() -> Iterator[pa.RecordBatch]:
-        nonlocal rows
         for batch in data.to_batches(columns=[f.name for f in columns]):
-            rows += batch.num_rows
             yield pa.RecordBatch.from_arrays(
                 [*batch.columns, pa.array([origin] * batch.num_rows, pa.string())],
                 schema=schema)
 
-    write_deltalake(str(directory), pa.RecordBatchReader.from_batches(schema, batches()),
-                    mode="overwrite", predicate=predicate)
-    return rows
+    for attempt in range(1, REPLACE_ATTEMPTS + 1):
+        try:
+            write_deltalake(str(directory), pa.RecordBatchReader.from_batches(schema, batches()),
+                            mode="overwrite", predicate=predicate)
+            break
+        except CommitFailedError:  # a compaction rewrote this origin's files meanwhile
+            if attempt == REPLACE_ATTEMPTS:
+                raise
+            log.warning("history %s: %s rows changed while being replaced; writing again",
+                        directory, origin)
+    return int(data.count_rows())
 
 
 def _checked(origin: str) -> str:

@@ -15,14 +15,22 @@ every training retrieval opens each of them.  `python -m training.compact_histor
   reads them for less than that) and files of writes that crashed before their commit.
 
 A crash at any point loses nothing: a compaction that did not commit changed nothing (its
-files are never read, and a later vacuum deletes them).  Two runs at once, or a run and a
-backfill that replaced the files being merged, conflict at commit: the run that loses reports
-`conflict` and changes nothing; the next period compacts again.
+files are never read, and a later vacuum deletes them).  A compaction and a backfill that
+replaced the same files conflict at commit: the compaction, if it loses, reports `conflict`
+and changes nothing (the next period compacts again); the backfill retries its commit.
+
+One run at a time per table: deltalake 1.6.6 lets two compactions of the same files both
+commit (its conflict checker passes a concurrent remove whose `dataChange` is false, as a
+compaction's is), and each adds a merged copy of the rows: duplicates.  So a run holds an
+`flock` on `.<table>.compaction.lock` next to the table, and a run that finds it taken does
+nothing (`busy`).  That serialises runs on one filesystem; with the table on object storage,
+run one compactor (one service, or a CronJob that forbids concurrent runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import time
 from dataclasses import dataclass
@@ -49,23 +57,34 @@ class Compaction:
     files_added: int = 0  # merged files it put in
     files_vacuumed: int = 0  # files deleted from storage
     version: int | None = None  # the table's version afterwards (None: no table yet)
+    outcome: str = "ok"  # or "busy" (another run holds the lock), "conflict" (nothing changed)
 
 
 def compact(directory: Path | None = None, target_mb: float = TARGET_MB,
-            retention_hours: int | None = None) -> Compaction | None:
+            retention_hours: int | None = None) -> Compaction:
     """One run over the history table at `directory` (default: the velocity history): compact,
     then vacuum files unused for `retention_hours` (default: the table's retention; a shorter
-    one may delete files a running retrieval still reads).  None if the compaction lost a
-    commit conflict (another compaction, or a backfill, changed the same files first)."""
+    one may delete files a running retrieval still reads).  Outcome `busy` if another run
+    holds the lock, `conflict` if a backfill changed the same files first; then nothing
+    changed."""
     directory = directory or velocity_history_dir()
     if not history.is_table(directory):  # nothing written yet
         return Compaction()
-    table = DeltaTable(str(directory))
+    with (directory.parent / f".{directory.name}.compaction.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return Compaction(outcome="busy")
+        return _compact(directory, target_mb, retention_hours)
+
+
+def _compact(directory: Path, target_mb: float, retention_hours: int | None) -> Compaction:
+    table = DeltaTable(str(directory))  # loaded under the lock: no other run's stale snapshot
     try:
         metrics = table.optimize.compact(target_size=int(target_mb * 2**20))
     except CommitFailedError as exc:
         log.warning("compaction not committed: %s", exc)
-        return None
+        return Compaction(version=table.version(), outcome="conflict")
     vacuumed = table.vacuum(
         retention_hours=retention_hours,
         dry_run=False, enforce_retention_duration=retention_hours is None, full=True)
@@ -101,10 +120,8 @@ def run_forever(directory: Path | None, target_mb: float, retention_hours: int |
             log.exception("history compaction failed")
             runs.labels("failed").inc()
         else:
-            if r is None:
-                runs.labels("conflict").inc()
-            else:
-                runs.labels("ok").inc()
+            runs.labels(r.outcome).inc()
+            if r.outcome == "ok":
                 files.labels("removed").inc(r.files_removed)
                 files.labels("added").inc(r.files_added)
                 files.labels("vacuumed").inc(r.files_vacuumed)
@@ -136,9 +153,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     t0 = time.perf_counter()
     r = compact(a.dir, a.target_mb, a.retain_hours)
-    if r is None:
-        print("compaction: lost a commit conflict (another compaction or a backfill); "
-              "nothing changed")
+    if r.outcome == "busy":
+        print("compaction: another run holds the lock; nothing done")
+        return
+    if r.outcome == "conflict":
+        print("compaction: a backfill changed the same files first; nothing changed")
         return
     print(f"compaction: {summary(r)}; {time.perf_counter() - t0:.1f}s")
 

@@ -4,9 +4,11 @@ row a stock reader sees; the job's CLI and service loop."""
 from __future__ import annotations
 
 import copy
+import fcntl
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,44 @@ def test_backfill_rows_are_compacted_in_their_own_partition(tmp_path: Path) -> N
         "origin=backfill", "origin=stream"]
 
 
+def test_one_run_at_a_time_so_two_runs_never_duplicate_rows(tmp_path: Path) -> None:
+    """deltalake 1.6.6 commits two compactions of the same files both, each adding a copy of
+    the rows; the job's lock keeps a second run out (here with the real thing: runs in threads
+    and a held lock)."""
+    directory = tmp_path / "h"
+    _small_commits(directory, 30)
+    lock = tmp_path / ".h.compaction.lock"
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert compact(directory).outcome == "busy"
+        assert len(history.live_files(directory)) == 30
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: compact(directory), range(4)))
+    assert sorted(r.outcome for r in runs).count("ok") >= 1
+    assert sum(r.files_removed for r in runs) == 30
+    assert history.read(directory).num_rows == 60  # never twice
+
+
+def test_a_backfill_during_compactions_leaves_exactly_its_rows(tmp_path: Path) -> None:
+    """A compaction that rewrites the backfill's files while the backfill replaces them: one of
+    the two commits first, the other conflicts (the compaction gives up, the backfill writes
+    again); either way the table ends with the stream's rows and the new backfill's."""
+    directory = tmp_path / "h"
+    _small_commits(directory, 3)
+    for i in range(40):
+        history.append(directory, pa.table({"user_id": [f"old{i}"], "v": [i]}), history.BACKFILL)
+    new = tmp_path / "new"
+    for i in range(40):
+        history.append(new, pa.table({"user_id": [f"new{i}"], "v": [i]}), history.BACKFILL)
+    with ThreadPoolExecutor(2) as pool:
+        compaction = pool.submit(compact, directory)
+        assert history.replace(directory, new, history.BACKFILL) == 40
+        assert compaction.result().outcome in ("ok", "conflict")
+    users = history.read(directory)["user_id"].to_pylist()
+    assert sorted(users) == sorted([f"u{i}" for i in range(3)] + [f"v{i}" for i in range(3)]
+                                   + [f"new{i}" for i in range(40)])
+
+
 def test_cli_reports_what_it_did(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     directory = tmp_path / "h"
     _small_commits(directory, 4)
@@ -141,6 +181,10 @@ def test_cli_reports_what_it_did(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "4 files compacted into 1, 0 unused files vacuumed" in capsys.readouterr().out
     main(["--dir", str(directory), "--retain-hours", "0"])
     assert "0 files compacted into 0, 4 unused files vacuumed" in capsys.readouterr().out
+    with (tmp_path / ".h.compaction.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        main(["--dir", str(directory)])
+    assert "another run holds the lock; nothing done" in capsys.readouterr().out
     assert len(list(directory.glob("**/*.parquet"))) == 1
 
 
