@@ -47,7 +47,7 @@ pytestmark = pytest.mark.integration
 END = datetime(SIM_END.year, SIM_END.month, SIM_END.day, tzinfo=UTC)
 T = END + timedelta(hours=1)
 RESPONSE_FIELDS = {"transaction_id", "score", "decision", "model_version", "feature_service",
-                   "missing_features", "features"}
+                   "missing_features", "features", "explanation"}
 USER_PROFILE = {"user_txn_count_30d", "user_amount_mean_30d", "user_amount_std_30d",
                 "user_distinct_merchants_30d", "user_account_age_days", "user_utc_offset_hours",
                 "user_usual_hour_30d"}
@@ -173,7 +173,7 @@ def test_score_known_transaction(client: TestClient, known: dict[str, Any],
     assert out["model_version"] == metadata["version"]
     assert out["feature_service"] == metadata["feature_service"] == "fraud_model_v1"
     assert out["missing_features"] == []
-    assert out["features"] is None  # only with ?explain=true
+    assert out["features"] is None and out["explanation"] is None  # only with ?explain=true
     assert out["decision"] == expected_decision(out["score"], metadata)
 
 
@@ -235,8 +235,9 @@ def test_explain_returns_every_model_input(client: TestClient, known: dict[str, 
     assert predict(trained_artifact, metadata, feats) == pytest.approx(out["score"], abs=1e-12)
     # explain changes nothing about the answer
     plain = client.post("/v1/score", json=body).json()
-    assert {k: v for k, v in out.items() if k != "features"} == {
-        k: v for k, v in plain.items() if k != "features"}
+    assert {k: v for k, v in out.items() if k not in ("features", "explanation")} == {
+        k: v for k, v in plain.items() if k not in ("features", "explanation")}
+    assert plain["explanation"] is None and out["explanation"]["method"] == "tree_shap"
 
 
 def test_unknown_user_and_merchant_are_scored(client: TestClient, known: dict[str, Any],
