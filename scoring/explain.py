@@ -151,6 +151,7 @@ def explainer_for(artifact: Artifact) -> TreeShap | None:
 
 
 def is_built(artifact: Artifact) -> bool:
+    """Whether `explainer_for(artifact)` would answer at once (built, or known to be None)."""
     return artifact.model in _EXPLAINERS
 
 
