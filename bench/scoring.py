@@ -37,6 +37,10 @@ from bench.report import Measure, Section, Target
 HOST = "127.0.0.1"
 P99_TARGET_MS = 5.0
 PEAK_RATIO_TARGET = 5.0
+# CPU per scored request over CPU per trivial request (GET /health) on the same server, same run
+COST_RATIO_TARGET = 2.5
+BATCH_RATE = 50.0  # batches/s, open loop
+BATCH_P99_TARGETS_MS = {100: 5.0, 1000: 30.0}  # rows per batch -> p99 target
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class Server:
     body: Callable[[int, float], bytes]
     wrk_bodies: list[str]  # bodies with "__TS__" where the time goes
     wrk_ts_lua: str
+    batch_path: str = ""
+    # (rows per batch, request index, wall-clock epoch seconds) -> JSON body of a batch
+    batch_body: Callable[[int, int, float], bytes] | None = None
 
 
 def _iso(wall: float) -> str:
@@ -90,16 +97,29 @@ def ours_server(pool: list[dict[str, Any]], port: int, workers: int) -> Server:
         return (b'{"transaction_id":"b%d",' % i + parts[i % len(parts)] + _iso(wall).encode()
                 + b'"}')
 
+    def batch(rows: int, i: int, wall: float) -> bytes:
+        ts = _iso(wall).encode() + b'"}'
+        txns = (b'{"transaction_id":"b%d-%d",' % (i, j) + parts[(i * rows + j) % len(parts)] + ts
+                for j in range(rows))
+        return b'{"transactions":[' + b",".join(txns) + b"]}"
+
     wrk = [b'{"transaction_id":"w",'.decode() + p.decode() + '__TS__"}' for p in parts[:2000]]
     return Server("ours", python("-m", "serving", "--host", HOST, "--port", str(port),
                                  "--workers", str(workers)),
-                  "/ready", "/v1/score", body, wrk, 'os.date("!%Y-%m-%dT%H:%M:%S+00:00")')
+                  "/ready", "/v1/score", body, wrk, 'os.date("!%Y-%m-%dT%H:%M:%S+00:00")',
+                  "/v1/score/batch", batch)
 
 
 def stock_server(pool: list[dict[str, Any]], port: int, workers: int, service: str) -> Server:
     parts = []
+    cols: dict[str, list[str]] = {k: [] for k in ("user_id", "merchant_id", "txn_amount",
+                                                  "txn_channel")}
     for r in pool:
         m, a = json.dumps(r["merchant_id"]), round(float(r["amount"]), 2)
+        cols["user_id"].append(json.dumps(r["user_id"]))
+        cols["merchant_id"].append(m)
+        cols["txn_amount"].append(str(a))
+        cols["txn_channel"].append(json.dumps(r["channel"]))
         parts.append((
             f'{{"feature_service":{json.dumps(service)},"entities":{{"user_id":'
             f'[{json.dumps(r["user_id"])}],"merchant_id":[{m}],"txn_amount":[{a}],'
@@ -110,6 +130,18 @@ def stock_server(pool: list[dict[str, Any]], port: int, workers: int, service: s
     def body(i: int, wall: float) -> bytes:
         return parts[i % len(parts)] + str(int(wall * 1e6)).encode() + b"]}}"
 
+    def batch(rows: int, i: int, wall: float) -> bytes:
+        picks = [(i * rows + j) % len(parts) for j in range(rows)]
+
+        def col(name: str) -> str:
+            return "[" + ",".join(cols[name][k] for k in picks) + "]"
+
+        ts = str(int(wall * 1e6))
+        return (f'{{"feature_service":{json.dumps(service)},"entities":{{"user_id":'
+                f'{col("user_id")},"merchant_id":{col("merchant_id")},"txn_amount":'
+                f'{col("txn_amount")},"txn_merchant_id":{col("merchant_id")},"txn_channel":'
+                f'{col("txn_channel")},"request_ts_us":[{",".join([ts] * rows)}]}}}}').encode()
+
     wrk = [p.decode() + "__TS__]}}" for p in parts[:2000]]
     feast = [str(Path(sys.executable).parent / "feast"), "--log-level", "WARNING",
              "-c", "feature_repo"]
@@ -117,18 +149,36 @@ def stock_server(pool: list[dict[str, Any]], port: int, workers: int, service: s
                             "--no-access-log", "--max-requests", "0", "--max-requests-jitter",
                             "0", "--keep-alive-timeout", "30"],
                   "/health", "/get-online-features", body, wrk,
-                  'string.format("%d", os.time() * 1000000)')
+                  'string.format("%d", os.time() * 1000000)', "/get-online-features", batch)
 
 
-def request_factory(server: Server, port: int) -> loadgen.RequestFactory:
-    head = (f"POST {server.path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+def request_factory(server: Server, port: int, rows: int | None = None
+                    ) -> loadgen.RequestFactory:
+    """Requests for `server.path`, or, with `rows`, batches of that many for `batch_path`."""
+    body = server.body
+    if rows is not None:
+        if server.batch_body is None:
+            raise BenchError(f"{server.name} has no batch endpoint")
+        batch_body, n = server.batch_body, rows
+
+        def body(i: int, wall: float) -> bytes:
+            return batch_body(n, i, wall)
+
+    path = server.path if rows is None else server.batch_path
+    head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
             "Content-Type: application/json\r\nContent-Length: ").encode()
 
     def make(i: int, wall: float) -> bytes:
-        b = server.body(i, wall)
+        b = body(i, wall)
         return head + str(len(b)).encode() + b"\r\n\r\n" + b
 
     return make
+
+
+def trivial_factory(port: int, path: str = "/health") -> loadgen.RequestFactory:
+    """GET `path`: the same server stack answering without doing any work of its own."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    return lambda i, wall: request
 
 
 def _validate(server: Server, port: int, n: int = 20) -> dict[str, Any]:
@@ -180,6 +230,10 @@ def _measure(server: Server, child: Child, port: int, sizes: Sizes) -> dict[str,
     cpu = _cpu_seconds(child.pid) - cpu0
     res["open_loop"] = run.summary()
     res["server_cpu_ms_per_request"] = cpu * 1000 / max(run.completed, 1)
+    res["cost"] = cpu_cost(child.pid, port, make, trivial_factory(port),
+                           min(sizes.score_duration_s, 10.0), sizes.score_connections)
+    res["batches"] = {rows: batch_latency(server, port, rows, sizes) for rows in
+                      BATCH_P99_TARGETS_MS}
     if loadgen.wrk_available():
         peak = loadgen.wrk_closed_loop(
             HOST, port, server.path, loadgen.wrk_script(server.wrk_bodies, server.wrk_ts_lua),
@@ -192,10 +246,66 @@ def _measure(server: Server, child: Child, port: int, sizes: Sizes) -> dict[str,
     return res
 
 
+def cpu_cost(pid: int, port: int, make: loadgen.RequestFactory,
+             trivial: loadgen.RequestFactory, seconds: float, connections: int,
+             rounds: int = 2) -> dict[str, Any]:
+    """CPU seconds of the server's processes per request: the real requests (`make`) and a
+    trivial one (`trivial`, GET /health) on the same server, each as fast as it answers
+    (closed loop, `connections` connections).
+
+    Host-independent where wall time is not: a slower host stretches both alike.  Closed loop,
+    because at a low fixed rate every request pays the event loop's wake-up and system calls
+    alone, a fixed cost that hides the difference between the two; at saturation that cost is
+    shared, as it is in production at capacity.  The two alternate `rounds` times,
+    `seconds / rounds` each, so a drift in the host's speed weighs on both; the server's idle
+    CPU (its timers, a registry poller) over one second is recorded too.
+    """
+    cpu0 = _cpu_seconds(pid)
+    time.sleep(1.0)
+    out: dict[str, Any] = {"seconds": seconds, "rounds": rounds, "connections": connections,
+                           "idle_cpu_ms_per_s": (_cpu_seconds(pid) - cpu0) * 1000}
+    totals = {"score": [0.0, 0], "trivial": [0.0, 0]}
+    statuses: dict[str, dict[str, int]] = {"score": {}, "trivial": {}}
+    for _ in range(rounds):
+        for name, factory in (("trivial", trivial), ("score", make)):
+            cpu0 = _cpu_seconds(pid)
+            run = loadgen.closed_loop(HOST, port, factory, seconds / rounds, connections)
+            totals[name][0] += _cpu_seconds(pid) - cpu0
+            totals[name][1] += run.completed
+            for code, n in run.statuses.items():
+                statuses[name][str(code)] = statuses[name].get(str(code), 0) + n
+    for name, (cpu, done) in totals.items():
+        out[f"{name}_cpu_ms_per_request"] = cpu * 1000 / max(int(done), 1)
+        out[f"{name}_per_s"] = done / seconds
+    out["statuses"] = statuses
+    out["ratio"] = out["score_cpu_ms_per_request"] / max(out["trivial_cpu_ms_per_request"], 1e-9)
+    return out
+
+
+def batch_latency(server: Server, port: int, rows: int, sizes: Sizes) -> dict[str, Any]:
+    """Open-loop latency of batches of `rows` transactions at BATCH_RATE batches/s."""
+    make = request_factory(server, port, rows)
+    loadgen.open_loop(HOST, port, make, BATCH_RATE, 1.0, sizes.score_connections, drain_s=5)
+    run = loadgen.open_loop(HOST, port, make, BATCH_RATE, min(sizes.score_duration_s, 20.0),
+                            sizes.score_connections, drain_s=5)
+    return run.summary()
+
+
+def server_env(dataset: Dataset) -> dict[str, str]:
+    """The servers' environment: the data set's, without prometheus_client's multiprocess
+    directory, which importing Feast sets in this process: inherited, it would put a
+    single-process server's metrics in files (every update a memory-mapped write), which is
+    not how it runs in production.  `python -m serving --workers N` makes its own."""
+    env = dataset.env(SERVING_LOG_LEVEL="WARNING")
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR"):
+        env.pop(name, None)
+    return env
+
+
 def _serve_and_measure(server: Server, dataset: Dataset, sizes: Sizes, log_dir: Path
                        ) -> dict[str, Any]:
     port = _port(server)
-    env = dataset.env(SERVING_LOG_LEVEL="WARNING")
+    env = server_env(dataset)
     with running(server.name, server.argv, env, log_dir / f"{server.name}-server.log") as child:
         t0 = time.perf_counter()
         wait_http(f"http://{HOST}:{port}{server.ready_path}", child,
@@ -224,6 +334,12 @@ def run(sizes: Sizes, section: Section) -> None:
         f"loop for {sizes.score_peak_duration_s:.0f} s, {sizes.score_connections} connections "
         f"({'wrk, 1 thread' if loadgen.wrk_available() else 'bench.loadgen closed loop'}). "
         "Client and server share the machine's cores; the servers run one at a time.",
+        f"CPU per request: the server's process tree, user + system (psutil), over "
+        f"{min(sizes.score_duration_s, 10.0):.0f} s of each request kind, closed loop over "
+        f"{sizes.score_connections} connections, scoring and GET /health alternated twice on "
+        "the same server; host-independent where latency is not. Batches: "
+        f"{BATCH_RATE:.0f} batches/s open loop for {min(sizes.score_duration_s, 20.0):.0f} s "
+        "each size, after a 1 s warm-up.",
     ]
     ours = ours_server(pool, free_port(), s.workers)
     ours_res = _serve_and_measure(ours, dataset, sizes, log_dir)
@@ -252,7 +368,7 @@ def _profile(server: Server, dataset: Dataset, sizes: Sizes, log_dir: Path) -> s
 
     s = get_settings()
     port = _port(server)
-    with running(server.name, server.argv, dataset.env(SERVING_LOG_LEVEL="WARNING"),
+    with running(server.name, server.argv, server_env(dataset),
                  log_dir / f"{server.name}-server.log") as child:
         wait_http(f"http://{HOST}:{port}{server.ready_path}", child, s.server_start_timeout_s)
         make = request_factory(server, port)
@@ -318,6 +434,23 @@ def _measures(section: Section, ours: dict[str, Any], stock: dict[str, Any],
                 stock["peak"]["throughput"], "higher", Target(">=", PEAK_RATIO_TARGET, "ratio"),
                 note=f"ours {_peak_errors(ours['peak'])}; stock {_peak_errors(stock['peak'])}"),
     ]
+    oc, sc = ours["cost"], stock["cost"]
+    section.measures.append(Measure(
+        "CPU per request / CPU per GET /health request, same server", "x", oc["ratio"],
+        sc["ratio"], "lower", Target("<=", COST_RATIO_TARGET),
+        note=f"ours {oc['score_cpu_ms_per_request']:.3f} / {oc['trivial_cpu_ms_per_request']:.3f}"
+             f" ms, stock {sc['score_cpu_ms_per_request']:.3f} / "
+             f"{sc['trivial_cpu_ms_per_request']:.3f} ms (POST /v1/score, POST "
+             "/get-online-features over GET /health, closed loop)"))
+    for rows, limit_ms in BATCH_P99_TARGETS_MS.items():
+        ob, sb = ours["batches"][rows], stock["batches"][rows]
+        section.measures.append(Measure(
+            f"batch of {rows:,} p99 @{BATCH_RATE:.0f}/s open loop", "ms",
+            ob["latency_s"].get("p99", float("nan")) * 1000,
+            sb["latency_s"].get("p99", float("nan")) * 1000, "lower", Target("<=", limit_ms),
+            note=f"ours p50 {ob['latency_s'].get('p50', float('nan')) * 1000:.2f} ms, "
+                 f"{ob['incomplete']:,} incomplete, statuses {ob['statuses']}; stock "
+                 f"{sb['incomplete']:,} incomplete, statuses {sb['statuses']}"))
     lag_o, lag_s = ol["send_lag_s"].get("p99", 0) * 1000, sl["send_lag_s"].get("p99", 0) * 1000
     section.notes.append(
         f"Send lag p99 (scheduled -> actually sent; includes waiting for the previous answer on "

@@ -34,6 +34,10 @@ from feature_repo.redis_store.reader import HashReader, never_written, read_rows
 from feature_repo.redis_store.wire import to_python, view_name
 
 Row = dict[str, Any]
+# Stored rows per view, per entity row: (row time, values by feature), or (None, None) when
+# none.  The row time is Feast's `online_read` datetime, or exact epoch microseconds from
+# `RedisFeatureReader` (no datetime round trip on the hot path).
+Fetched = Sequence[Sequence[tuple[datetime | int | None, Any]]]
 
 
 @dataclass
@@ -124,7 +128,7 @@ class OnlineFeatures:
         )
         return [EntityKey(join_keys=[read.join_key], entity_values=[p]) for p in protos]
 
-    def fetch(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
+    def fetch(self, rows: Sequence[Row]) -> Fetched:
         """Stored rows per view (blocking), through Feast's `online_read` on every store (the
         stream scorer's path: a Bytewax worker may block)."""
         # Feast appends its `_ts:<view>` key to the list it is given: pass a copy, or the
@@ -136,13 +140,13 @@ class OnlineFeatures:
             for r in self._reads
         ]
 
-    async def fetch_async(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
+    async def fetch_async(self, rows: Sequence[Row]) -> Fetched:
         """Stored rows per view, all views read concurrently; TimeoutError past
         `lookup_timeout_s` (the deadline covers the lookup only, never assembly or model)."""
         async with asyncio.timeout(self.lookup_timeout_s):
             return await self._fetch_async(rows)
 
-    async def _fetch_async(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
+    async def _fetch_async(self, rows: Sequence[Row]) -> Fetched:
         if self._redis is not None:
             return await self._redis.fetch_async(rows)
         return list(
@@ -158,7 +162,7 @@ class OnlineFeatures:
 
     # --- assembling ----------------------------------------------------------------------
     def assemble(
-        self, rows: Sequence[Row], fetched: list[list[tuple[datetime | None, Any]]]
+        self, rows: Sequence[Row], fetched: Fetched
     ) -> list[FeatureVector]:
         """Apply the TTL rule and the on-demand transformations; one vector per row."""
         n = len(rows)
@@ -169,9 +173,14 @@ class OnlineFeatures:
             cols: dict[str, list[Any]] = {f: [None] * n for f in read.features}
             for i, (ts, values) in enumerate(results):
                 t = rows[i]["request_ts_us"]
-                if ts is None or never_written(ts) or not values:
+                if ts is None or not values:
                     continue
-                row_us = _micros(ts)
+                if isinstance(ts, int):  # RedisFeatureReader: never-written rows are None
+                    row_us = ts
+                elif never_written(ts):
+                    continue
+                else:
+                    row_us = _micros(ts)
                 if row_us > t or (read.ttl_us is not None and row_us < t - read.ttl_us):
                     stale[i].extend(read.features)
                     continue
@@ -195,8 +204,9 @@ class RedisFeatureReader:
 
     Feast keeps every feature view of an entity in one hash, so one HMGET per entity reads all
     the views of its join key (`feature_repo.redis_store.reader`), where `online_read` sends
-    one pipeline per view.  Answers in Feast's `online_read` form, (event time, values) per
-    entity or (None, None) for a key never written; `tests/integration/serving/test_api.py` and the skew test
+    one pipeline per view.  Answers in Feast's `online_read` form, (row time, values) per
+    entity or (None, None) for a key never written, except that the row time is the stored
+    timestamp's exact epoch microseconds rather than a datetime; `tests/integration/serving/test_api.py` and the skew test
     check the result against Feast's own reads.
     """
 
@@ -217,12 +227,12 @@ class RedisFeatureReader:
         """The views in the order `fetch_async` answers them."""
         return self._order
 
-    async def fetch_async(self, rows: Sequence[Row]) -> list[list[tuple[datetime | None, Any]]]:
+    async def fetch_async(self, rows: Sequence[Row]) -> Fetched:
         per_reader = await read_rows_async(
             self.aio, [(h, [row[h.join_key] for row in rows]) for h in self._readers])
-        out: list[list[tuple[datetime | None, Any]]] = []
+        out: list[list[tuple[datetime | int | None, Any]]] = []
         for h, entities in zip(self._readers, per_reader, strict=True):
             for j in range(len(h.views)):
                 out.append([(None, None) if (stored := views[j]) is None
-                            else (stored.event_time(), stored.values) for views in entities])
+                            else (stored.micros, stored.values) for views in entities])
         return out

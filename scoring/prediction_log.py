@@ -9,8 +9,10 @@ read, `feature_ages` (request time minus row time, seconds) and `stale_features`
 Sinks, each optional:
 
 * **Kafka** (`SERVING_PREDICTION_LOG_KAFKA` = bootstrap servers): JSON on the `predictions`
-  topic keyed by user_id, produced without waiting (`produce` + `poll(0)`); a full local queue
-  drops the record, and failed deliveries are counted, never retried by this code.
+  topic keyed by user_id.  The request only queues the record; a background thread serializes
+  and produces the queue every 20 ms without waiting for acknowledgements.  A full queue (the
+  thread's or librdkafka's) drops the record, and failed deliveries are counted, never retried
+  by this code.
 * **Parquet** (`SERVING_PREDICTION_LOG_DIR`): records are buffered and written by a background
   thread every `flush_records` records or `flush_seconds`, whichever comes first, to
   `<dir>/date=YYYY-MM-DD/part-*.parquet` (the request's UTC date).  Each file is written under
@@ -36,7 +38,7 @@ import os
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -197,9 +199,16 @@ class ParquetSink:
 
 
 class KafkaSink:
-    """JSON records on the `predictions` topic, produced without blocking."""
+    """JSON records on the `predictions` topic, serialized and produced by a background thread.
 
-    def __init__(self, bootstrap: str, topic: str | None = None, **overrides: Any) -> None:
+    `add` only appends to a bounded queue (the scorer's event loop never serializes or calls
+    librdkafka); the thread drains it every `interval_s`, producing without waiting for
+    acknowledgements.  `close` produces what is queued, then flushes.
+    """
+
+    def __init__(self, bootstrap: str, topic: str | None = None, *,
+                 max_buffered: int = 100_000, interval_s: float = 0.02,
+                 **overrides: Any) -> None:
         """`overrides` are producer settings (scoring.kafka_conf.producer_conf)."""
         self.topic = topic or PREDICTIONS
         # Not idempotent: a long-lived producer must survive broker restarts (kafka_conf), and
@@ -208,6 +217,14 @@ class KafkaSink:
             bootstrap, enable_idempotence=False, linger_ms=50,
             error_cb=lambda err: log.warning("prediction log producer: %s", err), **overrides,
         ))
+        self._pending: deque[dict[str, Any]] = deque()
+        self._max = max_buffered
+        self._interval_s = interval_s
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="prediction-log-kafka",
+                                        daemon=True)
+        self._thread.start()
 
     @staticmethod
     def _delivered(err: Any, msg: Any) -> None:
@@ -218,16 +235,41 @@ class KafkaSink:
             log.warning("prediction log: delivery failed: %s", err)
 
     def add(self, records: list[dict[str, Any]]) -> None:
-        for rec in records:
+        room = self._max - len(self._pending)
+        if room < len(records):  # the thread is behind: shed load, never block
+            metrics.PREDICTION_LOG.labels("kafka", "dropped").inc(len(records) - max(room, 0))
+            records = records[:max(room, 0)]
+        self._pending.extend(records)
+
+    def _run(self) -> None:
+        while True:
+            closing = self._closed  # read first: what close() queued before is drained below
+            self._produce_pending()
+            self._producer.poll(0)  # delivery callbacks
+            if closing:
+                return
+            self._wake.wait(self._interval_s)
+
+    def _produce_pending(self) -> None:
+        while self._pending:
+            rec = self._pending.popleft()
             try:
                 self._producer.produce(self.topic, key=rec["user_id"].encode(),
                                        value=json.dumps(rec, default=_json_default).encode(),
                                        on_delivery=self._delivered)
-            except BufferError:  # local queue full: drop rather than wait
+            except BufferError:  # librdkafka's local queue full: drop rather than wait
                 metrics.PREDICTION_LOG.labels("kafka", "dropped").inc()
-        self._producer.poll(0)
+            except Exception:  # noqa: BLE001 - one bad record must not stop the thread
+                log.exception("prediction log: producing a record failed")
+                metrics.PREDICTION_LOG.labels("kafka", "failed").inc()
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """Produce what is queued, then wait up to `timeout_s` for deliveries."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+        if self._pending and not self._thread.is_alive():  # added after the last drain
+            self._produce_pending()
         left = self._producer.flush(timeout_s)
         if left:
             metrics.PREDICTION_LOG.labels("kafka", "dropped").inc(left)

@@ -31,7 +31,10 @@ class TransactionIn(BaseModel):
     event_timestamp: AwareDatetime | None = None  # ISO-8601 with a zone; no epoch numbers
 
     def to_event(self) -> TransactionEvent:
-        return TransactionEvent(
+        """The contract's event, without validating again: every field was validated on the
+        way in with the contract's own types (Identifier, Amount, Currency, Channel,
+        AwareDatetime in UTC), and the default time is an aware UTC now."""
+        return TransactionEvent.model_construct(
             transaction_id=self.transaction_id, user_id=self.user_id,
             merchant_id=self.merchant_id, amount=self.amount, currency=self.currency,
             channel=self.channel, event_timestamp=self.event_timestamp or datetime.now(UTC),

@@ -41,10 +41,12 @@ def _out(r: ScoreResult, explain: bool, e: RowExplanation | None = None) -> Scor
         explanation = Explanation(base_value=e.base_value, contributions=e.contributions, reasons=[
             Reason(feature=x.feature, value=x.value, contribution=x.contribution,
                    direction=x.direction) for x in e.reasons()])
-    return ScoreOut(transaction_id=r.transaction_id, score=r.score, decision=r.decision,
-                    model_version=r.model_version, feature_service=r.feature_service,
-                    missing_features=r.vector.missing, features=features,
-                    explanation=explanation)
+    # built from the scorer's own typed result: no validation pass (the response is not
+    # validated again either, see the routes)
+    return ScoreOut.model_construct(
+        transaction_id=r.transaction_id, score=r.score, decision=r.decision,
+        model_version=r.model_version, feature_service=r.feature_service,
+        missing_features=r.vector.missing, features=features, explanation=explanation)
 
 
 def _jsonable(v: object) -> object:
