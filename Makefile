@@ -66,7 +66,7 @@ batch-score: setup ## score the transaction log from the watermark on (first run
 stream: setup ## run the feature dataflow on Kafka: python -m streaming.features
 	$(PY) -m streaming.features
 
-compact: setup ## merge the stream's small offline-history files (safe while streaming and training)
+compact: setup ## compact the offline-history Delta table (Delta optimize + vacuum; safe while streaming and training)
 	$(PY) -m training.compact_history
 
 produce: setup ## replay the simulated log to Kafka: python -m streaming.produce replay --speedup 0
