@@ -1,8 +1,8 @@
 """What `?explain=true` costs: `POST /v1/score` with and without explanations, same server, same run.
 
-One `python -m serving` on the scoring data set (bench.data.scoring_dataset, the newest model
-that loads).  After a warm-up of each kind, plain and explained requests alternate in
-`ROUNDS` open-loop runs each, at the scoring benchmark's rate and request mix
+One `python -m serving` on the scoring data set (bench.data.scoring_dataset), serving its
+newest model that loads (pinned).  After a warm-up of each kind, plain and explained requests
+alternate in `ROUNDS` open-loop runs each, at the scoring benchmark's rate and request mix
 (bench.scoring.ours_server: recent transactions, event_timestamp = now), so a drift in the
 host's speed weighs on both; latencies are pooled per kind.  Reported: p50 and p99 (latency
 from the scheduled send time) and the server's CPU per request, explained ("ours") against
@@ -22,7 +22,7 @@ import psutil
 
 from bench import loadgen
 from bench.config import Sizes, get_settings
-from bench.data import scoring_dataset, with_loadable_model
+from bench.data import newest_model, scoring_dataset, with_loadable_model
 from bench.procs import BenchError, free_port, running, wait_http
 from bench.report import Measure, Section, Target
 from bench.scoring import HOST, P99_TARGET_MS, ours_server, request_factory, request_pool
@@ -88,7 +88,14 @@ def run(sizes: Sizes, section: Section) -> None:
     cpu = {k: 0.0 for k in kinds}
     completed = {k: 0 for k in kinds}
     log = s.run_dir / "logs" / "explain-server.log"
-    with running("ours", plain.argv, dataset.env(SERVING_LOG_LEVEL="WARNING"), log) as child:
+    model = newest_model(dataset.model_dir)
+    if model is None:
+        raise BenchError(f"no model under {dataset.model_dir}")
+    # the newest model, pinned whether or not a registry lists it: this measures explain, not
+    # the registry (a development flag, never set in production)
+    env = dataset.env(SERVING_LOG_LEVEL="WARNING", SERVING_MODEL_VERSION=model.name,
+                      SERVING_ALLOW_UNREGISTERED_MODELS="true")
+    with running("ours", plain.argv, env, log) as child:
         wait_http(f"http://{HOST}:{port}{plain.ready_path}", child, s.server_start_timeout_s)
         probe = check_explained(port, plain.body(0, time.time()))
         for make in kinds.values():  # warm-up: both code paths (and the explainer) built
@@ -107,8 +114,8 @@ def run(sizes: Sizes, section: Section) -> None:
     cpu_ms = {k: cpu[k] * 1000 / max(completed[k], 1) for k in kinds}
     section.ours_label = f"`python -m serving --workers {s.workers}` POST {EXPLAIN_PATH}"
     section.stock_label = "POST /v1/score (same server, same run)"
-    section.details = {"latency_ms": lat, "server_cpu_ms_per_request": cpu_ms, "runs": runs,
-                       "probe": probe}
+    section.details = {"model": str(model), "latency_ms": lat,
+                       "server_cpu_ms_per_request": cpu_ms, "runs": runs, "probe": probe}
     section.notes.append(
         f"Data: {dataset.describe()}. Open loop at {sizes.score_rate:,.0f} requests/s over "
         f"{sizes.score_connections} connections: {ROUNDS} rounds of {seconds:.1f} s per kind, "
