@@ -63,15 +63,20 @@ class AsofOfflineStoreConfig(DuckDBOfflineStoreConfig):
     )
 
 
-def _files(source: FileSource) -> str:
-    """The source's parquet files as a DuckDB list, listed once, so that `file_index` names
-    the same file in both passes of `asof_join` even if the stream commits meanwhile.  For a
-    history table (`feature_repo.history`) these are the files of its latest version."""
+def source_files(source: FileSource) -> list[Path]:
+    """The parquet files of a file source: the file, or for a history table
+    (`feature_repo.history`) the files of its latest version.  Both engines read these."""
     path = Path(source.path)
     files = live_files(path) if path.is_dir() else [path]
     if not files:  # not a glob: a history table's directory also holds files it no longer has
         raise FileNotFoundError(f"no data files in {path}")
-    names = [str(f) for f in files]
+    return files
+
+
+def _files(source: FileSource) -> str:
+    """The source's parquet files as a DuckDB list, listed once, so that `file_index` names
+    the same file in both passes of `asof_join` even if the stream commits meanwhile."""
+    names = [str(f) for f in source_files(source)]
     quoted = ["'" + f.replace("'", "''") + "'" for f in names]
     return f"read_parquet([{', '.join(quoted)}])"
 
@@ -188,10 +193,7 @@ def view_joins(
     plans = []
     for fv in feature_views:
         src = cast(FileSource, fv.batch_source)
-        path = Path(src.path)
-        files = live_files(path) if path.is_dir() else [path]
-        if not files:
-            raise FileNotFoundError(f"no data files in {path}")
+        files = source_files(src)
         prefix = fv.projection.name_to_use()
         feats = [r.split(":", 1)[1] for r in feature_refs if r.startswith(prefix + ":")]
         base = fv.projection.name_alias or fv.name
