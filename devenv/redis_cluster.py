@@ -52,6 +52,20 @@ class LocalRedisCluster:
             with self.node(port) as n:
                 n.flushall()
 
+    def delete_matching(self, pattern: bytes) -> int:
+        """Delete every key matching the glob `pattern` (e.g. `b"*" + project`: Feast's keys
+        end with the project's name), node by node, one key per command (a command's keys
+        must share a slot); returns how many were deleted."""
+        deleted = 0
+        for port in self.ports:
+            with self.node(port) as n:
+                keys = list(n.scan_iter(match=pattern, count=1000))
+                with n.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.delete(key)
+                    deleted += sum(pipe.execute())
+        return deleted
+
     def stop(self) -> None:
         for proc in self.procs:
             proc.terminate()

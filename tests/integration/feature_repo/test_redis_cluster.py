@@ -64,6 +64,9 @@ from tests.integration.feature_repo.test_materialization_engine import (
 from training.retrieval import read_transactions
 
 NODE_DB = 9  # this module's database of the session's single Redis node
+SYNTHETIC = b"engine_test"  # the synthetic repo's project: the suffix of its keys
+WIDE = b"wide_test"  # the 170-feature view's project
+REPO = b"fraud"  # feature_store.yaml's project
 Hashes = dict[bytes, dict[bytes, bytes]]
 
 
@@ -71,29 +74,37 @@ def _node_url(db: int = NODE_DB) -> str:
     return f"{os.environ['REDIS_URL'].rsplit('/', 1)[0]}/{db}"
 
 
-def cluster_hashes(cluster: LocalRedisCluster) -> tuple[Hashes, list[int]]:
-    """Every hash of the cluster, read node by node, and how many keys each primary holds."""
+def cluster_hashes(cluster: LocalRedisCluster, project: bytes) -> tuple[Hashes, list[int]]:
+    """Every hash of `project` in the cluster (Feast's keys end with the project's name),
+    read node by node, and how many such keys each primary holds."""
     out: Hashes = {}
     sizes = []
     for port in cluster.ports:
         with cluster.node(port) as n:
             node: Any = n
-            keys = list(node.scan_iter(count=1000))
+            keys = list(node.scan_iter(match=b"*" + project, count=1000))
             sizes.append(len(keys))
             out.update({k: node.hgetall(k) for k in keys})
     return out, sizes
 
 
-def node_hashes(client: Any) -> Hashes:
-    return {k: client.hgetall(k) for k in client.scan_iter(count=1000)}
+def node_hashes(client: Any, project: bytes) -> Hashes:
+    return {k: client.hgetall(k) for k in client.scan_iter(match=b"*" + project, count=1000)}
+
+
+def node_delete(client: Any, project: bytes) -> None:
+    """Delete `project`'s keys from the node's database (other tests' keys stay)."""
+    keys = list(client.scan_iter(match=b"*" + project, count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 def _open(root: Path, name: str, engine: str, connection_string: str, redis_type: str,
-          **online: Any) -> FeatureStore:
+          project: bytes = SYNTHETIC, **online: Any) -> FeatureStore:
     repo = root / name
     repo.mkdir(exist_ok=True)
     return FeatureStore(config=RepoConfig(
-        project="engine_test",
+        project=project.decode(),
         provider="local",
         registry={"registry_type": "sql", "path": f"sqlite:///{repo / 'registry.db'}"},
         online_store={"type": "feature_repo.online_store.FraudRedisOnlineStore",
@@ -127,22 +138,22 @@ def synthetic(redis_cluster: LocalRedisCluster,
     for s in stores.values():
         s.apply(objects)
     node = redis.Redis.from_url(_node_url())
-    redis_cluster.flushall()
-    node.flushdb()
+    redis_cluster.delete_matching(b"*" + SYNTHETIC)
+    node_delete(node, SYNTHETIC)
     stores["node"].materialize(start_date=START, end_date=END)
     yield {"stores": stores, "node": node, "wide": wide, "narrow": narrow,
            "wide_table": wide_table, "root": root, "objects": objects,
            "cluster_cs": cluster_cs}
-    redis_cluster.flushall()
-    node.flushdb()
+    redis_cluster.delete_matching(b"*" + SYNTHETIC)
+    node_delete(node, SYNTHETIC)
 
 
 def test_engine_into_the_cluster_writes_what_stock_feast_writes_into_one_node(
         synthetic: dict[str, Any], redis_cluster: LocalRedisCluster) -> None:
-    redis_cluster.flushall()
+    redis_cluster.delete_matching(b"*" + SYNTHETIC)
     synthetic["stores"]["cluster"].materialize(start_date=START, end_date=END)
-    got, sizes = cluster_hashes(redis_cluster)
-    want = node_hashes(synthetic["node"])
+    got, sizes = cluster_hashes(redis_cluster, SYNTHETIC)
+    want = node_hashes(synthetic["node"], SYNTHETIC)
     assert len(want) > 0.9 * (N_WIDE + N_NARROW)
     assert all(size > 0.2 * len(want) for size in sizes), sizes  # every primary holds keys
     assert got == want
@@ -158,7 +169,7 @@ def test_engine_into_the_cluster_writes_what_stock_feast_writes_into_one_node(
     # a re-run and an older window write nothing and roll nothing back
     synthetic["stores"]["cluster"].materialize(start_date=START, end_date=END)
     synthetic["stores"]["cluster"].materialize(start_date=START, end_date=BASE + timedelta(days=3))
-    assert cluster_hashes(redis_cluster)[0] == want
+    assert cluster_hashes(redis_cluster, SYNTHETIC)[0] == want
 
 
 def test_a_newer_stored_row_survives_materialization_into_the_cluster(
@@ -167,7 +178,7 @@ def test_a_newer_stored_row_survives_materialization_into_the_cluster(
     table = synthetic["wide_table"].to_pandas()
     table = table[table["event_timestamp"] <= pd.Timestamp(END)]
     keys = sorted(set(table["key"]))[:50]
-    redis_cluster.flushall()
+    redis_cluster.delete_matching(b"*" + SYNTHETIC)
     rows = table[table["key"].isin(keys)].groupby("key").tail(1).copy()
     rows["event_timestamp"] = END + timedelta(days=1)  # a stream wrote newer rows
     rows["created"] = rows["event_timestamp"]
@@ -177,7 +188,7 @@ def test_a_newer_stored_row_survives_materialization_into_the_cluster(
     got = store.get_online_features(features=["wide_fv:i64"],
                                     entity_rows=[{"key": k} for k in keys]).to_dict()["i64"]
     assert got == [-7] * len(keys)
-    assert sum(cluster_hashes(redis_cluster)[1]) > 0.9 * (N_WIDE + N_NARROW)
+    assert sum(cluster_hashes(redis_cluster, SYNTHETIC)[1]) > 0.9 * (N_WIDE + N_NARROW)
 
 
 def test_wide_view_with_key_ttl_on_the_cluster(synthetic: dict[str, Any],
@@ -198,19 +209,21 @@ def test_wide_view_with_key_ttl_on_the_cluster(synthetic: dict[str, Any],
                        schema=[Field(name=f"f{j}", dtype=Int64) for j in range(width)],
                        source=FileSource(path=str(path), timestamp_field="event_timestamp"))
     cluster = _open(root, "many-cluster", ENGINE_TYPE, synthetic["cluster_cs"], "redis_cluster",
-                    key_ttl_seconds=3600)
+                    WIDE, key_ttl_seconds=3600)
     node = _open(root, "many-node", "local", redis_connection_string(_node_url()), "redis",
-                 key_ttl_seconds=3600)
-    redis_cluster.flushall()
-    synthetic["node"].flushdb()
-    for s in (cluster, node):
-        s.apply([key, view])
-        s.materialize(start_date=START, end_date=END)
-    got, _ = cluster_hashes(redis_cluster)
-    assert len(got) == n // 2
-    assert got == node_hashes(synthetic["node"])
-    client: Any = redis_cluster.client()
-    assert all(0 < client.ttl(k) <= 3600 for k in got)
+                 WIDE, key_ttl_seconds=3600)
+    try:
+        for s in (cluster, node):
+            s.apply([key, view])
+            s.materialize(start_date=START, end_date=END)
+        got, _ = cluster_hashes(redis_cluster, WIDE)
+        assert len(got) == n // 2
+        assert got == node_hashes(synthetic["node"], WIDE)
+        client: Any = redis_cluster.client()
+        assert all(0 < client.ttl(k) <= 3600 for k in got)
+    finally:
+        redis_cluster.delete_matching(b"*" + WIDE)
+        node_delete(synthetic["node"], WIDE)
 
 
 # --- the real repo -------------------------------------------------------------------------
@@ -221,21 +234,21 @@ def node_materialized(store: Any) -> Iterator[Hashes]:
     database of the single Redis node (standalone mode): its hashes."""
     end = datetime(SIM_END.year, SIM_END.month, SIM_END.day, tzinfo=UTC)
     client = redis.Redis.from_url(_node_url())
-    client.flushdb()
+    node_delete(client, REPO)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("REDIS_MODE", raising=False)
         mp.setenv("REDIS_URL", _node_url())
         node_store = FeatureStore(repo_path=str(REPO_DIR))
         assert node_store.config.online_store.redis_type == "redis"
     node_store.materialize(start_date=START, end_date=end)
-    yield node_hashes(client)
-    client.flushdb()
+    yield node_hashes(client, REPO)
+    node_delete(client, REPO)
 
 
 def test_repo_materialized_into_the_cluster_equals_standalone(
         materialized_cluster: Any, node_materialized: Hashes,
         redis_cluster: LocalRedisCluster) -> None:
-    got, sizes = cluster_hashes(redis_cluster)
+    got, sizes = cluster_hashes(redis_cluster, REPO)
     assert len(node_materialized) > 300
     assert min(sizes) > 0
     assert got == node_materialized
