@@ -216,6 +216,9 @@ def _describe(code: int) -> str:
 
 
 def parse_args(argv: list[str] | None, default_processes: int) -> argparse.Namespace:
+    """The command line of `python -m streaming.features`: `processes` (local, default
+    `default_processes`), or `process_id` and `addresses` (a list) of a cluster across hosts;
+    inconsistent options exit with status 2 and a message (argparse)."""
     p = argparse.ArgumentParser(
         prog="python -m streaming.features",
         description="The live feature dataflow: Kafka transactions -> Redis + offline history.")
