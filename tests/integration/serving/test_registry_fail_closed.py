@@ -19,16 +19,19 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from mlflow import MlflowClient
 
 from scoring.artifact import MODEL_FILE, sha256_file
 from scoring.registry import MODEL_NAME, REGISTRY_DB, Registry
 from tests.fixtures.model_registry import fresh_registry
 from tests.integration.serving.test_lifecycle import _clone, _txn
 from tests.procs import serve, wait_for
+
+if TYPE_CHECKING:  # MLflow is imported by scoring.registry, after its telemetry default
+    from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,8 +47,9 @@ class Pair:
 
     @property
     def mlflow(self) -> MlflowClient:
-        """MLflow's own client on the scorers' registry (what an operator or the UI uses)."""
-        return MlflowClient(tracking_uri=self.reg.url, registry_uri=self.reg.url)
+        """MLflow's own client (`mlflow.MlflowClient`) on the scorers' registry: what an
+        operator or the UI uses."""
+        return self.reg.client()
 
     def number(self, version: str) -> str:
         return str(self.reg.state()["versions"][version]["mlflow_version"])

@@ -8,11 +8,10 @@ import json
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 from sklearn.linear_model import LogisticRegression
 
 from scoring.artifact import MODEL_FILE, ArtifactError, save_artifact
@@ -27,6 +26,9 @@ from scoring.registry import (
 )
 from tests.fixtures.model_registry import fresh_registry
 
+if TYPE_CHECKING:  # MLflow is imported by scoring.registry, after its telemetry default
+    from mlflow import MlflowClient
+
 MODEL = LogisticRegression().fit(np.arange(40.0).reshape(20, 2), [0, 1] * 10)
 
 
@@ -37,8 +39,11 @@ def artifact(model_dir: Path, version: str) -> Path:
 
 
 def mlflow(reg: Registry) -> MlflowClient:
-    """MLflow's own client on the same registry: what an operator or the MLflow UI uses."""
-    return MlflowClient(tracking_uri=reg.url, registry_uri=reg.url)
+    """MLflow's own client (`mlflow.MlflowClient`) on the same registry: what an operator or
+    the MLflow UI uses."""
+    client = reg.client()
+    assert type(client).__module__.startswith("mlflow.")
+    return client
 
 
 def plan(model_dir: Path, **kw: Any) -> Any:
