@@ -31,6 +31,7 @@ import logging
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
@@ -52,7 +53,7 @@ from streaming.readiness import Readiness, ReadinessProbe
 from streaming.recovery import ensure_recovery_dir, recovery_partitions, state_step_id
 from streaming.seeding import OnlineStateSeeder
 from streaming.sources import KafkaDeadLetterSink
-from streaming.velocity_sink import VelocityRow, VelocitySink
+from streaming.velocity_sink import VelocityRow, VelocitySink, online_writer
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,18 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def warm_up(repo_path: Path) -> None:
+    """Open the online store once before the dataflow starts (Feast's store, registry and
+    online-store modules, a Redis connection), so the first rows after /ready do not pay for
+    it: the seeder and the sink open their own clients lazily.  Best effort: a failure is
+    logged, and the flow's own first read or write reports it for real."""
+    try:
+        OnlineStateSeeder(repo_path).read(["warm-up"])
+        online_writer(repo_path).close()
+    except Exception as exc:  # noqa: BLE001 - the flow retries and reports for real
+        log.warning("online store not warmed up before start: %s", exc)
+
+
 def run_process(s: StreamingSettings, process_id: int = 0,
                 addresses: list[str] | None = None) -> None:
     """This process's part of the dataflow (the only part without `addresses`): metrics and
@@ -143,6 +156,7 @@ def run_process(s: StreamingSettings, process_id: int = 0,
                         process_id, processes)
     step = state_step_id(s.recovery_dir, s.state_shards)
     flow = get_flow(step, processes, readiness)
+    warm_up(s.feature_repo)
     tune_gc()
     log.info("feature dataflow process %d of %d: %s -> online store + history; state step %s",
              process_id, processes, s.bootstrap_servers, step)
