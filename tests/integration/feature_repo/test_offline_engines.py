@@ -8,6 +8,7 @@
   (its Delta history) materialized by the bulk engine reading through DuckDB and through
   Spark into two Redis databases: every hash identical.
 * Batch scores: `training.batch_score` on both engines, identical output files.
+* Both engines read a Delta history table's current files, not the files left on disk.
 * A wrong OFFLINE_ENGINE stops with a message naming it.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import redis
-from feast import FeatureStore
+from feast import Entity, FeatureStore, FeatureView, Field, FileSource, ValueType
+from feast.types import Float64, String
 from pydantic import ValidationError
 
+from feature_repo import history
 from feature_repo.materialization import ENGINE_TYPE
 from feature_repo.offline_engines import OfflineEngineSettings, spark
+from feature_repo.offline_store import JOINS
 from tests.conftest import PROJECT, SIM_END
-from tests.fixtures.engines import offline_engine
+from tests.fixtures.engines import ENGINE_PARAMS, offline_engine
 from tests.integration.feature_repo.test_materialization_engine import (
     BASE,
     END,
@@ -83,7 +87,7 @@ def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
 
 def test_training_frames_are_equal(store: Any, spark_calls: list[str]) -> None:
     entities = labelled_entity_frame()
-    entities = entities.iloc[np.random.default_rng(3).permutation(len(entities))[:2000]]
+    entities = entities.iloc[np.random.default_rng(3).permutation(len(entities))[:1000]]
     frames = {}
     for engine in ("duckdb", "spark"):
         with offline_engine(engine):
@@ -94,6 +98,38 @@ def test_training_frames_are_equal(store: Any, spark_calls: list[str]) -> None:
     assert duck["recent_txn_ts"].map(lambda v: v is not None and len(v) > 0).mean() > 0.5
     assert duck["user_txn_count_30d"].notna().mean() > 0.5
     pd.testing.assert_frame_equal(_comparable(spark), _comparable(duck), check_exact=True)
+
+
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_the_join_reads_the_history_tables_current_files_only(tmp_path: Path,
+                                                              engine: str) -> None:
+    """After a replace commit the old rows' file stays on disk (until vacuum): a reader of the
+    directory would see both versions; each engine sees only the table's current one."""
+    ts = pd.Timestamp("2026-10-01 12:00", tz="UTC")
+    def rows(at: pd.Timestamp, values: list[float]) -> pa.Table:
+        return pa.table({"user_id": ["u1", "u2"],
+                         "event_timestamp": pa.array([at, at], pa.timestamp("us", "UTC")),
+                         "v": values})
+
+    # the replaced rows are the newer ones: a reader of every file on disk would return them
+    old, new = rows(ts + timedelta(minutes=30), [1.0, 2.0]), rows(ts, [10.0, 20.0])
+    table, staged = tmp_path / "history", tmp_path / "staged"
+    history.append(table, old, history.BACKFILL)
+    history.append(staged, new, history.BACKFILL)
+    history.replace(table, staged, history.BACKFILL)
+    on_disk = sorted(table.glob("**/*.parquet"))
+    assert len(on_disk) > len(history.live_files(table))  # the replaced file is still there
+    view = FeatureView(
+        name="h_fv", entities=[Entity(name="user", join_keys=["user_id"],
+                                      value_type=ValueType.STRING)],
+        ttl=timedelta(days=1),
+        schema=[Field(name="user_id", dtype=String), Field(name="v", dtype=Float64)],
+        source=FileSource(name="h_source", path=str(table), timestamp_field="event_timestamp"),
+    )
+    entities = pd.DataFrame({"user_id": ["u1", "u2", "u3"],
+                             "event_timestamp": [ts + timedelta(hours=1)] * 3})
+    out = JOINS[engine](entities, [view], ["h_fv:v"], False).to_pandas()
+    assert out["v"].tolist()[:2] == [10.0, 20.0] and pd.isna(out["v"].iloc[2])
 
 
 # --- materialization ----------------------------------------------------------------------
@@ -175,7 +211,7 @@ def test_batch_scores_are_identical(trained_artifact: Path, tmp_path: Path,
     tables = {}
     for engine in ("duckdb", "spark"):
         with offline_engine(engine):
-            batch_score.run(tmp_path / engine, start, None, chunk_rows=5_000,
+            batch_score.run(tmp_path / engine, start, None, chunk_rows=100_000,
                             model_path=trained_artifact, progress=False)
         tables[engine] = _scores(tmp_path / engine)
         assert bool(spark_calls) == (engine == "spark")
