@@ -67,7 +67,12 @@ def spark_session() -> SparkSession:
     )
     for key, value in s.spark_conf.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:  # py4j/pyspark raise plain exceptions when the JVM cannot start
+        raise RuntimeError(
+            f"OFFLINE_ENGINE=spark could not start Spark on {s.spark_master!r}: {exc}. Spark "
+            "needs Java 17 or newer (`java` on PATH, or JAVA_HOME)") from exc
     spark.sparkContext.setLogLevel("ERROR")
     logger.info("spark session on %s (spark %s)", s.spark_master, spark.version)
     return spark
