@@ -25,11 +25,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaSourceMessage
-from bytewax.dataflow import Dataflow, Stream
+from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
@@ -95,13 +95,27 @@ def _future(event: TransactionEvent, ref_s: float, bound_s: float) -> str | None
 
 def key_batch(
     key_of: Callable[[Envelope], str], prefetch: Callable[[Iterable[str]], None] | None,
-    batch: list[Envelope],
+    batch: list[Envelope | DeadLetter],
 ) -> list[tuple[str, Envelope]]:
-    """The "key" step: `seed.prefetch` the batch's users (when the seed has it), then key each
-    event by `key_of` (its user's shard, or its user)."""
+    """The "key" step: the batch's events (its dead letters are the "invalid" step's),
+    `seed.prefetch` their users (when the seed has it), then key each event by `key_of` (its
+    user's shard, or its user)."""
+    envs = [x for x in batch if isinstance(x, Envelope)]
     if prefetch is not None:
-        prefetch(env.event.user_id for env in batch)
-    return [(key_of(env), env) for env in batch]
+        prefetch(env.event.user_id for env in envs)
+    return [(key_of(env), env) for env in envs]
+
+
+def _invalid(batch: list[Envelope | DeadLetter]) -> list[DeadLetter]:
+    """The "invalid" step: the batch's dead letters (unparseable, invalid or future), counted."""
+    dead = [x for x in batch if isinstance(x, DeadLetter)]
+    if dead:
+        future = sum(1 for d in dead if d.reason.startswith("future:"))
+        if future:
+            FUTURE.inc(future)
+        if len(dead) > future:
+            INVALID.inc(len(dead) - future)
+    return dead
 
 
 def _parse_batch(max_future_s: float, items: list[Any]) -> list[Envelope | DeadLetter]:
@@ -119,13 +133,6 @@ def _rows_by_user(batch: list[tuple[str, Outcome]]) -> list[tuple[str, VelocityR
 
 def _dead_letters(batch: list[tuple[str, Outcome]]) -> list[DeadLetter]:
     return [out for _, out in batch if isinstance(out, DeadLetter)]
-
-
-def _is_envelope(x: Envelope | DeadLetter) -> bool:
-    if isinstance(x, DeadLetter):
-        (FUTURE if x.reason.startswith("future:") else INVALID).inc()
-        return False
-    return True
 
 
 def build_flow(
@@ -163,10 +170,11 @@ def build_flow(
     # per-item calls of `map`/`key_on` cost more than the small functions they ran).
     bound = max_future_seconds() if max_future_s is None else max_future_s
     parsed = op.flat_map_batch("parse", raw, partial(_parse_batch, bound))
-    valid = op.branch("valid", parsed, _is_envelope)
+    # Two batch-wise steps rather than `op.branch`, which calls its predicate once per item.
+    invalid = op.flat_map_batch("invalid", parsed, _invalid)
     key_of = partial(user_shard, shard_keys(state_shards)) if state_shards > 0 else _user_of
     prefetch = getattr(seed, "prefetch", None) if prefetch_when_keyed else None
-    keyed = op.flat_map_batch("key", valid.trues, partial(key_batch, key_of, prefetch))
+    keyed = op.flat_map_batch("key", parsed, partial(key_batch, key_of, prefetch))
     # One type over both builders, so mypy can bind `stateful_batch`'s type parameters: their
     # snapshot types differ, and Bytewax's `W` is invariant (the next steps take `Outcome`s).
     logic: Callable[[Any], StatefulBatchLogic[Envelope, Any, Any]] = partial(
@@ -175,6 +183,5 @@ def build_flow(
     rows = op.flat_map_batch("new_rows", outcomes, _rows_by_user)  # the sink's key: the user
     late = op.flat_map_batch("late", outcomes, _dead_letters)
     op.output("rows", rows, sink)
-    # `_is_envelope` is false only for DeadLetters (a plain bool, not a TypeGuard for them)
-    op.output("dlq", op.merge("dead", cast(Stream[DeadLetter], valid.falses), late), dlq_sink)
+    op.output("dlq", op.merge("dead", invalid, late), dlq_sink)
     return flow

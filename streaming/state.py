@@ -36,19 +36,34 @@ def update_velocity(
     state: UserVelocityState | None, env: Envelope
 ) -> tuple[UserVelocityState, Outcome]:
     """Apply one event to its user's state: a new row, a 'late' dead letter, or None (dup)."""
+    state, outcome = _apply(state, env)
+    count_outcomes(1, [] if outcome is None else [outcome])
+    return state, outcome
+
+
+def _apply(state: UserVelocityState | None, env: Envelope) -> tuple[UserVelocityState, Outcome]:
+    """`update_velocity` without the outcome counters (the steps count once per batch)."""
     state = state or UserVelocityState()
     e = env.event
     try:
         row = state.apply(e.transaction_id, to_micros(e.event_timestamp), e.amount, e.merchant_id)
     except LateEventError as exc:
-        LATE.inc()
         return state, DeadLetter(f"late: {exc}", e.model_dump_json().encode(), e.user_id.encode(),
                                  env.origin)
     if row is None:
-        DUPLICATE.inc()
         return state, None
-    APPLIED.inc()
     return state, VelocityRow(e.user_id, row, env.produced_at)
+
+
+def count_outcomes(events: int, out: list[VelocityRow | DeadLetter]) -> None:
+    """The outcome counters of `events` events whose non-duplicate outcomes are `out`."""
+    late = sum(1 for o in out if isinstance(o, DeadLetter))
+    if late:
+        LATE.inc(late)
+    if len(out) > late:
+        APPLIED.inc(len(out) - late)
+    if events > len(out):
+        DUPLICATE.inc(events - len(out))
 
 
 class VelocityLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, StateSnapshot]):
@@ -68,10 +83,11 @@ class VelocityLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, State
         for env in values:
             if state is None and self._seed is not None:
                 state = self._seed(env.event.user_id, env.event)
-            state, outcome = update_velocity(state, env)
+            state, outcome = _apply(state, env)
             if outcome is not None:
                 out.append(outcome)
         self._state = state
+        count_outcomes(len(values), out)
         return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> StateSnapshot:
@@ -123,11 +139,12 @@ class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSna
                     state = UserVelocityState.restore(snap)
                 elif self._seed is not None:
                     state = self._seed(uid, env.event)
-            state, outcome = update_velocity(state, env)
+            state, outcome = _apply(state, env)
             users[uid] = state
             dirty.add(uid)
             if outcome is not None:
                 out.append(outcome)
+        count_outcomes(len(values), out)
         return out, StatefulBatchLogic.RETAIN
 
     def _prefetch(self, values: list[Envelope]) -> None:
