@@ -225,7 +225,10 @@ def spark_asof_join(
     return table
 
 
-JOINS: dict[str, Callable[[pd.DataFrame, list[FeatureView], list[str], bool], pa.Table]] = {
+Join = Callable[[pd.DataFrame, list[FeatureView], list[str], bool], pa.Table]
+"""A point-in-time join: (entity rows, views, feature refs, full names) -> the joined table."""
+
+JOINS: dict[str, Join] = {
     "duckdb": asof_join,
     "spark": spark_asof_join,
 }
@@ -278,7 +281,7 @@ class _AsofRetrievalJob(IbisRetrievalJob):
 
 
 def _retrieve(
-    join: Callable[[pd.DataFrame, list[FeatureView], list[str], bool], pa.Table],
+    join: Join,
     config: RepoConfig,
     feature_views: list[FeatureView],
     feature_refs: list[str],
@@ -319,8 +322,9 @@ def _retrieve(
 class AsofDuckDBOfflineStore(DuckDBOfflineStore):
     """Feast's DuckDB offline store with an ASOF point-in-time join (see module docstring)."""
 
-    @staticmethod
+    @classmethod
     def get_historical_features(
+        cls,
         config: RepoConfig,
         feature_views: list[FeatureView],
         feature_refs: list[str],
@@ -330,8 +334,14 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
         full_feature_names: bool = False,
         filter_by_created_timestamp: bool = False,
     ) -> RetrievalJob:
-        return _retrieve(asof_join, config, feature_views, feature_refs, entity_df, registry,
-                         project, full_feature_names, filter_by_created_timestamp)
+        return _retrieve(cls.point_in_time_join(), config, feature_views, feature_refs,
+                         entity_df, registry, project, full_feature_names,
+                         filter_by_created_timestamp)
+
+    @staticmethod
+    def point_in_time_join() -> Join:
+        """The join this store runs: DuckDB's ASOF join."""
+        return asof_join
 
 
 class AsofOfflineStore(AsofDuckDBOfflineStore):
@@ -341,16 +351,5 @@ class AsofOfflineStore(AsofDuckDBOfflineStore):
     YAML values, so the engine is read here, when a retrieval starts."""
 
     @staticmethod
-    def get_historical_features(
-        config: RepoConfig,
-        feature_views: list[FeatureView],
-        feature_refs: list[str],
-        entity_df: pd.DataFrame | str,
-        registry: BaseRegistry,
-        project: str,
-        full_feature_names: bool = False,
-        filter_by_created_timestamp: bool = False,
-    ) -> RetrievalJob:
-        join = JOINS[engine_settings().engine]
-        return _retrieve(join, config, feature_views, feature_refs, entity_df, registry,
-                         project, full_feature_names, filter_by_created_timestamp)
+    def point_in_time_join() -> Join:
+        return JOINS[engine_settings().engine]

@@ -14,15 +14,13 @@ reached: `ScriptWriter` then resends the batch (safe: the script never rolls a k
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import redis
 from redis.connection import Connection
 from redis.crc import key_slot
 
 from feature_repo.redis_store.encode import EncodedRows
-from feature_repo.redis_store.script import script_calls, send_pipelined
+from feature_repo.redis_store.script import CallPlan
 
 Run = tuple[int, int]  # a range of rows, all of one slot
 
@@ -53,13 +51,9 @@ class ClusterSender:
     """Sends a writer's batches to the primaries of a Redis Cluster (see the module docstring);
     one connection per primary, taken from the node's pool on first use."""
 
-    def __init__(self, client: redis.RedisCluster, script: bytes, header: Sequence[bytes], *,
-                 keys_per_call: int, max_in_flight: int) -> None:
+    def __init__(self, client: redis.RedisCluster, plan: CallPlan) -> None:
         self._client = client
-        self._script = script
-        self._header = list(header)
-        self._keys_per_call = keys_per_call
-        self._max_in_flight = max_in_flight
+        self._plan = plan
         self._conns: dict[str, tuple[redis.Redis, Connection]] = {}
 
     def send(self, encoded: EncodedRows) -> int:
@@ -71,11 +65,10 @@ class ClusterSender:
             per_node.setdefault(node.name, []).append(run)
         streams = [
             (self._connection(name),
-             script_calls(encoded, self._script, self._header, self._keys_per_call,
-                          runs=node_runs, by_sha=True))
+             self._plan.calls(encoded, runs=node_runs, by_sha=True))
             for name, node_runs in per_node.items()
         ]
-        return send_pipelined(streams, self._max_in_flight)
+        return self._plan.send(streams)
 
     def _connection(self, node_name: str) -> Connection:
         if node_name not in self._conns:
@@ -85,7 +78,7 @@ class ClusterSender:
             client = node.redis_connection
             conn = client.connection_pool.get_connection()
             self._conns[node_name] = (client, conn)
-            conn.send_command("SCRIPT", "LOAD", self._script)
+            conn.send_command("SCRIPT", "LOAD", self._plan.script)
             conn.read_response()
         return self._conns[node_name][1]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import string
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 from redis.connection import Connection
 
@@ -139,6 +140,27 @@ def script_calls(encoded: EncodedRows, script: bytes, header: Sequence[bytes],
                 key_data[key_offsets[start]:key_offsets[end]], head,
                 value_data[value_offsets[start]:value_offsets[end]],
             ])
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """How a writer's batches become script calls, whichever sender (one node, or a
+    cluster's primaries) sends them."""
+
+    script: bytes
+    header: Sequence[bytes]
+    keys_per_call: int
+    max_in_flight: int
+
+    def calls(self, encoded: EncodedRows, *, runs: Sequence[tuple[int, int]] | None = None,
+              by_sha: bool = False) -> Iterator[bytes]:
+        """`script_calls` for this plan."""
+        return script_calls(encoded, self.script, self.header, self.keys_per_call,
+                            runs=runs, by_sha=by_sha)
+
+    def send(self, streams: Sequence[tuple[Connection, Iterable[bytes]]]) -> int:
+        """`send_pipelined` with this plan's bound on calls in flight."""
+        return send_pipelined(streams, self.max_in_flight)
 
 
 def send_pipelined(streams: Sequence[tuple[Connection, Iterable[bytes]]],

@@ -33,12 +33,7 @@ from redis.exceptions import (
 from feature_repo.redis_store.client import redis_client
 from feature_repo.redis_store.cluster import ClusterSender
 from feature_repo.redis_store.encode import EncodedRows, RowEncoder
-from feature_repo.redis_store.script import (
-    script_calls,
-    script_header,
-    send_pipelined,
-    write_script,
-)
+from feature_repo.redis_store.script import CallPlan, script_header, write_script
 
 __all__ = ["ATTEMPTS", "KEYS_PER_CALL", "MAX_IN_FLIGHT", "ScriptWriter", "WriteError",
            "script_header", "view_writer", "write_script"]
@@ -70,20 +65,15 @@ class _Sender(Protocol):
 class NodeSender:
     """Sends a writer's batches to a single Redis node, on one connection (`EVAL`)."""
 
-    def __init__(self, client: redis.Redis, script: bytes, header: Sequence[bytes], *,
-                 keys_per_call: int, max_in_flight: int) -> None:
+    def __init__(self, client: redis.Redis, plan: CallPlan) -> None:
         self._client = client
-        self._script = script
-        self._header = list(header)
-        self._keys_per_call = keys_per_call
-        self._max_in_flight = max_in_flight
+        self._plan = plan
         self._conn: Connection | None = None
 
     def send(self, encoded: EncodedRows) -> int:
         if self._conn is None:
             self._conn = self._client.connection_pool.get_connection()
-        calls = script_calls(encoded, self._script, self._header, self._keys_per_call)
-        return send_pipelined([(self._conn, calls)], self._max_in_flight)
+        return self._plan.send([(self._conn, self._plan.calls(encoded))])
 
     def reset(self, *, refresh: bool) -> None:
         """Disconnects (replies may be unread): the next `send` reconnects."""
@@ -111,11 +101,10 @@ class ScriptWriter:
                  header: Sequence[bytes], *, keys_per_call: int = KEYS_PER_CALL,
                  max_in_flight: int = MAX_IN_FLIGHT, queued: int = 2,
                  attempts: int = ATTEMPTS) -> None:
-        options = {"keys_per_call": keys_per_call, "max_in_flight": max_in_flight}
+        plan = CallPlan(script, list(header), keys_per_call, max_in_flight)
         self._sender: _Sender = (
-            ClusterSender(client, script, header, **options)
-            if isinstance(client, redis.RedisCluster)
-            else NodeSender(client, script, header, **options))
+            ClusterSender(client, plan) if isinstance(client, redis.RedisCluster)
+            else NodeSender(client, plan))
         self._attempts = attempts
         self._error: BaseException | None = None
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queued)
