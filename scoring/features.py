@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -30,7 +30,7 @@ from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 
 from feature_repo.redis_store.client import async_redis_client, is_supported
-from feature_repo.redis_store.reader import HashReader, never_written, read_rows_async
+from feature_repo.redis_store.reader import HashReader, Rows, never_written, read_rows_async
 from feature_repo.redis_store.wire import to_python, view_name
 
 Row = dict[str, Any]
@@ -221,6 +221,11 @@ class RedisFeatureReader:
             for join_key, group in groups.items()
         ]
         self._order = [r for group in groups.values() for r in group]
+        self._coalescer = _Coalescer(self._read)
+
+    async def _read(self, rows: Sequence[Row]) -> Rows:
+        return await read_rows_async(
+            self.aio, [(h, [row[h.join_key] for row in rows]) for h in self._readers])
 
     @property
     def reads(self) -> list[_ViewRead]:
@@ -228,11 +233,75 @@ class RedisFeatureReader:
         return self._order
 
     async def fetch_async(self, rows: Sequence[Row]) -> Fetched:
-        per_reader = await read_rows_async(
-            self.aio, [(h, [row[h.join_key] for row in rows]) for h in self._readers])
+        """This request's stored rows, read in the round trip of every request that asked
+        in the same turn of the event loop (see `_Coalescer`)."""
+        per_reader = await self._coalescer.read(rows)
         out: list[list[tuple[datetime | int | None, Any]]] = []
         for h, entities in zip(self._readers, per_reader, strict=True):
             for j in range(len(h.views)):
                 out.append([(None, None) if (stored := views[j]) is None
                             else (stored.micros, stored.values) for views in entities])
         return out
+
+
+class _Coalescer:
+    """Concurrent lookups share one Redis round trip; every request still reads fresh rows.
+
+    The requests that reach the lookup in the same turn of the event loop (a busy scorer
+    parses several requests per turn) are read in one pipeline of at most `max_rows` rows,
+    sent at the end of that turn, and each gets exactly its own rows back.  Nothing is kept between round trips: this saves
+    the client's per-call work and system calls, never a read.  A request that gives up (its
+    lookup deadline) leaves the shared read running for the others; an error fails every
+    request of that round trip, as it would have failed each of them.
+    """
+
+    def __init__(self, read: Callable[[Sequence[Row]], Awaitable[Rows]],
+                 max_rows: int = 64) -> None:
+        self._read = read
+        self.max_rows = max_rows  # per shared round trip; a larger request reads alone
+        self._queue: list[tuple[Sequence[Row], asyncio.Future[Rows]]] = []
+        self._queued_rows = 0
+        self._scheduled = False
+        self._running: set[asyncio.Task[None]] = set()  # strong references until done
+
+    async def read(self, rows: Sequence[Row]) -> Rows:
+        # A large batch alone: sharing its round trip would make small requests wait for
+        # Redis to answer all of its rows, and miss their lookup deadline for it.
+        if len(rows) >= self.max_rows:
+            return await self._read(rows)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Rows] = loop.create_future()
+        if self._queued_rows + len(rows) > self.max_rows:
+            self._flush()
+        self._queue.append((rows, future))
+        self._queued_rows += len(rows)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._queue, self._queued_rows, self._scheduled = self._queue, [], 0, False
+        if not batch:
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _serve(self, batch: list[tuple[Sequence[Row], asyncio.Future[Rows]]]) -> None:
+        live = [(rows, f) for rows, f in batch if not f.done()]  # not given up already
+        if not live:
+            return
+        try:
+            per_reader = await self._read([row for rows, _ in live for row in rows])
+        except Exception as exc:  # noqa: BLE001 - handed to every request of the batch
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(exc)
+            return
+        start = 0
+        for rows, f in live:
+            end = start + len(rows)
+            if not f.done():
+                f.set_result([entities[start:end] for entities in per_reader])
+            start = end
