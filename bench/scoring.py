@@ -10,6 +10,10 @@ for `duration` seconds (bench.loadgen: latency from the scheduled send time), th
 closed-loop throughput (wrk if installed, else bench.loadgen's closed loop).  Requests use
 (user, merchant, amount, channel) of recent transactions of the data set, with
 `event_timestamp` = now.
+
+Also per server: the CPU per request over the CPU per `GET /health` request on the same
+server (`cpu_cost`, host-independent), and the latency of batches of 100 and 1,000 rows at
+`BATCH_RATE` batches/s open loop (`batch_latency`).
 """
 
 from __future__ import annotations
