@@ -261,7 +261,9 @@ class _Coalescer:
         self.max_rows = max_rows  # per shared round trip; a larger request reads alone
         self._queue: list[tuple[Sequence[Row], asyncio.Future[Rows]]] = []
         self._queued_rows = 0
-        self._scheduled = False
+        # the loop a flush is scheduled on (None: none is): a loop closed before its flush ran
+        # (a caller's asyncio.run interrupted) must not leave later callers waiting
+        self._scheduled: asyncio.AbstractEventLoop | None = None
         self._running: set[asyncio.Task[None]] = set()  # strong references until done
 
     async def read(self, rows: Sequence[Row]) -> Rows:
@@ -271,17 +273,19 @@ class _Coalescer:
             return await self._read(rows)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Rows] = loop.create_future()
-        if self._queued_rows + len(rows) > self.max_rows:
+        if self._scheduled is not loop:  # what another loop left queued is not ours to send
+            self._queue, self._queued_rows = [], 0
+        elif self._queued_rows + len(rows) > self.max_rows:
             self._flush()
         self._queue.append((rows, future))
         self._queued_rows += len(rows)
-        if not self._scheduled:
-            self._scheduled = True
+        if self._scheduled is not loop:
+            self._scheduled = loop
             loop.call_soon(self._flush)
         return await future
 
     def _flush(self) -> None:
-        batch, self._queue, self._queued_rows, self._scheduled = self._queue, [], 0, False
+        batch, self._queue, self._queued_rows, self._scheduled = self._queue, [], 0, None
         if not batch:
             return
         task = asyncio.get_running_loop().create_task(self._serve(batch))
