@@ -109,7 +109,9 @@ def prepared_dataset(name: str, users: int, days: int, *, online: bool) -> Datas
     ds_ = Dataset(name, f"prepared by the benchmark ({users:,} users x {days} days, "
                   f"simulate/batch_features/backfill/apply{'/materialize/train' if online else ''})",
                   root, f"sqlite:///{root / 'registry.db'}", redis_url, root / "models", 0, 0)
-    wanted = {"users": users, "days": days, "online": online}
+    # layout 2: the velocity history is a Delta table, the model registry is MLflow's; a set
+    # prepared before is prepared again
+    wanted = {"users": users, "days": days, "online": online, "layout": 2}
     if marker.exists():
         meta = json.loads(marker.read_text())
         if {k: meta.get(k) for k in wanted} == wanted and (
