@@ -43,6 +43,7 @@ from streaming.state import (
     Outcome,
     Seeder,
     ShardLogic,
+    grouped_logic,
     shard_keys,
     user_shard,
     velocity_logic,
@@ -96,14 +97,22 @@ def _future(event: TransactionEvent, ref_s: float, bound_s: float) -> str | None
 def key_batch(
     key_of: Callable[[Envelope], str], prefetch: Callable[[Iterable[str]], None] | None,
     batch: list[Envelope | DeadLetter],
-) -> list[tuple[str, Envelope]]:
+) -> list[tuple[str, list[Envelope]]]:
     """The "key" step: the batch's events (its dead letters are the "invalid" step's),
-    `seed.prefetch` their users (when the seed has it), then key each event by `key_of` (its
-    user's shard, or its user)."""
-    envs = [x for x in batch if isinstance(x, Envelope)]
-    if prefetch is not None:
-        prefetch(env.event.user_id for env in envs)
-    return [(key_of(env), env) for env in envs]
+    `seed.prefetch` their users (when the seed has it), then grouped by `key_of` (their user's
+    shard, or their user): one item per key, its events in batch order (`GroupedLogic`)."""
+    groups: dict[str, list[Envelope]] = {}
+    for x in batch:
+        if isinstance(x, Envelope):
+            key = key_of(x)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [x]
+            else:
+                group.append(x)
+    if prefetch is not None and groups:
+        prefetch(env.event.user_id for group in groups.values() for env in group)
+    return list(groups.items())
 
 
 def _invalid(batch: list[Envelope | DeadLetter]) -> list[DeadLetter]:
@@ -177,8 +186,8 @@ def build_flow(
     keyed = op.flat_map_batch("key", parsed, partial(key_batch, key_of, prefetch))
     # One type over both builders, so mypy can bind `stateful_batch`'s type parameters: their
     # snapshot types differ, and Bytewax's `W` is invariant (the next steps take `Outcome`s).
-    logic: Callable[[Any], StatefulBatchLogic[Envelope, Any, Any]] = partial(
-        ShardLogic if state_shards > 0 else velocity_logic, seed)
+    logic: Callable[[Any], StatefulBatchLogic[list[Envelope], Any, Any]] = partial(
+        grouped_logic, ShardLogic if state_shards > 0 else velocity_logic, seed)
     outcomes = op.stateful_batch(state_step or plain_step_id(state_shards), keyed, logic)
     rows = op.flat_map_batch("new_rows", outcomes, _rows_by_user)  # the sink's key: the user
     late = op.flat_map_batch("late", outcomes, _dead_letters)

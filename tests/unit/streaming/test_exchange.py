@@ -15,7 +15,8 @@ from prometheus_client import REGISTRY
 from feature_repo.contract import TransactionEvent
 from feature_repo.velocity import UserVelocityState
 from streaming.events import DeadLetter, Envelope, parse
-from streaming.state import ShardLogic, VelocityLogic
+from streaming.flow import key_batch
+from streaming.state import ShardLogic, VelocityLogic, grouped_logic
 from streaming.velocity_sink import VelocityRow
 
 EVENT = {"transaction_id": "t-1", "user_id": "u-1", "merchant_id": "m-1", "amount": 12.34,
@@ -100,3 +101,35 @@ def test_outcomes_are_counted_once_per_batch_as_per_event(logic: Any) -> None:
     assert [type(o) for o in out] == [VelocityRow, VelocityRow, DeadLetter]
     after = _counts()
     assert {k: after[k] - before[k] for k in after} == {"applied": 2, "duplicate": 1, "late": 1}
+
+
+def test_key_batch_sends_one_item_per_key_with_its_events_in_order() -> None:
+    """What the keyed stream carries: one (key, events) item per key and micro-batch, so
+    Bytewax routes (and, between processes, pickles) one item per key, not one per event."""
+    envs = [_env(transaction_id=f"t-{i}", user_id=f"u-{i % 3}") for i in range(9)]
+    bad = DeadLetter("invalid event: amount", b"{}")
+    asked: list[str] = []
+    items = key_batch(lambda e: e.event.user_id, asked.extend, [envs[0], bad, *envs[1:]])
+    assert [(k, [e.event.transaction_id for e in g]) for k, g in items] == [
+        ("u-0", ["t-0", "t-3", "t-6"]), ("u-1", ["t-1", "t-4", "t-7"]),
+        ("u-2", ["t-2", "t-5", "t-8"])]
+    assert sorted(asked) == sorted(e.event.user_id for e in envs)  # prefetched, dead letter not
+
+
+def test_grouped_logic_gives_what_the_flat_logic_gives() -> None:
+    events = [_env(transaction_id=f"t-{i}", user_id=f"u-{i % 2}",
+                   event_timestamp=f"2026-12-05T10:{i:02d}:00Z") for i in range(6)]
+    events.append(_env(transaction_id="t-1", user_id="u-1",
+                       event_timestamp="2026-12-05T10:01:00Z"))  # a duplicate
+    flat, _ = ShardLogic(None, None).on_batch(events)
+    grouped_step = grouped_logic(ShardLogic, None, None)
+    out = []
+    for batch in ([events[:3], events[3:4]], [events[4:]]):  # several groups, then one
+        got, _ = grouped_step.on_batch(batch)
+        out += list(got)
+    assert [(o.user_id, o.row) for o in out if isinstance(o, VelocityRow)] == \
+        [(o.user_id, o.row) for o in flat if isinstance(o, VelocityRow)]
+    assert len(out) == 6
+    resumed = grouped_logic(ShardLogic, None, grouped_step.snapshot())
+    again, _ = resumed.on_batch([events[:2]])
+    assert list(again) == []  # the snapshot holds them: duplicates after a restart
