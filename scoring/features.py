@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -110,6 +111,12 @@ class OnlineFeatures:
         if is_supported(store.config.online_store):
             self._redis = RedisFeatureReader(store.config, self._reads)
             self._reads = self._redis.reads  # fetch results come back in the reader's order
+
+    def answered_since(self, t: float) -> bool:
+        """Whether the online store answered a read of this process after `t`
+        (`time.monotonic()`): after a missed lookup deadline, a store that answered others
+        meanwhile is alive, and the deadline went to this process's own load."""
+        return self._redis is not None and self._redis.answered_at > t
 
     async def ping_async(self) -> bool:
         """Whether the online store answers (bounded by its socket timeout)."""
@@ -222,10 +229,13 @@ class RedisFeatureReader:
         ]
         self._order = [r for group in groups.values() for r in group]
         self._coalescer = _Coalescer(self._read)
+        self.answered_at = -math.inf  # time.monotonic() of the last read Redis answered
 
     async def _read(self, rows: Sequence[Row]) -> Rows:
-        return await read_rows_async(
+        out = await read_rows_async(
             self.aio, [(h, [row[h.join_key] for row in rows]) for h in self._readers])
+        self.answered_at = time.monotonic()
+        return out
 
     @property
     def reads(self) -> list[_ViewRead]:

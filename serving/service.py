@@ -2,9 +2,10 @@
 
 Event-time bound, admission (`serving.admission`), the lookup and model through the current
 `ModelSet`, the classification of a missed lookup deadline (a saturated event loop is
-"overloaded", and so is a deadline missed while large batches computed in worker threads;
-otherwise Redis was slow or frozen: "unavailable"), and the prediction log.  One per app, built by
-the lifespan and reached by routes through `ServiceDep`.
+"overloaded", and so is a deadline missed while large batches computed in worker threads or
+while Redis answered the scorer's other reads; otherwise Redis was slow or frozen:
+"unavailable"), and the prediction log.  One per app, built by the lifespan and reached by
+routes through `ServiceDep`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ class ScoringService:
                 results = (await models.score_async(events)).results
             except (TimeoutError, redis.exceptions.TimeoutError) as exc:
                 lag = self.loop_lag.recent_max()
-                if lag >= deadline / 2 or OFFLOAD.busy_since(started):
+                if (lag >= deadline / 2 or OFFLOAD.busy_since(started)
+                        or models.champion.features.answered_since(started)):
                     # the process was busy (its event loop late, or large batches computing in
-                    # threads that share the GIL with it): not evidence against Redis
+                    # threads that share the GIL with it), or Redis answered other reads of
+                    # this scorer meanwhile: the deadline went to this scorer's own load (its
+                    # lookups queued behind each other), not evidence against Redis
                     OVERLOAD_REJECTIONS.labels("saturated").inc()
                     raise Overloaded(f"lookup deadline missed while busy (event loop lag "
                                      f"{lag:.3f} s, offloaded work {OFFLOAD.running})") from exc
