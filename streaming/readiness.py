@@ -4,8 +4,9 @@
 process of `-a` connected), Bytewax has read the resume point from the recovery partitions,
 rebuilt this process's input partitions at their snapshot offsets (the Kafka consumers are
 assigned) and restored the state of the keys routed to it.  Bytewax does all of that while it
-builds the dataflow, before it polls any input; `ReadinessProbe` is an input of its own whose
-first poll therefore marks the process ready.  It emits nothing, then ends, so a flow that
+builds the dataflow; `ReadinessProbe` is an input of its own that marks the process ready
+once it is polled and this process's input partitions are built (or, for a process that reads
+none, a short grace period later).  It emits nothing, then ends, so a flow that
 reads to the end of its input (`STREAMING_TAIL=false`) still finishes.
 
 Per process: each process of a cluster answers for itself (its own metrics port), and a
@@ -18,6 +19,7 @@ import json
 import os
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,10 @@ class Readiness:
         """An input partition this process reads (called when Bytewax builds it)."""
         with self._lock:
             self._partitions.append(part)
+
+    def has_partitions(self) -> bool:
+        with self._lock:
+            return bool(self._partitions)
 
     def mark_running(self) -> None:
         """The dataflow polls its inputs: partitions assigned and state restored."""
@@ -83,12 +89,31 @@ def process_age_s() -> float:
 
 
 class _ProbePartition(StatelessSourcePartition[Any]):
+    """Marks the process running once its input partitions are built.  In a cluster of
+    several processes Bytewax may poll this input before it has built the Kafka partitions
+    (their assignment is agreed between the processes), so the first poll alone is not
+    enough: it waits for a partition, or `GRACE_S` for a process that reads none."""
+
+    GRACE_S = 2.0
+    POLL = timedelta(milliseconds=20)
+
     def __init__(self, readiness: Readiness) -> None:
         self._readiness = readiness
+        self._first_poll: float | None = None
 
     def next_batch(self) -> list[Any]:
-        self._readiness.mark_running()
-        raise StopIteration
+        now = time.monotonic()
+        if self._first_poll is None:
+            self._first_poll = now
+        if self._readiness.has_partitions() or now - self._first_poll >= self.GRACE_S:
+            self._readiness.mark_running()
+            raise StopIteration
+        return []
+
+    def next_awake(self) -> datetime | None:
+        # None until the first poll (Bytewax asks before it; a time then would let a flow whose
+        # other inputs end finish without ever polling this one), then every POLL
+        return None if self._first_poll is None else datetime.now(UTC) + self.POLL
 
 
 class ReadinessProbe(DynamicSource[Any]):
