@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -133,8 +134,8 @@ def _replace_counts(d: Dataset, tx: int, labelled: int) -> Dataset:
 
 def _prepare(d: Dataset, users: int, days: int, online: bool) -> None:
     log = d.root / "prepare.log"
-    d.root.mkdir(parents=True, exist_ok=True)
-    (d.root / "registry.db").unlink(missing_ok=True)
+    shutil.rmtree(d.root, ignore_errors=True)  # nothing of an earlier set (or layout) stays
+    d.root.mkdir(parents=True)
     env = d.env()
     feast = [str(Path(sys.executable).parent / "feast"), "-c", "feature_repo"]
     today = datetime.now(UTC).date().isoformat()
