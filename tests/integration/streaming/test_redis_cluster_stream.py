@@ -16,7 +16,6 @@ import pytest
 
 from devenv.redis_cluster import LocalRedisCluster
 from feature_repo.config import REPO_DIR
-from feature_repo.velocity import UserVelocityState
 from streaming.seeding import OnlineStateSeeder
 from streaming.velocity_sink import (
     VELOCITY_VIEW,
@@ -26,27 +25,7 @@ from streaming.velocity_sink import (
     newest_per_user,
     online_writer,
 )
-
-T0 = 1_790_000_000_000_000
-SECOND = 1_000_000
-
-
-def _rows() -> list[VelocityRow]:
-    """Rows of 40 users, several per user, interleaved as a micro-batch delivers them."""
-    states: dict[str, UserVelocityState] = {}
-    out = []
-    for i in range(150):
-        user = f"csink-u{i % 40:03d}"
-        state = states.setdefault(user, UserVelocityState())
-        row = state.apply(f"csink-t{i}", T0 + i * SECOND + i % 7, 1.25 * (i % 11) + 0.5,
-                          f"m{i % 9}")
-        assert row is not None
-        out.append(VelocityRow(user, row, None))
-    return out
-
-
-def _hashes(cluster: Any, keys: set[bytes]) -> dict[bytes, dict[bytes, bytes]]:
-    return {k: cluster.hgetall(k) for k in sorted(keys)}
+from tests.integration.streaming.sink_rows import SECOND, hashes, velocity_rows
 
 
 def _keys(redis_cluster: LocalRedisCluster) -> set[bytes]:
@@ -60,14 +39,14 @@ def _keys(redis_cluster: LocalRedisCluster) -> set[bytes]:
 def test_stream_writer_on_the_cluster_matches_feast(
         materialized_cluster: Any, cluster_env: LocalRedisCluster) -> None:
     cluster: Any = cluster_env.client()
-    rows = _rows()
+    rows = velocity_rows("csink")
     newest = [rows[i] for i in newest_per_user(rows)]
     materialized_cluster.write_to_online_store(VELOCITY_VIEW,
                                                df=history_table(newest).to_pandas())
     keys = _keys(cluster_env)
     assert len(keys) == 40
     assert len({cluster.get_node_from_key(k).name for k in keys}) == 3
-    stock = _hashes(cluster, keys)
+    stock = hashes(cluster, keys)
     cluster.delete(*keys)
 
     writer = online_writer(REPO_DIR)
@@ -76,14 +55,14 @@ def test_stream_writer_on_the_cluster_matches_feast(
         writer.write(rows, history_table(rows))
         writer.flush()
         assert _keys(cluster_env) == keys
-        assert _hashes(cluster, keys) == stock
+        assert hashes(cluster, keys) == stock
         older = [r for r in rows if r not in newest]
         same_time = [VelocityRow(r.user_id, {**r.row, "recent_amounts": [9.0] * len(
             r.row["recent_amounts"])}, None) for r in newest]
         for batch in (older, same_time):
             writer.write(batch, history_table(batch))
             writer.flush()
-            assert _hashes(cluster, keys) == stock
+            assert hashes(cluster, keys) == stock
     finally:
         writer.close()
         cluster.delete(*keys)
