@@ -318,7 +318,13 @@ def test_redis_stopped_or_killed_is_a_quick_503_and_recovers_by_itself(
     for a in answers:
         if a.status == 503:
             assert a.retry_after == "2"
-            assert json.loads(a.body) == {"detail": "online feature store unavailable"}
+            detail = json.loads(a.body)["detail"]
+            # A lookup sent while Redis was frozen whose deadline passed just after SIGCONT saw
+            # Redis answer other reads before it gave up: that one may say "overloaded" (the
+            # scorer's rule, serving/service.py).  Every other 503 is an outage.
+            straddled = a.start < t_resume <= a.end
+            allowed = {"online feature store unavailable"} | ({"overloaded"} if straddled else set())
+            assert detail in allowed, (a, {"pause": t_pause, "resume": t_resume})
     slowest = max(a.end - a.start for a in answers)
     marks = {"pause": t_pause, "resume": t_resume, "kill": t_kill, "restart": t_restart}
     worst = max(answers, key=lambda a: a.end - a.start)
