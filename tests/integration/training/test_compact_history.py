@@ -88,18 +88,22 @@ def test_compaction_keeps_every_training_frame_and_every_row(feature_data: Path,
 
     size = sum(p.stat().st_size for p in files_before)
     r = compact(directory, target_mb=size / 3 / 2**20)
-    assert r is not None and r.files_removed == 31 and 2 <= r.files_added <= 4
+    assert r is not None and 2 <= r.files_added <= 4
     assert r.files_vacuumed == 0  # the table's retention: a running retrieval may read them
     assert all(p.exists() for p in files_before)
     after = history.live_files(directory)
-    assert len(after) == r.files_added and not set(after) & set(files_before)
+    # Delta's bin packing leaves a file alone in its bin as it is (data-dependent sizes)
+    kept = set(after) & set(files_before)
+    assert len(kept) <= 1 and r.files_removed == 31 - len(kept)
+    assert len(after) == r.files_added + len(kept)
     assert _stock_rows(directory) == stock
     pd.testing.assert_frame_equal(_frame(store, directory, entities), before)
 
     # an operator's choice: nothing kept (this run also merges the merged files further)
     gone = compact(directory, retention_hours=0)
-    assert gone is not None and gone.files_vacuumed == 31 + gone.files_removed
-    assert not any(p.exists() for p in files_before)
+    assert gone is not None and gone.files_vacuumed == r.files_removed + gone.files_removed
+    live = set(history.live_files(directory))
+    assert not any(p.exists() for p in files_before if p not in live)
     # every file left on disk is the table's (no checkpoint after so few commits)
     assert sorted(directory.glob("**/*.parquet")) == sorted(history.live_files(directory))
     assert _stock_rows(directory) == stock
