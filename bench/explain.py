@@ -18,34 +18,16 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psutil
 
 from bench import loadgen
 from bench.config import Sizes, get_settings
 from bench.data import newest_model, scoring_dataset, with_loadable_model
-from bench.procs import BenchError, free_port, running, wait_http
+from bench.procs import BenchError, free_port, running, tree_cpu_seconds, wait_http
 from bench.report import Measure, Section, Target
 from bench.scoring import HOST, P99_TARGET_MS, ours_server, request_factory, request_pool
 
 ROUNDS = 2
 EXPLAIN_PATH = "/v1/score?explain=true"
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of the server's process tree."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 def percentiles(latencies: list[np.ndarray]) -> dict[str, float]:
@@ -103,10 +85,10 @@ def run(sizes: Sizes, section: Section) -> None:
                               sizes.score_connections, drain_s=2)
         for _ in range(ROUNDS):
             for name, make in kinds.items():
-                cpu0 = _cpu_seconds(child.pid)
+                cpu0 = tree_cpu_seconds(child.pid)
                 r = loadgen.open_loop(HOST, port, make, sizes.score_rate, seconds,
                                       sizes.score_connections, drain_s=5)
-                cpu[name] += _cpu_seconds(child.pid) - cpu0
+                cpu[name] += tree_cpu_seconds(child.pid) - cpu0
                 completed[name] += r.completed
                 latencies[name].append(r.latency)
                 runs[name].append(r.summary())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from devenv.localproc import free_port
 from feature_repo.config import PROJECT_DIR
@@ -209,3 +210,20 @@ def run_step(name: str, argv: Sequence[str], env: Mapping[str, str], log_path: P
     if rc:
         raise BenchError(f"{name} failed (exit {rc}):\n{log_tail(log_path)}")
     return time.perf_counter() - t0
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of process `pid` and its descendants (0 when it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from bench import loadgen, profile
 from bench.config import Sizes, get_settings
 from bench.data import Dataset, scoring_dataset, with_loadable_model
-from bench.procs import BenchError, Child, free_port, python, running, wait_http
+from bench.procs import BenchError, Child, free_port, python, running, tree_cpu_seconds, wait_http
 from bench.report import Measure, Section, Target
 
 HOST = "127.0.0.1"
@@ -207,31 +206,15 @@ def _validate(server: Server, port: int, n: int = 20) -> dict[str, Any]:
     return out
 
 
-def _cpu_seconds(pid: int) -> float:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def _measure(server: Server, child: Child, port: int, sizes: Sizes) -> dict[str, Any]:
     make = request_factory(server, port)
     res: dict[str, Any] = {"validation": _validate(server, port)}
     loadgen.open_loop(HOST, port, make, sizes.score_rate, sizes.score_warmup_s,
                       sizes.score_connections, drain_s=2)
-    cpu0 = _cpu_seconds(child.pid)
+    cpu0 = tree_cpu_seconds(child.pid)
     run = loadgen.open_loop(HOST, port, make, sizes.score_rate, sizes.score_duration_s,
                             sizes.score_connections, drain_s=5)
-    cpu = _cpu_seconds(child.pid) - cpu0
+    cpu = tree_cpu_seconds(child.pid) - cpu0
     res["open_loop"] = run.summary()
     res["server_cpu_ms_per_request"] = cpu * 1000 / max(run.completed, 1)
     res["cost"] = cpu_cost(child.pid, port, make, trivial_factory(port),
@@ -264,17 +247,17 @@ def cpu_cost(pid: int, port: int, make: loadgen.RequestFactory,
     `seconds / rounds` each, so a drift in the host's speed weighs on both; the server's idle
     CPU (its timers, a registry poller) over one second is recorded too.
     """
-    cpu0 = _cpu_seconds(pid)
+    cpu0 = tree_cpu_seconds(pid)
     time.sleep(1.0)
     out: dict[str, Any] = {"seconds": seconds, "rounds": rounds, "connections": connections,
-                           "idle_cpu_ms_per_s": (_cpu_seconds(pid) - cpu0) * 1000}
+                           "idle_cpu_ms_per_s": (tree_cpu_seconds(pid) - cpu0) * 1000}
     totals = {"score": [0.0, 0], "trivial": [0.0, 0]}
     statuses: dict[str, dict[str, int]] = {"score": {}, "trivial": {}}
     for _ in range(rounds):
         for name, factory in (("trivial", trivial), ("score", make)):
-            cpu0 = _cpu_seconds(pid)
+            cpu0 = tree_cpu_seconds(pid)
             run = loadgen.closed_loop(HOST, port, factory, seconds / rounds, connections)
-            totals[name][0] += _cpu_seconds(pid) - cpu0
+            totals[name][0] += tree_cpu_seconds(pid) - cpu0
             totals[name][1] += run.completed
             for code, n in run.statuses.items():
                 statuses[name][str(code)] = statuses[name].get(str(code), 0) + n
