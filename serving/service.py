@@ -56,12 +56,15 @@ class ScoringService:
                 results = (await models.score_async(events)).results
             except (TimeoutError, redis.exceptions.TimeoutError) as exc:
                 lag = self.loop_lag.recent_max()
+                # Redis alive means it answered other reads of this scorer in the last half of
+                # this lookup's wait: answers that came just before a freeze prove nothing
+                alive_since = max(started, time.monotonic() - deadline / 2)
                 if (lag >= deadline / 2 or OFFLOAD.busy_since(started)
-                        or models.champion.features.answered_since(started)):
+                        or models.champion.features.answered_since(alive_since)):
                     # the process was busy (its event loop late, or large batches computing in
                     # threads that share the GIL with it), or Redis answered other reads of
-                    # this scorer meanwhile: the deadline went to this scorer's own load (its
-                    # lookups queued behind each other), not evidence against Redis
+                    # this scorer late in the wait: the deadline went to this scorer's own load
+                    # (its lookups queued behind each other), not evidence against Redis
                     OVERLOAD_REJECTIONS.labels("saturated").inc()
                     raise Overloaded(f"lookup deadline missed while busy (event loop lag "
                                      f"{lag:.3f} s, offloaded work {OFFLOAD.running})") from exc

@@ -322,8 +322,13 @@ def test_redis_stopped_or_killed_is_a_quick_503_and_recovers_by_itself(
             # A lookup sent while Redis was frozen whose deadline passed just after SIGCONT saw
             # Redis answer other reads before it gave up: that one may say "overloaded" (the
             # scorer's rule, serving/service.py).  Every other 503 is an outage.
+            # The scorer counts only answers in the last half of the wait (deadline / 2 before
+            # it gave up, which is at least start + deadline / 2); replies already in the socket
+            # when Redis stopped may be read a little after t_pause, hence the 50 ms.
             straddled = a.start < t_resume <= a.end
-            allowed = {"online feature store unavailable"} | ({"overloaded"} if straddled else set())
+            froze_late = t_pause + 0.05 > a.start + LOOKUP_TIMEOUT_S / 2
+            allowed = {"online feature store unavailable"} | (
+                {"overloaded"} if straddled or froze_late else set())
             assert detail in allowed, (a, {"pause": t_pause, "resume": t_resume})
     slowest = max(a.end - a.start for a in answers)
     marks = {"pause": t_pause, "resume": t_resume, "kill": t_kill, "restart": t_restart}
@@ -518,7 +523,8 @@ def test_worker_survives_a_broker_restart(
         resets = sum(v for (name, _), v in worker.metrics().items()
                      if name == "fraud_stream_offset_resets_total")
         assert resets >= 1  # the lost log was noticed, counted ...
-        assert "the log was lost or replaced" in worker.log_tail()  # ... and logged
+        # ... and logged (the whole log: librdkafka's reconnect lines can fill the tail)
+        assert "the log was lost or replaced" in worker.log_path.read_text(errors="replace")
     finally:
         worker.kill()
     print(f"new events served {back_after:.1f} s after the broker restart ({resets:.0f} "
