@@ -15,22 +15,18 @@ every training retrieval opens each of them.  `python -m training.compact_histor
   reads them for less than that) and files of writes that crashed before their commit.
 
 A crash at any point loses nothing: a compaction that did not commit changed nothing (its
-files are never read, and a later vacuum deletes them).  A compaction and a backfill that
-replaced the same files conflict at commit: the compaction, if it loses, reports `conflict`
-and changes nothing (the next period compacts again); the backfill retries its commit.
-
-One run at a time per table: deltalake 1.6.6 lets two compactions of the same files both
-commit (its conflict checker passes a concurrent remove whose `dataChange` is false, as a
-compaction's is), and each adds a merged copy of the rows: duplicates.  So a run holds an
-`flock` on `.<table>.compaction.lock` next to the table, and a run that finds it taken does
-nothing (`busy`).  That serialises runs on one filesystem; with the table on object storage,
-run one compactor (one service, or a CronJob that forbids concurrent runs).
+files are never read, and a later vacuum deletes them).  Runs need no lock of ours: Delta's
+conflict check at commit decides.  Two compactions of the same files, or a compaction and a
+backfill that replaced them: the first commits, the other conflicts; a compaction that loses
+reports `conflict` and changes nothing (the next period compacts again), a backfill retries
+its commit.  (deltalake is pinned to 1.6.3: 1.6.6's checker lets a second compaction of the
+same files commit too, adding a second merged copy of their rows; tested in
+tests/integration/training/test_compact_history.py.)
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import time
 from dataclasses import dataclass
@@ -57,29 +53,25 @@ class Compaction:
     files_added: int = 0  # merged files it put in
     files_vacuumed: int = 0  # files deleted from storage
     version: int | None = None  # the table's version afterwards (None: no table yet)
-    outcome: str = "ok"  # or "busy" (another run holds the lock), "conflict" (nothing changed)
+    outcome: str = "ok"  # or "conflict": another commit changed the same files first
 
 
 def compact(directory: Path | None = None, target_mb: float = TARGET_MB,
             retention_hours: int | None = None) -> Compaction:
     """One run over the history table at `directory` (default: the velocity history): compact,
     then vacuum files unused for `retention_hours` (default: the table's retention; a shorter
-    one may delete files a running retrieval still reads).  Outcome `busy` if another run
-    holds the lock, `conflict` if a backfill changed the same files first; then nothing
-    changed."""
+    one may delete files a running retrieval still reads).  Outcome `conflict` if another
+    compaction or a backfill changed the same files first; then nothing changed."""
     directory = directory or velocity_history_dir()
     if not history.is_table(directory):  # nothing written yet
         return Compaction()
-    with (directory.parent / f".{directory.name}.compaction.lock").open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return Compaction(outcome="busy")
-        return _compact(directory, target_mb, retention_hours)
+    return compact_table(DeltaTable(str(directory)), target_mb, retention_hours)
 
 
-def _compact(directory: Path, target_mb: float, retention_hours: int | None) -> Compaction:
-    table = DeltaTable(str(directory))  # loaded under the lock: no other run's stale snapshot
+def compact_table(table: DeltaTable, target_mb: float = TARGET_MB,
+                  retention_hours: int | None = None) -> Compaction:
+    """`compact` on `table` as loaded (a snapshot that other commits may have passed since:
+    then Delta's conflict check decides at commit)."""
     try:
         metrics = table.optimize.compact(target_size=int(target_mb * 2**20))
     except CommitFailedError as exc:
@@ -91,7 +83,7 @@ def _compact(directory: Path, target_mb: float, retention_hours: int | None) -> 
     out = Compaction(files_removed=int(metrics["numFilesRemoved"]),
                      files_added=int(metrics["numFilesAdded"]),
                      files_vacuumed=len(vacuumed), version=table.version())
-    log.info("history %s: %s", directory, summary(out))
+    log.info("history %s: %s", table.table_uri, summary(out))
     return out
 
 
@@ -153,11 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     t0 = time.perf_counter()
     r = compact(a.dir, a.target_mb, a.retain_hours)
-    if r.outcome == "busy":
-        print("compaction: another run holds the lock; nothing done")
-        return
     if r.outcome == "conflict":
-        print("compaction: a backfill changed the same files first; nothing changed")
+        print("compaction: another compaction or a backfill changed the same files first; "
+              "nothing changed")
         return
     print(f"compaction: {summary(r)}; {time.perf_counter() - t0:.1f}s")
 
