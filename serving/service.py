@@ -1,7 +1,7 @@
 """`ScoringService`: what a scoring request does between validation and the response.
 
 Event-time bound, admission (`serving.admission`), the lookup and model through the current
-`ModelSet`, the classification of a missed lookup deadline (a saturated event loop is
+`ModelSet` (and the explanation, under the same admission), the classification of a missed lookup deadline (a saturated event loop is
 "overloaded", and so is a deadline missed while large batches computed in worker threads or
 while Redis answered the scorer's other reads; otherwise Redis was slow or frozen:
 "unavailable"), and the prediction log.  One per app, built by the lifespan and reached by
@@ -17,6 +17,7 @@ import redis.exceptions
 from fastapi import HTTPException
 
 from feature_repo.contract import future_excess_s
+from scoring.explain import Explanation, explain_results
 from scoring.models import ModelSet
 from scoring.prediction_log import PredictionLog
 from scoring.scorer import OFFLOAD, ScoreResult
@@ -44,8 +45,12 @@ class ScoringService:
                                            "message": "event_timestamp lies more than "
                                            f"{bound:.0f}s in the future"}])
 
-    async def score(self, models: ModelSet, txns: list[TransactionIn]) -> list[ScoreResult]:
-        """Score `txns` with `models`; Overloaded or a RedisError when that is what happened."""
+    async def score(self, models: ModelSet, txns: list[TransactionIn], explain: bool = False
+                    ) -> tuple[list[ScoreResult], list[Explanation | None]]:
+        """Score `txns` with `models` (and explain each score if `explain`): the results and
+        one explanation per result (all None unless `explain`); Overloaded or a RedisError
+        when that is what happened.  The explanation is part of the admitted work: its rows
+        hold their admission slot until it is done, so explain traffic is bounded too."""
         self.check_time(txns)
         events = [t.to_event() for t in txns]
         deadline = self.settings.lookup_timeout_s
@@ -72,5 +77,8 @@ class ScoringService:
                     f"online lookup exceeded {deadline} s") from exc
             except REDIS_ERRORS as exc:
                 raise redis.exceptions.ConnectionError(str(exc)) from exc
+            explained: list[Explanation | None] = [None] * len(results)
+            if explain:
+                explained = await explain_results(models, results)
         self.prediction_log.record(results, events)
-        return results
+        return results, explained

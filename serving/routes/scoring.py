@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
-from scoring.explain import TOP_REASONS, explain_results
+from scoring.explain import TOP_REASONS
 from scoring.explain import Explanation as RowExplanation
 from scoring.scorer import ScoreResult
 from serving.deps import ModelsDep, ServiceDep
@@ -59,9 +59,8 @@ async def score(
     explain: Annotated[bool, Query(description=EXPLAIN_DOC)] = False,
 ) -> ScoreOut:
     """Score one transaction as of its `event_timestamp` (default now)."""
-    results = await service.score(models, [txn])
-    e = (await explain_results(models, results))[0] if explain else None
-    out = _out(results[0], explain, e)
+    results, explained = await service.score(models, [txn], explain)
+    out = _out(results[0], explain, explained[0])
     # already validated: skip FastAPI's second validation pass of the return value
     return Response(out.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
 
@@ -77,7 +76,6 @@ async def score_batch(
         raise HTTPException(422, [{"field": "transactions", "type": "too_long",
                                    "message": f"at most {limit} transactions "
                                    "per request (SERVING_MAX_BATCH)"}])
-    results = await service.score(models, body.transactions)
-    explained = await explain_results(models, results) if explain else [None] * len(results)
+    results, explained = await service.score(models, body.transactions, explain)
     out = BatchOut(results=[_out(r, explain, e) for r, e in zip(results, explained, strict=True)])
     return Response(out.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
