@@ -27,6 +27,7 @@ from serving import errors
 from serving.config import ServingSettings
 from serving.deps import require_api_key
 from serving.docs import mount_docs
+from serving.lane import ScoringLane
 from serving.lifecycle import ModelManager
 from serving.limits import BodySizeLimit
 from serving.observe import RequestObserver
@@ -72,12 +73,14 @@ def create_app(settings: ServingSettings) -> FastAPI:
     app = FastAPI(title="fraudstream scorer", version="1", lifespan=_lifespan(settings),
                   docs_url=None, redoc_url=None)
     mount_docs(app)  # /docs and /redoc with local assets (no CDN)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # chunked too
-    app.add_middleware(RequestObserver, access_log=settings.access_log)  # outermost
-    errors.install(app, settings)
     # X-API-Key is declared (and checked) on the scoring routes only when SERVING_API_KEY is
     # set: the published OpenAPI says what this app enforces.
     keyed = [Depends(require_api_key)] if settings.api_key is not None else []
+    # plain scoring requests skip FastAPI's routing and dependency layers (serving/lane.py)
+    app.add_middleware(ScoringLane, routes=scoring.lane_routes(keyed=bool(keyed)))
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # chunked too
+    app.add_middleware(RequestObserver, access_log=settings.access_log)  # outermost
+    errors.install(app, settings)
     app.include_router(scoring.router, dependencies=keyed)
     app.include_router(health.router)
     app.include_router(metrics.router)

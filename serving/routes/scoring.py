@@ -3,14 +3,25 @@ app adds the check when it includes this router)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from scoring.explain import TOP_REASONS
 from scoring.explain import Explanation as RowExplanation
+from scoring.models import ModelSet
 from scoring.scorer import ScoreResult
-from serving.deps import ModelsDep, ServiceDep
+from serving.deps import (
+    ModelsDep,
+    ServiceDep,
+    api_key_header,
+    get_models,
+    get_service,
+    require_api_key,
+)
+from serving.lane import LaneRoute, Operation
 from serving.schemas import (
     SCORING_ERRORS,
     BatchIn,
@@ -21,6 +32,7 @@ from serving.schemas import (
     ScoreOut,
     TransactionIn,
 )
+from serving.service import ScoringService
 
 router = APIRouter(prefix="/v1", tags=["scoring"], responses=SCORING_ERRORS)
 
@@ -53,16 +65,36 @@ def _jsonable(v: object) -> object:
     return None if isinstance(v, float) and v != v else v  # NaN -> null
 
 
+async def score_one(service: ScoringService, models: ModelSet, txn: TransactionIn,
+                    explain: bool = False) -> Response:
+    """`POST /v1/score`'s work, for the endpoint and for the thin path (`serving.lane`)."""
+    results, explained = await service.score(models, [txn], explain)
+    out = _out(results[0], explain, explained[0])
+    # already validated: no second validation pass of the return value
+    return Response(out.model_dump_json(), media_type="application/json")
+
+
+async def score_many(service: ScoringService, models: ModelSet, body: BatchIn,
+                     explain: bool = False) -> Response:
+    """`POST /v1/score/batch`'s work, for the endpoint and for the thin path."""
+    limit = service.settings.max_batch
+    if len(body.transactions) > limit:
+        raise HTTPException(422, [{"field": "transactions", "type": "too_long",
+                                   "message": f"at most {limit} transactions "
+                                   "per request (SERVING_MAX_BATCH)"}])
+    results, explained = await service.score(models, body.transactions, explain)
+    out = BatchOut.model_construct(
+        results=[_out(r, explain, e) for r, e in zip(results, explained, strict=True)])
+    return Response(out.model_dump_json(), media_type="application/json")
+
+
 @router.post("/score", response_model=ScoreOut)
 async def score(
     txn: TransactionIn, models: ModelsDep, service: ServiceDep,
     explain: Annotated[bool, Query(description=EXPLAIN_DOC)] = False,
 ) -> ScoreOut:
     """Score one transaction as of its `event_timestamp` (default now)."""
-    results, explained = await service.score(models, [txn], explain)
-    out = _out(results[0], explain, explained[0])
-    # already validated: skip FastAPI's second validation pass of the return value
-    return Response(out.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
+    return await score_one(service, models, txn, explain)  # type: ignore[return-value]
 
 
 @router.post("/score/batch", response_model=BatchOut)
@@ -71,11 +103,30 @@ async def score_batch(
     explain: Annotated[bool, Query(description=EXPLAIN_DOC)] = False,
 ) -> BatchOut:
     """Score up to SERVING_MAX_BATCH (at most 1,000) transactions with one online lookup."""
-    limit = service.settings.max_batch
-    if len(body.transactions) > limit:
-        raise HTTPException(422, [{"field": "transactions", "type": "too_long",
-                                   "message": f"at most {limit} transactions "
-                                   "per request (SERVING_MAX_BATCH)"}])
-    results, explained = await service.score(models, body.transactions, explain)
-    out = BatchOut(results=[_out(r, explain, e) for r, e in zip(results, explained, strict=True)])
-    return Response(out.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
+    return await score_many(service, models, body, explain)  # type: ignore[return-value]
+
+
+async def _lane_score(request: Request, txn: TransactionIn) -> Response:
+    return await score_one(await get_service(request), await get_models(request), txn)
+
+
+async def _lane_batch(request: Request, body: BatchIn) -> Response:
+    return await score_many(await get_service(request), await get_models(request), body)
+
+
+def _keyed(operation: Operation) -> Operation:
+    async def checked(request: Request, body: Any) -> Response:
+        await require_api_key(request, await api_key_header(request))
+        return await operation(request, body)
+
+    return checked
+
+
+def lane_routes(keyed: bool) -> dict[str, LaneRoute]:
+    """This router's routes for the thin path (`serving.lane`), with the API-key check when
+    the app includes the router `keyed`; ?explain takes FastAPI's path (a query string)."""
+    ops: dict[Any, tuple[type[BaseModel], Operation]] = {
+        score: (TransactionIn, _lane_score), score_batch: (BatchIn, _lane_batch)}
+    return {r.path: LaneRoute(r, body, _keyed(op) if keyed else op)
+            for r in router.routes if isinstance(r, APIRoute) and r.endpoint in ops
+            for body, op in [ops[r.endpoint]]}
