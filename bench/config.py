@@ -65,6 +65,8 @@ class Sizes:
     # tables): it gets one small size and its own time limit.
     retrieval_dask_rows: int
     retrieval_dask_limit_s: float
+    # offline engines (bench.offline_engines): retrieval on the faster engine at each size
+    engine_scaling_rows: tuple[int, ...]
     # batch scoring
     batch_rows: int
     # soak (bench.soak): our scorer at a fixed open-loop rate
@@ -79,7 +81,8 @@ class Sizes:
             stream_events=300_000, stream_users=20_000, fresh_rate=5000, fresh_duration_s=30,
             push_events=1000, push_window_s=0.5, retrieval_rows=1_000_000,
             retrieval_stock_first=20_000, retrieval_stock_budget_s=180, retrieval_dask_rows=2_000,
-            retrieval_dask_limit_s=900, batch_rows=10_000_000, soak_rate=1000, soak_duration_s=600,
+            retrieval_dask_limit_s=900, engine_scaling_rows=(1_000_000, 3_000_000, 10_000_000),
+            batch_rows=10_000_000, soak_rate=1000, soak_duration_s=600,
         )
 
     @classmethod
@@ -90,5 +93,6 @@ class Sizes:
             stream_events=20_000, stream_users=2_000, fresh_rate=1000, fresh_duration_s=5,
             push_events=300, push_window_s=0.3, retrieval_rows=50_000,
             retrieval_stock_first=5_000, retrieval_stock_budget_s=45, retrieval_dask_rows=1_000,
-            retrieval_dask_limit_s=120, batch_rows=40_000, soak_rate=200, soak_duration_s=30,
+            retrieval_dask_limit_s=120, engine_scaling_rows=(50_000, 150_000, 500_000),
+            batch_rows=40_000, soak_rate=200, soak_duration_s=30,
         )

@@ -12,16 +12,17 @@ Peak memory is the process tree's (the Spark JVM is a child of the Python proces
 every 0.1 s from /proc.  The parent then checks that both engines returned the same frame
 cell for cell and wrote the same scores.  In the table "ours" is Spark and "stock" DuckDB
 (the default), so a ratio says what moving to Spark costs or gains on this machine.
+
+Then the scaling curve of the engine whose retrieval was faster (`bench.engine_scaling`):
+the same retrieval at 1M, 3M and 10M rows (`Sizes.engine_scaling_rows`), time and memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -36,10 +37,12 @@ from bench.data import (
     scoring_dataset,
     with_loadable_model,
 )
-from bench.procs import BenchError, python, run_json
+from bench.engine_scaling import engine_up, run_curve
+from bench.procs import BenchError, PeakTree, python, run_json
 from bench.report import Measure, Section
 
 ENGINES = ("spark", "duckdb")  # ours, stock columns of the table
+
 
 
 # --- parent --------------------------------------------------------------------------------
@@ -63,28 +66,38 @@ def run(sizes: Sizes, section: Section) -> None:
     try:
         runs = {e: _child(dataset, e, n, start, end, model, scratch / e) for e in ENGINES}
         section.details = {"runs": runs}
-        for e, r in runs.items():
-            if "error" in r:
-                raise BenchError(f"{e} failed: {r['error']}")
-        same_frame = _same_frames(Path(runs["spark"]["frame"]), Path(runs["duckdb"]["frame"]))
-        same_scores = _same_scores(Path(runs["spark"]["scores"]),
-                                   Path(runs["duckdb"]["scores"]))
+        ok = [e for e in ENGINES if "error" not in runs[e]]
+        for e in set(ENGINES) - set(ok):
+            section.notes.append(f"{e} failed: {runs[e]['error']}")
+        same_frame = same_scores = None
+        if len(ok) == len(ENGINES):
+            same_frame = _same_frames(Path(runs["spark"]["frame"]),
+                                      Path(runs["duckdb"]["frame"]))
+            same_scores = _same_scores(Path(runs["spark"]["scores"]),
+                                       Path(runs["duckdb"]["scores"]))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if not ok:
+        raise BenchError("both engines failed: " + "; ".join(runs[e]["error"] for e in ENGINES))
     spark, duck = runs["spark"], runs["duckdb"]
     section.details.update(identical_frames=same_frame, identical_scores=same_scores)
+
+    def rate(r: dict[str, Any]) -> float | None:
+        return n / r["retrieval_s"] if "retrieval_s" in r else None
+
     section.measures += [
-        Measure("engine start-up (Spark session and JVM)", "s", spark["start_s"], None, "lower",
-                stock_missing="none: DuckDB runs in the process"),
-        Measure(f"retrieval: training frame of {n:,} rows", "s", spark["retrieval_s"],
-                duck["retrieval_s"], "lower", note=f"frames identical: {same_frame}"),
-        Measure(f"retrieval rows/s at {n:,} rows", "/s", n / spark["retrieval_s"],
-                n / duck["retrieval_s"], "higher"),
-        Measure(f"batch scoring of {batch_rows:,} rows", "s", spark["batch_s"], duck["batch_s"],
-                "lower", note=f"scores identical: {same_scores}"),
-        Measure("peak RSS, process tree (JVM included)", "MiB", spark["peak_tree_mib"],
-                duck["peak_tree_mib"], "lower"),
+        Measure("engine start-up (Spark session and JVM)", "s", spark.get("start_s"), None,
+                "lower", stock_missing="none: DuckDB runs in the process"),
+        Measure(f"retrieval: training frame of {n:,} rows", "s", spark.get("retrieval_s"),
+                duck.get("retrieval_s"), "lower", note=f"frames identical: {same_frame}"),
+        Measure(f"retrieval rows/s at {n:,} rows", "/s", rate(spark), rate(duck), "higher"),
+        Measure(f"batch scoring of {batch_rows:,} rows", "s", spark.get("batch_s"),
+                duck.get("batch_s"), "lower", note=f"scores identical: {same_scores}"),
+        Measure("peak RSS, process tree (JVM included)", "MiB", spark.get("peak_tree_mib"),
+                duck.get("peak_tree_mib"), "lower"),
     ]
+    faster = min(ok, key=lambda e: float(runs[e]["retrieval_s"]))
+    run_curve(dataset, faster, sizes, section)
 
 
 def _child(dataset: Dataset, engine: str, rows: int, start: date, end: date,
@@ -138,59 +151,12 @@ def _same_scores(a: Path, b: Path) -> bool:
 
 # --- child ---------------------------------------------------------------------------------
 
-def _tree_rss_kib(pid: int) -> int:
-    """Resident memory of a process and all its descendants (KiB), from /proc."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")),
-                              0)
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-    return total
-
-
-class _PeakTree:
-    """Samples the process tree's RSS every 0.1 s in a daemon thread; `peak_mib` is the max."""
-
-    def __init__(self) -> None:
-        self.peak_kib = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.1):
-            self.peak_kib = max(self.peak_kib, _tree_rss_kib(os.getpid()))
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self.peak_kib = max(self.peak_kib, _tree_rss_kib(os.getpid()))
-        return self.peak_kib / 1024
-
-
 def child_main(a: argparse.Namespace) -> dict[str, Any]:
-    from feature_repo.config import apply_env_defaults
-    from feature_repo.offline_engines import get_settings as engine_settings
     from training import batch_score
     from training.retrieval import labelled_entity_frame, open_store
 
-    apply_env_defaults()
-    if engine_settings().engine != a.engine:
-        raise SystemExit(f"OFFLINE_ENGINE is {engine_settings().engine}, not {a.engine}")
-    peak = _PeakTree()
-    t0 = time.perf_counter()
-    if a.engine == "spark":
-        from feature_repo.offline_engines.spark import spark_session
-
-        spark_session()
-    start_s = time.perf_counter() - t0
+    peak = PeakTree()
+    start_s = engine_up(a.engine)
     store = open_store()
     entities = labelled_entity_frame()
     if a.rows < len(entities):

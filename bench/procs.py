@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,8 +24,8 @@ import psutil
 from devenv.localproc import free_port
 from feature_repo.config import PROJECT_DIR
 
-__all__ = ["BenchError", "Child", "free_port", "log_tail", "python", "run_capture", "run_json",
-           "run_step", "running", "wait_http"]
+__all__ = ["BenchError", "Child", "PeakTree", "free_port", "log_tail", "python", "run_capture",
+           "run_json", "run_step", "running", "tree_cpu_seconds", "tree_rss_kib", "wait_http"]
 
 
 class BenchError(RuntimeError):
@@ -227,3 +228,51 @@ def tree_cpu_seconds(pid: int) -> float:
         except psutil.Error:
             pass
     return total
+
+
+def tree_rss_kib(pid: int) -> int:
+    """Resident memory of process `pid` and all its descendants (KiB), from /proc."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")),
+                              0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return total
+
+
+class PeakTree:
+    """Samples this process tree's RSS every 0.1 s in a daemon thread; `stop()` returns the
+    peak in MiB (`peak_kib` is the peak so far).
+
+    With `cap_mib`, a tree over it kills this process (SIGKILL, after a line on stderr), so a
+    size the machine cannot hold fails alone instead of pushing a shared host into the OOM
+    killer.
+    """
+
+    def __init__(self, cap_mib: float | None = None) -> None:
+        self.peak_kib = 0
+        self._cap_kib = None if cap_mib is None else cap_mib * 1024
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak_kib = max(self.peak_kib, tree_rss_kib(os.getpid()))
+            if self._cap_kib is not None and self.peak_kib > self._cap_kib:
+                print(f"process tree at {self.peak_kib / 1024:,.0f} MiB, over the cap of "
+                      f"{self._cap_kib / 1024:,.0f} MiB: stopped", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, tree_rss_kib(os.getpid()))
+        return self.peak_kib / 1024
