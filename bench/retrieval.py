@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
-from deltalake.transaction import AddAction, RemoveAction
+from deltalake.transaction import AddAction
 
 from bench.config import Sizes, get_settings, scratch_dir
 from bench.data import Dataset, retrieval_dataset
@@ -139,7 +139,7 @@ def _stream_appends(table: pa.Table, hist: Path, files: int) -> int:
     history.append(hist, table.slice(0, bounds[1]), history.STREAM)
     delta = DeltaTable(str(hist))
     partition = f"{history.ORIGIN}={history.STREAM}"
-    actions: list[AddAction | RemoveAction] = []
+    actions: list[AddAction] = []
     for i, (lo, hi) in enumerate(zip(bounds[1:-1], bounds[2:], strict=True)):
         name = f"part-{i:05d}-bench-{uuid.uuid4()}-c000.snappy.parquet"
         pq.write_table(table.slice(lo, hi - lo), hist / partition / name)
