@@ -63,7 +63,7 @@ def spark_session() -> SparkSession:
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.adaptive.enabled", "true")
-        .config("spark.sql.legacy.parquet.nanosAsLong", "true")  # see _us
+        .config("spark.sql.legacy.parquet.nanosAsLong", "true")  # see micros_column
     )
     for key, value in s.spark_conf.items():
         builder = builder.config(key, value)
@@ -91,7 +91,7 @@ def _read(files: Sequence[Path]) -> DataFrame:
     return spark_session().read.parquet(*[str(f) for f in files])
 
 
-def _us(column: str, schema: pa.Schema) -> Column:
+def micros_column(column: str, schema: pa.Schema) -> Column:
     """A timestamp column (tz-aware or naive UTC) as microseconds since the epoch.
 
     Spark reads nanosecond parquet timestamps as nanoseconds (`nanosAsLong`); they are
@@ -134,7 +134,7 @@ def asof_join(entities: pa.Table, views: list[ViewJoin]) -> list[pa.Table]:
 def _join_view(ent: DataFrame, v: ViewJoin, n: int, lo: int | None, hi: int | None) -> pa.Table:
     ttl_us = v.ttl // timedelta(microseconds=1) if v.ttl else 0
     src, schema = _read(v.files), pq.read_schema(v.files[0])
-    t = _us(v.timestamp_field, schema)
+    t = micros_column(v.timestamp_field, schema)
     keep = F.lit(True)
     for k in v.keys:
         keep = keep & F.col(f"`{k}`").isNotNull()
@@ -143,7 +143,8 @@ def _join_view(ent: DataFrame, v: ViewJoin, n: int, lo: int | None, hi: int | No
         if ttl_us:
             keep = keep & (t >= F.lit((lo or 0) - ttl_us))
     fields = [F.col(f"`{f}`").alias(f"__f{j}") for j, f in enumerate(v.features)]
-    created = _us(v.created_field, schema) if v.created_field else F.lit(None).cast("long")
+    created = (micros_column(v.created_field, schema) if v.created_field
+               else F.lit(None).cast("long"))
     rows = src.where(keep).select(
         *[F.col(f"`{k}`").alias(ek) for k, ek in v.keys.items()],
         t.alias("__t"), F.lit(0).alias("__kind"), created.alias("__c"),
@@ -188,11 +189,11 @@ def latest_rows(
     skipped.  The winners are collected to the driver once (one row per key).
     """
     src, schema = _read(files), pq.read_schema(files[0])
-    t = _us(timestamp_field, schema)
+    t = micros_column(timestamp_field, schema)
     keep = (t >= F.lit(micros(start))) & (t <= F.lit(micros(end)))
     for k in keys:
         keep = keep & F.col(f"`{k}`").isNotNull()
-    created = _us(created_field, schema).desc_nulls_last() if created_field else F.lit(0)
+    created = micros_column(created_field, schema).desc_nulls_last() if created_field else F.lit(0)
     rank = F.row_number().over(
         Window.partitionBy(*[F.col(f"`{k}`") for k in keys]).orderBy(t.desc(), created))
     winners = (src.where(keep)
