@@ -2,10 +2,13 @@
 
 Feast keeps every feature view of an entity in one hash (`wire`), so one HMGET reads all the
 views of one join key an entity has, where Feast's `online_read` sends one pipeline per view.
-On a Redis Cluster the pipeline is redis-py's cluster pipeline: it groups the HMGETs by the
-node owning each key's slot and sends each node its share at once (sync: all nodes written,
-then all read; asyncio: the nodes concurrently), so a read costs one round trip per node that
-owns one of its keys, and redis-py follows MOVED/ASK redirections while slots move.
+On one node the asyncio reader (the HTTP scorer's) sends all of a read's HMGETs in one call
+of a read-only script (`_READ_SCRIPT`: one command and one reply for the client to pack and
+parse instead of one per entity; the replies are the HMGETs' own).  On a Redis Cluster the
+pipeline is redis-py's cluster pipeline: it groups the HMGETs by the node owning each key's
+slot and sends each node its share at once (sync: all nodes written, then all read; asyncio:
+the nodes concurrently), so a read costs one round trip per node that owns one of its keys,
+and redis-py follows MOVED/ASK redirections while slots move.
 The values are byte-identical ValueProtos; `tests/integration/serving/test_api.py`, the skew test and
 `tests/integration/streaming/test_seeding.py` check the result against Feast's own reads.
 
@@ -17,13 +20,16 @@ zero as absent.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+import redis.asyncio
 from feast.protos.feast.types.Value_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
+from redis.exceptions import NoScriptError
 
 from feature_repo.redis_store.client import AsyncClient, SyncClient
 from feature_repo.redis_store.wire import field_name, key_encoder, to_python, ts_field
@@ -111,12 +117,57 @@ def read_rows(client: SyncClient, reads: Reads) -> Rows:
 
 
 async def read_rows_async(client: AsyncClient, reads: Reads) -> Rows:
-    """`read_rows` on an asyncio client."""
+    """`read_rows` on an asyncio client; on one node, in one call of `_READ_SCRIPT`."""
+    if not isinstance(client, redis.asyncio.RedisCluster) and all(
+            len(reader.fields) <= _SCRIPT_MAX_FIELDS for reader, _ in reads):
+        return _decode(reads, await _scripted_hmgets(client, reads))
     async with client.pipeline(transaction=False) as pipe:
         for reader, values in reads:
             for value in values:
                 pipe.hmget(reader.key(value), reader.fields)  # type: ignore[arg-type]
         return _decode(reads, await pipe.execute())
+
+
+# Every HMGET of a read in one script call: one command and one reply to pack and parse
+# instead of one per entity (a client's per-command work is most of a large read's CPU).
+# KEYS: every entity's key, read by read.  ARGV: the number of reads, then per read the
+# number of its keys, the number of its fields and the fields.  Returns the HMGET replies in
+# KEYS order.  It only reads; on one node its keys need not share a hash slot (a cluster
+# reads through the pipeline instead).
+_READ_SCRIPT = """
+local out, k, a = {}, 1, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local nkeys, nfields = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local fields = {unpack(ARGV, a + 2, a + 1 + nfields)}
+  a = a + 2 + nfields
+  for _ = 1, nkeys do
+    out[k] = redis.call('HMGET', KEYS[k], unpack(fields))
+    k = k + 1
+  end
+end
+return out
+"""
+_READ_SHA = hashlib.sha1(_READ_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's script id
+_SCRIPT_MAX_FIELDS = 200  # fields passed to one Lua call through unpack (wider: the pipeline)
+
+
+async def _scripted_hmgets(client: redis.asyncio.Redis, reads: Reads
+                           ) -> list[list[bytes | None]]:
+    """The HMGET replies of every entity of `reads`, in order, from one script call (loaded
+    into Redis first if it does not know it: a restarted or flushed script cache)."""
+    keys: list[bytes] = []
+    args: list[bytes | int] = [len(reads)]
+    for reader, values in reads:
+        keys += [reader.key(v) for v in values]
+        args += [len(values), len(reader.fields), *reader.fields]
+    if not keys:
+        return []
+    try:
+        replies = await client.evalsha(_READ_SHA, len(keys), *keys, *args)  # type: ignore[misc]
+    except NoScriptError:
+        await client.script_load(_READ_SCRIPT)
+        replies = await client.evalsha(_READ_SHA, len(keys), *keys, *args)  # type: ignore[misc]
+    return cast(list[list[bytes | None]], replies)
 
 
 def _decode(reads: Reads, replies: list[list[bytes | None]]) -> Rows:

@@ -1,0 +1,111 @@
+"""The asyncio reader on one Redis node: every HMGET of a read in one script call.
+
+`read_rows_async` answers exactly what the pipelined HMGETs of `read_rows` answer, for several
+reads in one call (the scorer's user and merchant keys), unknown keys and empty reads, on the
+session's materialized store; and it loads its script itself where Redis does not know it (a
+fresh server, or after SCRIPT FLUSH), here on a private `redis-server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from feature_repo.redis_store.client import async_redis_client, redis_client
+from feature_repo.redis_store.reader import HashReader, Reads, read_rows, read_rows_async
+from feature_repo.redis_store.wire import view_name
+from training.retrieval import read_transactions
+
+pytestmark = pytest.mark.integration
+
+VIEWS = {"user_id": ("user_profile_fv", "user_velocity_fv"), "merchant_id": ("merchant_profile_fv",)}
+
+
+def _reads(store: Any, ids: dict[str, list[str]]) -> Reads:
+    config = store.config
+    reads = []
+    for join_key, names in VIEWS.items():
+        views = [(view_name(store.get_feature_view(n), config),
+                  [f.name for f in store.get_feature_view(n).features]) for n in names]
+        reads.append((HashReader(config, join_key, views), ids[join_key]))
+    return reads
+
+
+def test_one_script_call_reads_what_the_pipeline_reads(materialized_store: Any,
+                                                       feature_data: Path) -> None:
+    log = read_transactions(feature_data)
+    ids = {"user_id": sorted(set(log["user_id"]))[:300] + ["u-unknown", ""],
+           "merchant_id": sorted(set(log["merchant_id"]))[:100] + ["m-unknown"]}
+    reads = _reads(materialized_store, ids)
+    online = materialized_store.config.online_store
+
+    async def read(r: Reads) -> Any:
+        client = async_redis_client(online)
+        try:
+            return await read_rows_async(client, r)
+        finally:
+            await client.aclose()
+
+    expected = read_rows(redis_client(online), reads)
+    assert sum(row is not None for entity in expected[0] for row in entity) > 300  # real rows
+    assert asyncio.run(read(reads)) == expected
+    empty = [(reads[0][0], []), reads[1]]
+    assert asyncio.run(read(empty)) == [[], expected[1]]
+    assert asyncio.run(read([])) == []
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[redis.Redis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_script_is_loaded_where_redis_does_not_know_it(
+        private_redis: redis.Redis, materialized_store: Any) -> None:
+    reads = _reads(materialized_store, {"user_id": ["u1", "u2"], "merchant_id": ["m1"]})
+    (user_reader, _), _ = reads
+    stored = b"\x08\x01"  # a Timestamp of 1 s: a row
+    private_redis.hset(user_reader.key("u1"),  # type: ignore[arg-type]
+                       mapping={user_reader.fields[-1]: stored})
+    port = private_redis.connection_pool.connection_kwargs["port"]
+
+    async def read() -> Any:
+        client = redis.asyncio.Redis(port=port)
+        try:
+            return await read_rows_async(client, reads)
+        finally:
+            await client.aclose()
+
+    expected = read_rows(private_redis, reads)
+    assert expected[0][0][-1] is not None  # the row written above
+    assert asyncio.run(read()) == expected  # a fresh server: NOSCRIPT, loaded, answered
+    private_redis.script_flush()
+    assert asyncio.run(read()) == expected
