@@ -278,7 +278,8 @@ def _freshness(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path,
                          "--duration", str(sizes.fresh_duration_s), "--users",
                          str(sizes.stream_users), "--merchants",
                          str(max(sizes.stream_users // 10, 5)), "--bootstrap", bootstrap,
-                         "--topic", FRESH_TOPIC, "--id-prefix", f"fresh{int(time.time())}")
+                         "--topic", FRESH_TOPIC, "--id-prefix", f"fresh{int(time.time())}",
+                         "--population", "synthetic", "--seed", "7")  # as in earlier runs
         out = run_capture("producer", produce, child.env, log_dir / "stream-produce.log",
                           sizes.fresh_duration_s + 120)
         delivered = _delivered(out)

@@ -36,7 +36,7 @@ from devenv.broker import TansuBroker
 from devenv.localproc import free_port
 from feature_repo import history as offline_history
 from feature_repo.contract import TransactionEvent, to_micros
-from feature_repo.paths import velocity_history_dir
+from feature_repo.paths import customers_path, velocity_history_dir
 from feature_repo.velocity import ROW_FIELDS, window_features
 from scoring.kafka_conf import consumer_conf
 from scoring.topics import TRANSACTIONS_DLQ, ensure_topics
@@ -244,6 +244,7 @@ def test_produce_cli_replays_the_log_and_simulates_live(
     assert live_run.returncode == 0, live_run.stdout + live_run.stderr
     assert "400 delivered, 0 not delivered" in live_run.stdout
     assert "events/s" in live_run.stdout.splitlines()[0]  # a progress line came first
+    assert "live: bank population" in live_run.stderr  # the simulated card holders are there
 
     consumer = Consumer(consumer_conf(kafka_bootstrap, unique_name))
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -260,13 +261,17 @@ def test_produce_cli_replays_the_log_and_simulates_live(
     assert len(got) == 700
     events = [TransactionEvent.model_validate_json(m.value()) for m in got]
     assert all(m.key().decode() == e.user_id for m, e in zip(got, events, strict=True))
-    replayed = [e for e in events if not e.user_id.startswith("live-")]
+    live_prefix = unique_name[-8:]
+    replayed = [e for e in events if not e.transaction_id.startswith(live_prefix)]
     by_user = defaultdict(list)
     for e in replayed:
         by_user[e.user_id].append(e.event_timestamp)
     assert len(replayed) == 300
     assert all(ts == sorted(ts) for ts in by_user.values())  # event order within a key
-    live_ts = sorted(e.event_timestamp for e in events if e.user_id.startswith("live-"))
+    live = [e for e in events if e.transaction_id.startswith(live_prefix)]
+    holders = pq.read_table(customers_path(feature_data), columns=["user_id"])["user_id"]
+    assert {e.user_id for e in live} <= set(holders.to_pylist())
+    live_ts = sorted(e.event_timestamp for e in live)
     assert len(live_ts) == 400
     # paced over the second (the i-th event is never sent before start + i/rate, even though
     # events due within one 5 ms tick go together), each stamped when sent

@@ -37,7 +37,7 @@ PROJECT_COMMANDS = {
     "scorer": "python -m serving",
     "feature-dataflow": "python -m streaming.features --processes 2",
     "stream-scorer": "python -m streaming.score",
-    "producer": "python -m streaming.produce live --rate 200",
+    "producer": "python -m streaming.produce live --rate 2 --duration 86400",
     "history-compactor": "python -m training.compact_history --every-s 3600 --metrics-host "
                          "0.0.0.0 --metrics-port 9103",
 }
@@ -347,8 +347,9 @@ def test_volumes(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -
             else:
                 assert (ROOT / source).exists(), f"{name} bind-mounts missing {source}"
             assert not target.startswith("/var/lib/fraudstream") or not source.startswith(".")
-    for name in ("init", "feature-dataflow", "scorer", "history-compactor"):
+    for name in ("init", "feature-dataflow", "scorer", "history-compactor", "producer"):
         assert volume_mounts(services[name]).get(DATA_DIR) == "fraud-data", name
+    assert f"fraud-data:{DATA_DIR}:ro" in services["producer"]["volumes"], "reads the bank"
     dataflow = services["feature-dataflow"]
     recovery = environment(dataflow)["STREAMING_RECOVERY_DIR"]
     assert recovery == "/var/lib/fraudstream/recovery"
