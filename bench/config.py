@@ -6,6 +6,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,6 +23,9 @@ class BenchSettings(BaseSettings):
     prepared_redis_db: int = 11  # online store of data sets the benchmark prepares itself
     server_start_timeout_s: float = 180.0  # a busy machine imports Feast slowly
     profile_seconds: float = 10.0  # length of a py-spy recording when a target is missed
+    # `fragmented`: the retrieval benchmark runs only its fragmented-history part (a day of
+    # stream appends, before and after compaction), not the stock stores' comparison
+    retrieval_only: Literal["", "fragmented"] = ""
 
 
 @lru_cache

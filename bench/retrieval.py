@@ -71,15 +71,41 @@ def _ladder(first: int, limit: int) -> list[int]:
 
 
 def run(sizes: Sizes, section: Section) -> None:
+    """Ours vs the stock stores, then the fragmented history; only the latter with
+    `BENCH_RETRIEVAL_ONLY=fragmented`."""
     dataset = retrieval_dataset(min(sizes.retrieval_rows, 1_000_000))
     n = min(sizes.retrieval_rows, dataset.labelled)
-    budget = sizes.retrieval_stock_budget_s
     scratch = scratch_dir("retrieval-")
+    only_fragmented = get_settings().retrieval_only == "fragmented"
     section.ours_label = "AsofDuckDBOfflineStore (feature_repo.offline_store)"
-    section.stock_label = " / ".join(STOCK.values())
+    section.stock_label = "none (fragmented history only)" if only_fragmented else \
+        " / ".join(STOCK.values())
     section.notes.append(f"Data: {dataset.describe()}. Entity rows: a seeded random sample of "
                          "the labelled transactions, with their request data and label; feature "
                          "service fraud_model_v1 (2 feature views, 2 on-demand views).")
+    try:
+        if not only_fragmented:
+            _versus_stock(dataset, n, sizes, scratch, section)
+        files = FRAGMENT_FILES if sizes.label == "full" else FRAGMENT_FILES_QUICK
+        try:
+            section.details["fragmented"] = frag = _fragmented(dataset, n, scratch, files)
+            _fragment_measures(section, n, frag)
+        except Exception as exc:
+            if only_fragmented:
+                raise
+            # an extra part: report it, keep the section
+            section.notes.append(f"Fragmented history: not measured ({exc}).")
+        if section.missed() and not only_fragmented:
+            prof = _child(dataset, "ours", n, timeout_s=900, profile=True)
+            section.profiles[f"ours, {n:,} rows (cProfile)"] = prof.get("profile",
+                                                                       prof.get("error", ""))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _versus_stock(dataset: Dataset, n: int, sizes: Sizes, scratch: Path,
+                  section: Section) -> None:
+    budget = sizes.retrieval_stock_budget_s
     ours_full = _child(dataset, "ours", n, timeout_s=900)
     runs: dict[str, dict[str, Any]] = {"ours_full": ours_full}
     ours_at: dict[int, dict[str, Any]] = {n: ours_full}
@@ -108,19 +134,8 @@ def run(sizes: Sizes, section: Section) -> None:
         if "error" not in best and "error" not in ours_at[m]:
             best["vs_ours"] = compare(Path(ours_at[m]["out"]), Path(best["out"]))
         runs[store] = best
-    section.details = {"runs": runs, "ours_at": {str(k): v for k, v in ours_at.items()}}
+    section.details.update(runs=runs, ours_at={str(k): v for k, v in ours_at.items()})
     _measures(section, n, ours_full, ours_at, runs)
-    files = FRAGMENT_FILES if sizes.label == "full" else FRAGMENT_FILES_QUICK
-    try:
-        section.details["fragmented"] = frag = _fragmented(dataset, n, scratch, files)
-        _fragment_measures(section, n, frag)
-    except Exception as exc:  # noqa: BLE001 - an extra part: report it, keep the section
-        section.notes.append(f"Fragmented history: not measured ({exc}).")
-    if section.missed():
-        prof = _child(dataset, "ours", n, timeout_s=900, profile=True)
-        section.profiles[f"ours, {n:,} rows (cProfile)"] = prof.get("profile",
-                                                                   prof.get("error", ""))
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 FRAGMENT_FILES = 43_200  # one day of the feature dataflow's appends (one per 2 s snapshot)
@@ -175,6 +190,7 @@ def _fragmented(dataset: Dataset, n: int, scratch: Path, files: int) -> dict[str
     hist = velocity_history_dir(root)
     table = history.read(source_hist).drop_columns([history.ORIGIN]).sort_by("event_timestamp")
     before_files = _stream_appends(table, hist, files)
+    log_before = _log_facts(hist)
     print(f"  retrieval: history as {before_files:,} stream appends; ours before and after "
           "compaction", file=sys.stderr, flush=True)
     d = dataclasses.replace(dataset, name=f"{dataset.name}-fragmented", root=root,
@@ -186,13 +202,38 @@ def _fragmented(dataset: Dataset, n: int, scratch: Path, files: int) -> dict[str
     compact = python("-m", "training.compact_history")
     seconds = run_step("compaction", compact, d.env(), logs / "retrieval-fragmented.log", 900)
     compacted = len(history.live_files(hist))
+    log_after = _log_facts(hist)
     after = _child(d, "ours", n, 900, out=scratch / "fragmented-after.parquet")
     out: dict[str, Any] = {"history_rows": table.num_rows, "files_before": before_files,
                            "files_after": compacted, "compaction_s": seconds,
-                           "before": before, "after": after}
+                           "before": before, "after": after,
+                           "log_before": log_before, "log_after": log_after}
     if "error" not in before and "error" not in after:
         out["after_vs_before"] = compare(Path(after["out"]), Path(before["out"]))
     return out
+
+
+LOAD_ROUNDS = 5
+
+
+def _log_facts(hist: Path) -> dict[str, Any]:
+    """The Delta log of the table at `hist` (entries, checkpoints, bytes) and the median
+    seconds, over `LOAD_ROUNDS`, of what every reader does first: `DeltaTable(path)` (replay
+    the log from its last checkpoint) and `history.live_files` (load, then list the files)."""
+    log = hist / "_delta_log"
+    load, listing = [], []
+    for _ in range(LOAD_ROUNDS):
+        t0 = time.perf_counter()
+        DeltaTable(str(hist))
+        load.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        history.live_files(hist)
+        listing.append(time.perf_counter() - t0)
+    return {"version": DeltaTable(str(hist)).version(),
+            "commits": sum(1 for _ in log.glob("[0-9]*.json")),
+            "checkpoints": sum(1 for _ in log.glob("*.checkpoint*.parquet")),
+            "log_bytes": sum(f.stat().st_size for f in log.iterdir() if f.is_file()),
+            "load_s": float(np.median(load)), "live_files_s": float(np.median(listing))}
 
 
 def _fragment_measures(section: Section, n: int, frag: dict[str, Any]) -> None:
@@ -208,12 +249,19 @@ def _fragment_measures(section: Section, n: int, frag: dict[str, Any]) -> None:
     section.notes.append(
         f"Fragmented history: the velocity history ({frag['history_rows']:,} rows) as a Delta "
         f"table of {frag['files_before']:,} stream files, as a day of the feature dataflow's "
-        f"appends leaves it (one per 2 s snapshot), on a hard-linked copy of the data set; then "
+        f"appends leaves it (one per 2 s snapshot; committed {FILES_PER_COMMIT} files at a time, "
+        "where the dataflow commits each one), on a hard-linked copy of the data set; then "
         f"`python -m training.compact_history` (Delta optimize + vacuum, "
         f"{frag['compaction_s']:.1f} s) compacted it into {frag['files_after']:,}. Frames after "
         "vs before compaction: "
         f"{_count(same.get('rows_differing'))} of {_count(same.get('rows_compared'))} rows "
-        "differ.")
+        "differ." + "".join(
+            f" Delta log {when}: version {g['version']:,}, {g['commits']:,} commit entries, "
+            f"{g['checkpoints']:,} checkpoints, {g['log_bytes'] / 2**20:,.1f} MiB; "
+            f"DeltaTable(path) {g['load_s'] * 1000:,.0f} ms, live_files "
+            f"{g['live_files_s'] * 1000:,.0f} ms (medians of {LOAD_ROUNDS})."
+            for when, g in (("before compaction", frag["log_before"]),
+                            ("after", frag["log_after"]))))
 
 
 def _count(v: Any) -> str:
