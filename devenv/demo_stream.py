@@ -139,18 +139,21 @@ def wait_ready(ports: list[int], timeout_s: float) -> list[float]:
 
 
 def single_event_freshness(bootstrap: str, n: int, timeout_s: float = 30.0) -> list[float]:
-    """Send `n` events of a fresh user one at a time; for each, seconds from just before the
-    send until its row (event time to the microsecond) is readable from the online store."""
+    """Send `n` events one at a time, each an ordinary in-store purchase of its own new card
+    holder (one card paying every 0.2 s would be card testing, and the streaming scorer would
+    rightly alert on it); for each, seconds from just before the send until its row (event
+    time to the microsecond) is readable from the online store."""
     reader = OnlineStateSeeder(REPO_DIR)
-    user = f"demo-fresh-{uuid.uuid4().hex[:6]}"
-    reader.read([user])  # opens the reader's own store and connection before any timing
+    run = f"demo-fresh-{uuid.uuid4().hex[:6]}"
+    reader.read([f"{run}-0"])  # opens the reader's own store and connection before any timing
     out = []
     with TransactionProducer(bootstrap) as producer:
         for i in range(n):
             ts = datetime.now(UTC)
-            ev = TransactionEvent(transaction_id=f"{user}-{i}", user_id=user,
+            user = f"{run}-{i}"
+            ev = TransactionEvent(transaction_id=f"{user}-tx", user_id=user,
                                   merchant_id=f"m-fresh-{i % 3}", amount=12.5 + i,
-                                  currency="EUR", channel="online", event_timestamp=ts)
+                                  currency="EUR", channel="card_present", event_timestamp=ts)
             want = to_micros(ts)
             t0 = time.perf_counter()
             producer.send(ev)
