@@ -11,7 +11,8 @@ and exit-stack layers around every route, which cost a scored request about as m
 the scoring itself.
 
 Everything else goes to the FastAPI app unchanged: other paths and methods, a query string
-(`?explain=true`), another content type, and any body that does not validate, which is
+(`?explain=true`), another content type, every request while the app has
+`dependency_overrides` (tests), and any body that does not validate, which is
 replayed to FastAPI so that every refusal (422 naming the field, 400 ...) is FastAPI's own
 answer.  pydantic-core's JSON parser accepts no body that `json.loads` plus the model's
 validation refuses (`tests/integration/serving/test_lane.py` checks that on the fuzz corpus),
@@ -81,6 +82,8 @@ class ScoringLane:
             return None
         lane = self.routes.get(scope["path"])
         if lane is None or scope.get("root_path"):
+            return None
+        if getattr(scope.get("app"), "dependency_overrides", None):  # FastAPI resolves those
             return None
         for key, value in scope["headers"]:
             if key == b"content-type":

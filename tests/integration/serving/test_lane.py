@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from serving.app import create_app
+from serving.deps import get_models
 from serving.schemas import BatchIn, TransactionIn
 from tests.integration.serving.test_fuzz import CORPUS, VALID, _settings
 
@@ -142,3 +143,19 @@ def test_a_query_string_takes_fastapis_path(client: TestClient, fastapi_calls: l
     r = client.post("/v1/score?explain=true", content=json.dumps(
         {**VALID, "event_timestamp": at}).encode(), headers=LANE)
     assert r.status_code == 200 and r.json()["features"] is not None and fastapi_calls == [1]
+
+
+def test_dependency_overrides_take_fastapis_path(client: TestClient, fastapi_calls: list[int]
+                                                 ) -> None:
+    """FastAPI resolves overridden dependencies; the lane, which calls them directly, steps
+    aside while there are any."""
+    app: Any = client.app
+    body = json.dumps({**VALID, "event_timestamp": datetime.now(UTC).isoformat()}).encode()
+    app.dependency_overrides[get_models] = get_models
+    try:
+        assert client.post("/v1/score", content=body, headers=LANE).status_code == 200
+    finally:
+        app.dependency_overrides.clear()
+    assert fastapi_calls == [1]
+    assert client.post("/v1/score", content=body, headers=LANE).status_code == 200
+    assert fastapi_calls == [1]
