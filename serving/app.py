@@ -3,7 +3,8 @@
 The lifespan opens the feature store once and loads the verified models (champion, optional
 shadow/canary challenger, see `scoring.models`) into a `ModelManager` that reloads, promotes and
 rolls back without a restart (`serving.lifecycle`, `/admin`); it builds the `ScoringService`
-(`serving.service`) the scoring routes use.  Routes live on routers (`serving.routes.*`), error
+(`serving.service`) the scoring routes use.  Routes live on routers (`serving.routes.*`); plain
+scoring requests reach the same operations through a thin path (`serving.lane`).  Error
 answers in `serving.errors`: 422 naming the field for invalid input, 413 for oversized bodies,
 503 with Retry-After when Redis is unavailable or slower than SERVING_LOOKUP_TIMEOUT_S, and 503
 `{"detail": "overloaded"}` with Retry-After when the scorer itself has no capacity, never a 500
