@@ -87,7 +87,12 @@ def _offline(users: int, days: int, summary: dict[str, Any]) -> None:
     py, root = sys.executable, data_dir()
     step(f"simulate {users:,} users x {days} days of card transactions into {root}")
     if (root / "registry.db").exists():
-        (root / "registry.db").unlink()  # a fresh demo registry: definitions may have changed
+        # A fresh demo: the last demo's online rows go (`feast teardown` deletes the project's
+        # keys; its stream's bursts would otherwise still count in the velocity features of
+        # the same card holders for ten minutes), and so does its registry (definitions may
+        # have changed).
+        run(*_feast("teardown"), quiet=True)
+        (root / "registry.db").unlink(missing_ok=True)
     shutil.rmtree(root / "features", ignore_errors=True)
     out = run(py, "-m", "training.simulate", "--users", str(users), "--days", str(days),
               "--end", datetime.now(UTC).date().isoformat())
