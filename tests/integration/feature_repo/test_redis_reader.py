@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 
+from feature_repo.redis_store import reader as reader_module
 from feature_repo.redis_store.client import async_redis_client, redis_client
 from feature_repo.redis_store.reader import HashReader, Reads, read_rows, read_rows_async
 from feature_repo.redis_store.wire import view_name
@@ -109,3 +110,36 @@ def test_the_script_is_loaded_where_redis_does_not_know_it(
     assert asyncio.run(read()) == expected  # a fresh server: NOSCRIPT, loaded, answered
     private_redis.script_flush()
     assert asyncio.run(read()) == expected
+
+
+def test_a_server_that_refuses_scripts_is_read_with_pipelines(
+        private_redis: redis.Redis, materialized_store: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ACL user without EVALSHA (NOPERM): reads still answer, through pipelines, and the
+    reader stops trying the script; a read past `_SCRIPT_MAX_KEYS` pipelines anyway."""
+    monkeypatch.setattr(reader_module, "_script_allowed", True)
+    reads = _reads(materialized_store, {"user_id": ["u1", "u2"], "merchant_id": ["m1"]})
+    (user_reader, _), _ = reads
+    private_redis.hset(user_reader.key("u1"),  # type: ignore[arg-type]
+                       mapping={user_reader.fields[-1]: b"\x08\x01"})
+    private_redis.acl_setuser("reader", enabled=True, passwords=["+pw"], keys=["*"],
+                              commands=["+@read", "+ping", "-evalsha", "-script"])
+    port = private_redis.connection_pool.connection_kwargs["port"]
+
+    async def read(r: Reads) -> Any:
+        client = redis.asyncio.Redis(port=port, username="reader", password="pw")
+        try:
+            return await read_rows_async(client, r)
+        finally:
+            await client.aclose()
+
+    expected = read_rows(private_redis, reads)
+    assert asyncio.run(read(reads)) == expected
+    assert reader_module._script_allowed is False
+    assert asyncio.run(read(reads)) == expected
+
+    monkeypatch.setattr(reader_module, "_script_allowed", True)
+    many = _reads(materialized_store, {"user_id": [f"u{i}" for i in range(600)],
+                                       "merchant_id": ["m1"]})
+    assert asyncio.run(read(many)) == read_rows(private_redis, many)  # no script call made
+    assert reader_module._script_allowed is True
