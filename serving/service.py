@@ -77,8 +77,9 @@ class ScoringService:
                     f"online lookup exceeded {deadline} s") from exc
             except REDIS_ERRORS as exc:
                 raise redis.exceptions.ConnectionError(str(exc)) from exc
+            # logged once scored: an explanation that fails does not unlog a served score
+            self.prediction_log.record(results, events)
             explained: list[Explanation | None] = [None] * len(results)
             if explain:
                 explained = await explain_results(models, results)
-        self.prediction_log.record(results, events)
         return results, explained
