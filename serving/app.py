@@ -83,6 +83,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     app.add_middleware(RequestObserver, access_log=settings.access_log)  # outermost
     errors.install(app, settings)
     app.include_router(scoring.router, dependencies=keyed)
+    scoring.check_lane(keyed)  # every dependency of a lane route is one the lane calls
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(admin.router)

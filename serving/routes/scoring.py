@@ -3,9 +3,10 @@ app adds the check when it includes this router)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response, params
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
@@ -120,6 +121,28 @@ def _keyed(operation: Operation) -> Operation:
         return await operation(request, body)
 
     return checked
+
+
+# What the lane's operations call themselves (`_lane_score`, `_lane_batch`, `_keyed`): a
+# dependency of a scoring route outside this set would be skipped by the lane.
+LANE_CALLS = frozenset({get_models, get_service, require_api_key, api_key_header})
+
+
+def check_lane(include_dependencies: Sequence[params.Depends] = ()) -> None:
+    """Raise if a scoring route the lane answers depends on something the lane does not call
+    (a dependency added to a route, to this router, or to `include_router(dependencies=...)`,
+    passed here, would silently not run on the lane)."""
+    lane = [r for r in router.routes if isinstance(r, APIRoute) and r.path in lane_routes(False)]
+    calls = {d.dependency for d in [*router.dependencies, *include_dependencies]}
+    todo = [dep for r in lane for dep in r.dependant.dependencies]
+    while todo:
+        dep = todo.pop()
+        calls.add(dep.call)
+        todo.extend(dep.dependencies)
+    if unknown := calls - LANE_CALLS:
+        raise RuntimeError(f"the scoring routes depend on {sorted(map(repr, unknown))}, which "
+                           "serving.lane does not call: teach the lane "
+                           "(serving/routes/scoring.py) or take the route off it")
 
 
 def lane_routes(keyed: bool) -> dict[str, LaneRoute]:

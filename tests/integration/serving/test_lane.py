@@ -15,11 +15,14 @@ from typing import Any
 
 import fastapi.routing
 import pytest
+from fastapi import Depends
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from serving.app import create_app
-from serving.deps import get_models
+from serving.config import ServingSettings
+from serving.deps import get_models, require_api_key
+from serving.routes.scoring import check_lane
 from serving.schemas import BatchIn, TransactionIn
 from tests.integration.serving.test_fuzz import CORPUS, VALID, _settings
 
@@ -159,3 +162,19 @@ def test_dependency_overrides_take_fastapis_path(client: TestClient, fastapi_cal
     assert fastapi_calls == [1]
     assert client.post("/v1/score", content=body, headers=LANE).status_code == 200
     assert fastapi_calls == [1]
+
+
+def test_a_scoring_dependency_the_lane_does_not_call_stops_the_app_at_build(
+        tmp_path: Path) -> None:
+    """A dependency added to the scoring routes (here where the app includes their router)
+    would run through FastAPI and be skipped by the lane: `check_lane` refuses it, and so
+    `create_app` would."""
+
+    def audit() -> None:  # a new check someone adds to the scoring routes
+        return None
+
+    for key in (None, SecretStr("k")):  # the app as built, keyed or not: nothing unknown
+        create_app(ServingSettings(model_dir=tmp_path, api_key=key))
+    check_lane([Depends(require_api_key)])
+    with pytest.raises(RuntimeError, match="serving.lane does not call"):
+        check_lane([Depends(require_api_key), Depends(audit)])
