@@ -93,8 +93,9 @@ def _offline(users: int, days: int, summary: dict[str, Any]) -> None:
         # have changed).
         try:
             run(*_feast("teardown"), quiet=True)
-        except SystemExit:  # a registry of older definitions: start over without it
-            print("    (feast teardown failed; the last demo's online rows stay until they age)")
+        except SystemExit:  # a registry of older definitions (or Redis down: the next steps say)
+            print("    (feast teardown failed, see above; the last demo's online rows stay "
+                  "until they age)")
         (root / "registry.db").unlink(missing_ok=True)
     shutil.rmtree(root / "features", ignore_errors=True)
     out = run(py, "-m", "training.simulate", "--users", str(users), "--days", str(days),
