@@ -1,10 +1,10 @@
 """`ScoringService`: what a scoring request does between validation and the response.
 
 Event-time bound, admission (`serving.admission`), the lookup and model through the current
-`ModelSet` (and the explanation, under the same admission), the classification of a missed lookup deadline (a saturated event loop is
-"overloaded", and so is a deadline missed while large batches computed in worker threads or
-while Redis answered the scorer's other reads; otherwise Redis was slow or frozen:
-"unavailable"), and the prediction log.  One per app, built by the lifespan and reached by
+`ModelSet` (and the explanation, under the same admission), the classification of a missed
+lookup deadline (a saturated event loop is "overloaded", and so is a deadline missed while
+large batches computed in worker threads or while Redis answered the scorer's other reads late
+in the wait; otherwise Redis was slow or frozen: "unavailable"), and the prediction log.  One per app, built by the lifespan and reached by
 routes through `ServiceDep`.
 """
 
