@@ -9,10 +9,6 @@ fresh server, or after SCRIPT FLUSH), here on a private `redis-server`.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from feature_repo.redis_store import reader as reader_module
 from feature_repo.redis_store.client import async_redis_client, redis_client
 from feature_repo.redis_store.reader import HashReader, Reads, read_rows, read_rows_async
 from feature_repo.redis_store.wire import view_name
+from tests.procs import redis_server
 from training.retrieval import read_transactions
 
 pytestmark = pytest.mark.integration
@@ -66,27 +63,12 @@ def test_one_script_call_reads_what_the_pipeline_reads(materialized_store: Any,
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[redis.Redis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
+    with redis_server(tmp_path / "redis.log") as url:
+        client = redis.Redis.from_url(url)
+        try:
+            yield client
+        finally:
+            client.close()
 
 
 def test_the_script_is_loaded_where_redis_does_not_know_it(
