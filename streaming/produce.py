@@ -56,13 +56,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from feature_repo.contract import TransactionEvent
-from streaming.population import Population, has_population, load_population
+from streaming.population import CHANNELS, Population, has_population, load_population
 from streaming.producer import TransactionProducer
 
 _LOG_COLUMNS = [
     "transaction_id", "user_id", "merchant_id", "amount", "currency", "channel", "event_timestamp"
 ]
-_CHANNELS = ("card_present", "contactless", "online", "atm")
 _CHANNEL_WEIGHTS = (0.5, 0.3, 0.17, 0.03)
 
 
@@ -123,7 +122,7 @@ def live_events(
             else:
                 merchant = rng.choices(population.merchants, cum_weights=population.merchant_cum)[0]
             amount = round(min(rng.lognormvariate(h.log_mu, h.log_sigma), 5_000.0), 2) or 0.01
-            channel = rng.choices(_CHANNELS, cum_weights=h.channel_cum)[0]
+            channel = rng.choices(CHANNELS, cum_weights=h.channel_cum)[0]
         yield _event(f"{id_prefix}-{i:09d}", user, merchant, amount, channel, now)
 
 
@@ -163,7 +162,7 @@ def _synthetic(n: int, users: int, merchants: int, fraud_share: float, rng: rand
             merchant = rng.choice(favourites[user]) if rng.random() < _AT_FAVOURITE else (
                 rng.choice(merchant_ids))
             amount = round(min(rng.lognormvariate(3.4, 0.8), 5_000.0), 2) or 0.01
-            channel = rng.choices(_CHANNELS, _CHANNEL_WEIGHTS)[0]
+            channel = rng.choices(CHANNELS, _CHANNEL_WEIGHTS)[0]
         yield _event(f"{id_prefix}-{i:09d}", user, merchant, amount, channel, clock())
 
 
