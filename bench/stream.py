@@ -125,8 +125,8 @@ def run(sizes: Sizes, section: Section) -> None:
 
 
 def _preload(bootstrap: str, topic: str, n: int, users: int) -> dict[str, Any]:
-    from streaming.produce import live_events
     from streaming.producer import TransactionProducer
+    from streaming.traffic import live_events
 
     t0 = time.perf_counter()
     producer = TransactionProducer(bootstrap, topic=topic, linger_ms=20)
@@ -257,8 +257,8 @@ def _sustained(samples: list[tuple[float, float, float]], n: int) -> dict[str, A
 
 def _freshness(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path,
                log_dir: Path) -> dict[str, Any]:
-    from streaming.produce import live_events
     from streaming.producer import TransactionProducer
+    from streaming.traffic import live_events
 
     port = free_port()
     warm = 200
@@ -299,7 +299,7 @@ def _freshness(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path,
 def _first_after_ready(port: int, child: Child, producer: Any) -> float:
     """Seconds from the harness seeing the worker's /ready answer 200 (polled every 20 ms) to
     the online row of one event sent right then being written (the worker's counter)."""
-    from streaming.produce import live_events
+    from streaming.traffic import live_events
 
     deadline = time.monotonic() + get_settings().server_start_timeout_s
     while True:
@@ -577,7 +577,7 @@ def parse_main(a: argparse.Namespace) -> None:
 
     from streaming.events import Envelope, parse
     from streaming.features import tune_gc
-    from streaming.produce import live_events
+    from streaming.traffic import live_events
 
     raw = [e.model_dump_json().encode() for e in live_events(
         a.events, a.users, max(a.users // 10, 5), 0.01, PRELOAD_SEED, a.id_prefix)]
@@ -602,8 +602,8 @@ def push_main(a: argparse.Namespace) -> None:
 
     from feature_repo.config import REPO_DIR
     from streaming.events import Envelope, parse
-    from streaming.produce import live_events
     from streaming.state import update_velocity
+    from streaming.traffic import live_events
     from streaming.velocity_sink import VelocityRow, history_table
 
     store = FeatureStore(repo_path=str(REPO_DIR))

@@ -12,7 +12,8 @@ the champions in promotion order (`lineage`), which `rollback` walks back.
 The registry lives at `MODEL_REGISTRY_URL`: by default `sqlite:///<model_dir>/mlflow.db` (one
 box), `postgresql+psycopg://...` for a fleet (docker-compose.yml), or an MLflow server's
 `http(s)://` address.  The artifacts stay on the (shared, read-only) model volume; the registry
-records where they are and what their hash must be.
+records where they are and what their hash must be (the client and the URL's forms:
+`scoring.registry_client`).
 
 Guarantees:
 * the aliases are the authority: a change made through MLflow's own UI or API
@@ -32,18 +33,13 @@ The CLI is `python -m training.registry` (training/registry.py).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-import sqlalchemy
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
-
 from scoring.artifact import ArtifactError, load_artifact, read_metadata, sha256_file
+from scoring.registry_client import mlflow_client, redacted, sqlite_file, with_connect_timeout
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -53,8 +49,6 @@ REGISTRY_DB = "mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
 LINEAGE_TAG, CHALLENGER_TAG = "lineage", "challenger"
 MAX_LINEAGE = 100  # champions remembered for rollback
-CONNECT_TIMEOUT_S = 5  # a PostgreSQL registry that does not answer fails fast, not after minutes
-_POOLCLASS = "MLFLOW_SQLALCHEMYSTORE_POOLCLASS"
 Mode = Literal["shadow", "canary"]
 MODES: tuple[Mode, ...] = ("shadow", "canary")
 
@@ -77,70 +71,6 @@ class ChallengerSpec:
 def default_url(model_dir: Path) -> str:
     """The single-box registry: SQLite next to the artifacts."""
     return f"sqlite:///{model_dir.resolve() / REGISTRY_DB}"
-
-
-def redacted(url: str) -> str:
-    """`url` without its password, for messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL (an MLflow server's http address)
-        return url.split("@")[-1]
-
-
-def _sqlite_file(url: str) -> Path | None:
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001 - http(s)://: an MLflow server
-        return None
-    return Path(parsed.database or "") if parsed.get_backend_name() == "sqlite" else None
-
-
-def _with_connect_timeout(url: str) -> str:
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001
-        return url
-    if parsed.get_backend_name() != "postgresql" or "connect_timeout" in parsed.query:
-        return url
-    with_timeout = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_S)})
-    return with_timeout.render_as_string(hide_password=False)
-
-
-@lru_cache(maxsize=8)
-def _client(url: str) -> MlflowClient:
-    """One MLflow client per registry URL and process, created at first use (start-up).
-
-    A database registry is probed first with a short timeout: MLflow's own engine creation
-    retries for about 100 s, too long for a start-up that must refuse, or a poll.
-    """
-    # A scorer does not report usage to anyone (MLflow sends telemetry unless told not to).
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient  # 1-2 s: imported with the first registry call, not per call
-
-    if url.startswith(("http://", "https://")):
-        return MlflowClient(tracking_uri=url, registry_uri=url)
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect():
-            pass
-    finally:
-        engine.dispose()
-    if _sqlite_file(url) is None:
-        return MlflowClient(tracking_uri=url, registry_uri=url)
-    # SQLite: a connection per query (MLflow's engines are created with the pool class its
-    # variable names, read while the stores are created below), so a registry file that is
-    # replaced, restored from a backup say, is read, not the old file a pooled connection holds.
-    previous = os.environ.get(_POOLCLASS)
-    os.environ[_POOLCLASS] = "NullPool"
-    try:
-        client = MlflowClient(tracking_uri=url, registry_uri=url)
-        client.search_registered_models(max_results=1)  # creates the registry store now
-    finally:
-        if previous is None:
-            os.environ.pop(_POOLCLASS, None)
-        else:
-            os.environ[_POOLCLASS] = previous
-    return client
 
 
 def _code(exc: BaseException) -> str | None:
@@ -205,9 +135,9 @@ class Registry:
 
     def __init__(self, model_dir: Path, url: str | None = None, name: str = MODEL_NAME) -> None:
         self.model_dir = model_dir
-        self.url = _with_connect_timeout(url or default_url(model_dir))
+        self.url = with_connect_timeout(url or default_url(model_dir))
         self.name = name
-        self._file = _sqlite_file(self.url)
+        self._file = sqlite_file(self.url)
 
     def __repr__(self) -> str:
         return f"Registry({redacted(self.url)}, {self.name!r})"
@@ -220,7 +150,7 @@ class Registry:
         if self._file is not None:
             self._file.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return _client(self.url)
+            return mlflow_client(self.url)
         except Exception as exc:  # noqa: BLE001 - driver, network and MLflow errors alike
             raise RegistryError(
                 f"model registry {redacted(self.url)} unreachable: {type(exc).__name__}: {exc}"

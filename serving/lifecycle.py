@@ -30,7 +30,8 @@ from prometheus_client import Gauge
 from scoring.loader import RegistryState, build_model_set, open_store
 from scoring.metrics import retire
 from scoring.models import ModelSet
-from scoring.registry import Registry, RegistryError, redacted
+from scoring.registry import Registry, RegistryError
+from scoring.registry_client import redacted
 from serving import metrics
 from serving.config import ServingSettings
 

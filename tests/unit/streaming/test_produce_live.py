@@ -19,7 +19,8 @@ import pytest
 from feature_repo.contract import TransactionEvent
 from feature_repo.paths import customers_path, transactions_dir
 from streaming.population import MIN_HISTORY, Population, load_population
-from streaming.produce import COOL_DOWN_S, choose_population, live_events, main
+from streaming.produce import choose_population, main
+from streaming.traffic import COOL_DOWN_S, live_events
 from training.simulate import SimConfig, customers, simulate, write
 
 END = date(2026, 11, 22)  # the simulated log ends here (UTC midnight)
