@@ -61,8 +61,8 @@ def violations(edges: Edges) -> list[str]:
             if RANK[dep] >= RANK[pkg]]
 
 
-def main() -> int:
-    edges = import_graph()
+def main(root: Path = PROJECT_DIR) -> int:
+    edges = import_graph(root)
     for pkg in RANK:
         deps = sorted(edges.get(pkg, {}), key=RANK.__getitem__)
         print(f"{pkg:<13} -> {', '.join(deps) or '-'}")

@@ -209,6 +209,8 @@ TWINS: dict[str, Twin] = {"user_velocity_odfv": velocity_twin, "transaction_odfv
 
 def twin_for(odfv: object) -> Twin | None:
     """The twin of a registered on-demand view, if its UDF is the one defined in this repo."""
+    # At first use, not import: importing the definitions builds the Feast objects and reads
+    # the data directory (the offline store that imports this module is loaded by Feast).
     from feature_repo import definitions
 
     name = getattr(odfv, "name", None)

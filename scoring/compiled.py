@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from scipy.special import expit
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.pipeline import Pipeline
 
 RowPredictor = Callable[[Sequence[float]], float]
 
@@ -50,9 +52,6 @@ def supported_hgb(model: Any) -> Any | None:
 def _unwrap(model: Any) -> Any | None:
     """The HistGradientBoostingClassifier this model is (or a one-step Pipeline of), if it
     qualifies: fitted, binary, one tree per iteration, no categorical splits."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.pipeline import Pipeline
-
     if isinstance(model, Pipeline):
         if len(model.steps) != 1:
             return None

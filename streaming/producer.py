@@ -36,6 +36,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from feature_repo.contract import TransactionEvent
 from scoring.kafka_conf import producer_conf
 from scoring.topics import TRANSACTIONS
+from streaming.config import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ class TransactionProducer:
         **overrides: Any
     ) -> None:
         if bootstrap is None:
-            from streaming.config import get_settings
-
             bootstrap = get_settings().bootstrap_servers
         self.bootstrap = bootstrap
         self.topic = topic

@@ -46,6 +46,8 @@ from tqdm import tqdm
 from feature_repo.config import data_dir
 from feature_repo.paths import transactions_dir
 from scoring.artifact import Artifact, check_against_registry, load_artifact
+from scoring.config import get_settings
+from scoring.loader import resolve_model_path
 from scoring.scorer import Thresholds, thresholds_for
 from training.retrieval import entity_frame, open_store, read_transactions, training_frame
 
@@ -178,9 +180,6 @@ def run(out: Path, start: date | None, end: date | None, chunk_rows: int,
         review: float | None = None, decline: float | None = None,
         progress: bool = True) -> RunStats:
     """Score [start, end) into `out`, day by day in effect; see the module docstring."""
-    from scoring.config import get_settings
-    from scoring.loader import resolve_model_path
-
     if chunk_rows < 1:
         raise ValueError("--chunk-rows must be at least 1")
     root = root or data_dir()

@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feature_repo.config import apply_env_defaults
+from feature_repo.config import apply_env_defaults, data_dir
 from feature_repo.paths import customers_path, labels_path, transactions_dir
 
 US_PER_DAY = 86_400_000_000
@@ -333,8 +333,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--txns-per-user-day", type=float, default=SimConfig.txns_per_user_day)
     p.add_argument("--out", type=Path, default=None, help="default $FRAUD_DATA_DIR")
     a = p.parse_args(argv)
-    from feature_repo.config import data_dir
-
     root = a.out or data_dir()
     t0 = time.perf_counter()
     cfg = SimConfig(a.users, a.days, a.seed, a.end, a.txns_per_user_day)

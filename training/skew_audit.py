@@ -42,6 +42,7 @@ import pyarrow.dataset as ds
 from feast import FeatureStore
 
 from feature_repo.config import PROJECT_DIR
+from scoring.config import get_settings as serving_settings
 from scoring.drift import PSI_MIN_SAMPLES, load_reference, psi_by_feature
 from scoring.prediction_log import LOG_SCHEMA
 from training.config import get_settings
@@ -312,8 +313,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scoring.config import get_settings as serving_settings
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--log-dir", type=Path, default=serving_settings().prediction_log_dir,
                    help="prediction log directory (default $SERVING_PREDICTION_LOG_DIR)")

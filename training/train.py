@@ -93,7 +93,7 @@ def decision_report(y: np.ndarray, score: np.ndarray, thresholds: dict[str, floa
 
 
 def plot_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # plotting only: loaded when a plot is drawn, its backend chosen first
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
