@@ -99,6 +99,13 @@ def _not_a_database(p: Pair) -> None:
         f.write(b"this is not an SQLite database" * 64)
 
 
+def _emptied(p: Pair) -> None:
+    """Truncated to nothing in place: SQLite opens a zero-byte file as a database without
+    tables."""
+    with _db(p).open("wb"):
+        pass
+
+
 def _champion_alias_deleted(p: Pair) -> None:
     p.mlflow.delete_registered_model_alias(MODEL_NAME, "champion")
 
@@ -124,6 +131,7 @@ def _tampered_artifact(p: Pair) -> None:
 SCENARIOS: dict[str, Callable[[Pair], None]] = {
     "removed": _removed,
     "not_a_database": _not_a_database,
+    "emptied": _emptied,
     "champion_alias_deleted": _champion_alias_deleted,
     "champion_without_hash": _champion_without_hash,
     "tampered_artifact": _tampered_artifact,
