@@ -446,6 +446,10 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("channel_number", {"channel": 2}, "channel", "literal_error"),
     ("timestamp_epoch_number", {"event_timestamp": 1793494800}, "event_timestamp",
      "value_error"),
+    ("timestamp_epoch_text", {"event_timestamp": "1793494800"}, "event_timestamp",
+     "value_error"),
+    ("timestamp_epoch_millis_text", {"event_timestamp": "1793494800000"}, "event_timestamp",
+     "value_error"),
     ("schema_version_field", {"schema_version": 1}, "schema_version", "extra_forbidden"),
 ]
 

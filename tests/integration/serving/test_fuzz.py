@@ -210,7 +210,7 @@ CORPUS: dict[str, Hostile] = {
     "json_string": Hostile(b'"transaction"', status=422, fields={"body"}),
     "array_instead_of_object": Hostile(json.dumps([VALID]).encode(), status=422,
                                        fields={"body"}),
-    "truncated_json": Hostile(json.dumps(VALID).encode()[:-3], status=422),
+    "truncated_json": Hostile(json.dumps(VALID).encode()[:-3], status=422, fields={"body"}),
     "batch_of_1001": Hostile(json.dumps({"transactions": [VALID] * 1001}).encode(),
                              path="/v1/score/batch", status=422, fields={"transactions"}),
     "empty_batch": Hostile(b'{"transactions": []}', path="/v1/score/batch", status=422,

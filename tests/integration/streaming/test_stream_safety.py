@@ -170,12 +170,16 @@ def test_future_events_never_reach_the_state_in_memory() -> None:
 def test_stringly_amounts_and_epoch_timestamps_are_dead_letters_in_memory() -> None:
     items = [json.dumps(_body("s", "u-s", amount="12.5")).encode(),
              json.dumps(_body("e", "u-e", event_timestamp=int(time.time()))).encode(),
-             _body("e2", "u-e", event_timestamp=time.time())]
+             _body("e2", "u-e", event_timestamp=time.time()),
+             json.dumps(_body("e3", "u-e", event_timestamp=str(int(time.time())))).encode(),
+             json.dumps(_body("e4", "u-e", event_timestamp=str(int(time.time() * 1000))))
+             .encode()]
     rows: list[Any] = []
     dead: list[DeadLetter] = []
     run_main(build_flow(TestingSource(items), TestingSink(rows), TestingSink(dead)))
-    assert rows == [] and len(dead) == 3
-    assert "amount" in dead[0].reason and "event_timestamp" in dead[1].reason
+    assert rows == [] and len(dead) == 5
+    assert "amount" in dead[0].reason
+    assert all("event_timestamp" in d.reason for d in dead[1:])
     assert all(d.reason.startswith("invalid event:") for d in dead)
 
 
