@@ -1,6 +1,7 @@
 """Overload is not an outage: a burst past the scorer's capacity is answered 503 "overloaded"
 (with Retry-After) by the admission limit, never "online feature store unavailable" while Redis
-is healthy, and the requests it admits keep a bounded latency (reported).
+is healthy, and the requests it admits keep a bounded latency (reported; single requests' p99
+asserted under a generous bound).
 
 The scorer runs in its own process (`python -m serving`) against the session's healthy Redis;
 the burst is bounded in time and targets 127.0.0.1 only.
@@ -22,6 +23,10 @@ from tests.integration.test_faults import serve
 
 BURST_S = 4.0
 MAX_INFLIGHT_ROWS = 1500
+# Admitted single requests stay bounded: at most the limit's rows (one explained 1,000-row batch
+# takes about 1 s here) run ahead of one.  Generous for a loaded 2-core host; without the
+# admission limit the issue measured a single-request p99 of 6.4 s.
+SINGLE_P99_BOUND_S = 3.0
 
 
 def _txn(i: int, user: str = "u0001") -> dict[str, Any]:
@@ -96,3 +101,5 @@ def test_a_burst_past_capacity_is_overloaded_never_unavailable(
         n = sum(1 for a in answers if a[0] == kind)
         print(f"{kind}: {len(ok)} of {n} admitted, p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
               f"{n - len(ok)} answered 503 overloaded")
+        if kind == "single":
+            assert p99 < SINGLE_P99_BOUND_S * 1000, f"admitted singles' p99 {p99:.0f} ms"
