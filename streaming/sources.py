@@ -209,7 +209,8 @@ class _KafkaDlqPartition(StatelessSinkPartition[DeadLetter]):
                     reports[i] = exc.args[0]
                     break
         self._producer.flush(max(1.0, deadline - time.monotonic()))
-        if _PENDING in reports:  # not reported in time: withdraw them, they count as failed
+        # `is`, never `in`: a KafkaError compared with == to another object raises TypeError
+        if any(r is _PENDING for r in reports):  # not reported in time: withdraw, count failed
             self._producer.purge()
             self._producer.poll(0)
         out = [KafkaError(KafkaError._MSG_TIMED_OUT) if r is _PENDING else r for r in reports]

@@ -202,6 +202,45 @@ def test_dlq_down_is_retried_for_a_bounded_time_then_counted_and_logged(
         assert _counter("fraud_stream_dlq_failed_total", reason="invalid event") == before + 1
         (record,) = [r for r in caplog.records if "dead letter not written" in r.getMessage()]
         assert "partition=3 offset=77" in record.getMessage() and "b'key-1'" in record.getMessage()
+        assert "s of retries" in record.getMessage(), record.getMessage()  # not "sink error"
+    finally:
+        part.close()
+
+
+@pytest.mark.integration
+def test_a_letter_refused_for_its_size_is_resent_without_its_original_else_counted(
+    kafka_broker: TansuBroker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A letter the producer or broker refuses for itself (MSG_SIZE_TOO_LARGE: the crash of
+    issue 15) is sent once more without its original; one refused even so is counted, logged
+    and skipped.  The refusal is provoked by the producer's own record limit."""
+    from confluent_kafka import Producer
+
+    run = uuid.uuid4().hex[:8]
+    part = KafkaDeadLetterSink(kafka_broker.bootstrap, TRANSACTIONS_DLQ, retry_s=5.0).build(
+        "dlq", 0, 1)
+    try:
+        conf = part._conf  # noqa: SLF001 - the sink's own producer settings
+        part._producer = Producer({**conf, "message.max.bytes": 10_000})  # noqa: SLF001
+        big = DeadLetter("invalid event: big", b"\xff" * 300_000, f"big-{run}".encode(),
+                         (TRANSACTIONS, 1, 5))
+        assert len(big.to_json()) > 10_000  # refused with its original, taken without
+        failed = _counter("fraud_stream_dlq_failed_total", reason="invalid event")
+        part.write_batch([big])
+        (letter,) = dlq_letters(kafka_broker.bootstrap, {big.key})[big.key]
+        assert letter["original"] == "" and letter["truncated"] is True
+        assert (letter["size"], letter["reason"]) == (300_000, "invalid event: big")
+        assert (letter["topic"], letter["partition"], letter["offset"]) == (TRANSACTIONS, 1, 5)
+        assert _counter("fraud_stream_dlq_failed_total", reason="invalid event") == failed
+
+        part._producer = Producer({**conf, "message.max.bytes": 1_000})  # noqa: SLF001
+        worse = DeadLetter("invalid event: " + "r" * 2_000, b"x", f"worse-{run}".encode(),
+                           (TRANSACTIONS, 2, 9))
+        with caplog.at_level(logging.ERROR, logger="streaming.sources"):
+            part.write_batch([worse])  # even bare over the limit: counted, logged, skipped
+        assert _counter("fraud_stream_dlq_failed_total", reason="invalid event") == failed + 1
+        assert any("dead letter not written" in r.getMessage() and "partition=2 offset=9"
+                   in r.getMessage() for r in caplog.records)
     finally:
         part.close()
 
