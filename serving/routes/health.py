@@ -12,6 +12,21 @@ from serving.lifecycle import ModelManager
 
 router = APIRouter(tags=["health"])
 
+# /ready's 503, documented so that the OpenAPI schema lists every status the app returns
+READY_RESPONSES: dict[int | str, dict[str, object]] = {
+    503: {
+        "description": "not ready: no verified model, Redis or the Feast registry did not "
+                       "answer (`checks` says which); with Retry-After",
+        "content": {"application/json": {"schema": {
+            "type": "object", "required": ["ready", "checks"],
+            "properties": {"ready": {"type": "boolean"},
+                           "checks": {"type": "object",
+                                      "additionalProperties": {"type": "boolean"}}}}}},
+        "headers": {"Retry-After": {"description": "seconds before asking again",
+                                    "schema": {"type": "string"}}},
+    },
+}
+
 
 @router.get("/health")
 async def health() -> dict[str, str]:
@@ -19,7 +34,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses=READY_RESPONSES)
 async def ready(request: Request) -> JSONResponse:
     """Model loaded, Redis and the registry reachable; 503 otherwise."""
     settings: ServingSettings = request.app.state.settings
