@@ -15,20 +15,26 @@ writes that never committed.  So nothing reads the directory by listing it:
 Writes are Delta commits, atomic and safe from several processes at once (each commit is a new
 log entry created only if absent; appends never conflict and are retried on a version race):
 `append` adds rows in one commit, `replace` swaps all rows of one origin for new ones in one
-commit.  Compaction and vacuum are the format's own (`training.compact_history`).
+commit; a `StagedFile` is written first (row groups as they come, not yet in the table) and
+added later by `commit_staged` in one commit, so a writer can do the writing off its critical
+path and keep only the commit on it.  Compaction and vacuum are the format's own (`training.compact_history`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
+from deltalake.transaction import AddAction
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,45 @@ def append(directory: Path, table: pa.Table, origin: str) -> None:
     data = _with_origin(table, _checked(origin))
     _create(directory, data.schema)
     write_deltalake(str(directory), data, mode="append")
+
+
+class StagedFile:
+    """A parquet file of rows of one origin in the table's directory, written row group by row
+    group (`write`) and not part of the table until `commit_staged` adds it.  Laid out as
+    Delta's own writer lays out a file (`origin=<origin>/part-<uuid>-c000.snappy.parquet`,
+    without the partition column).  A file never committed (a crash) is not in the table and
+    is deleted by `vacuum`, as a failed `append` leaves one."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, origin: str) -> None:
+        self.origin = _checked(origin)
+        _create(directory, pa.schema([*schema, pa.field(ORIGIN, pa.string())]))
+        self.relative = f"{ORIGIN}={origin}/part-00000-{uuid.uuid4()}-c000.snappy.parquet"
+        self.path = directory / self.relative
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows = 0
+        self._writer = pq.ParquetWriter(self.path, schema, compression="snappy")
+
+    def write(self, table: pa.Table) -> None:
+        """Rows in the file's schema (without `origin`), as one or more row groups."""
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self) -> AddAction:
+        """Finish the file; the action that adds it to the table."""
+        self._writer.close()
+        st = self.path.stat()
+        return AddAction(self.relative, st.st_size, {ORIGIN: self.origin},
+                         int(st.st_mtime * 1000), True, json.dumps({"numRecords": self.rows}))
+
+
+def commit_staged(directory: Path, actions: list[AddAction]) -> None:
+    """Add closed `StagedFile`s to the table at `directory` in one commit (a blind append,
+    like `append`'s: it commits beside other appends and compactions)."""
+    if not actions:
+        return
+    table = DeltaTable(str(directory))
+    table.create_write_transaction(actions, mode="append", schema=table.schema(),
+                                   partition_by=[ORIGIN])
 
 
 def replace(directory: Path, source: Path, origin: str) -> int:

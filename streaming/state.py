@@ -115,21 +115,26 @@ class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSna
     docs/benchmarks.md).
 
     Snapshots stay incremental per user: a user's pickled state is cached and re-pickled only
-    if an event reached it since the last snapshot; the shard's snapshot is a dict of those
-    bytes.  Restored users are unpickled when their next event arrives.  Trade-off: every
-    snapshot of a shard writes all of its users' bytes, so recovery storage written per epoch
-    grows with users per shard (`fraud_stream_snapshot_users_total` counts the user states
-    written); raise `state_shards` for very large user bases, or set 0 for one key per user.
+    if an event reached it; the shard's snapshot is a dict of those bytes.  The re-pickling is
+    done at the end of each `on_batch`, for the users the batch touched, not in `snapshot`:
+    Bytewax takes every snapshot on the worker thread at the end of an epoch, and no event is
+    processed meanwhile, so work moved out of `snapshot` shortens that stall, which is the
+    tail of the stream's freshness (docs/benchmarks.md).  The cost: a user reached in several
+    micro-batches of one epoch is pickled once per batch instead of once per epoch.
+    Restored users are unpickled when their next event arrives.  Trade-off: every snapshot of
+    a shard writes all of its users' bytes, so recovery storage written per epoch grows with
+    users per shard (`fraud_stream_snapshot_users_total` counts the user states written);
+    raise `state_shards` for very large user bases, or set 0 for one key per user.
     """
 
     def __init__(self, seed: Seeder | None, pickled: ShardSnapshot | None) -> None:
         self._seed = seed
         self._users: dict[str, UserVelocityState] = {}
         self._pickled: ShardSnapshot = dict(pickled or {})
-        self._dirty: set[str] = set()
 
     def on_batch(self, values: list[Envelope]) -> tuple[list[VelocityRow | DeadLetter], bool]:
-        users, dirty, out = self._users, self._dirty, []
+        users, out = self._users, []
+        touched: dict[str, UserVelocityState] = {}
         self._prefetch(values)
         for env in values:
             uid = env.event.user_id
@@ -141,10 +146,12 @@ class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSna
                 elif self._seed is not None:
                     state = self._seed(uid, env.event)
             state, outcome = _apply(state, env)
-            users[uid] = state
-            dirty.add(uid)
+            users[uid] = touched[uid] = state
             if outcome is not None:
                 out.append(outcome)
+        pickled = self._pickled
+        for uid, state in touched.items():  # what `snapshot` returns, taken now (above)
+            pickled[uid] = state.snapshot()
         count_outcomes(len(values), out)
         return out, StatefulBatchLogic.RETAIN
 
@@ -160,10 +167,7 @@ class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSna
             prefetch(new)
 
     def snapshot(self) -> ShardSnapshot:
-        pickled, users = self._pickled, self._users
-        for uid in self._dirty:
-            pickled[uid] = users[uid].snapshot()
-        self._dirty.clear()
+        pickled = self._pickled
         metrics.SNAPSHOT_USERS.inc(len(pickled))
         return dict(pickled)  # bytes are immutable: a shallow copy is an immutable snapshot
 

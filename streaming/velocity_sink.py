@@ -10,9 +10,13 @@ one only if its event timestamp is strictly newer, checked atomically per key in
 any other online store synchronously through Feast's `write_to_online_store`, which keeps the
 same rule.  A replay therefore cannot roll a user back.  A failed online write fails the
 worker before its snapshot commits; it resumes from the previous snapshot.
-Offline rows are buffered and appended to the history table (`feature_repo.history`) in one
-Delta commit at each Bytewax snapshot, before the snapshot commits (and every `FLUSH_ROWS` rows
-in between); a commit is atomic, so readers see all of a flush or none of it.  A crash between
+Offline rows go to the history table (`feature_repo.history`) through a thread of the
+partition's own (`BackgroundHistory`): it writes them to a staged parquet file as they come (a
+row group per `STAGE_ROWS` rows) and adds that file to the table in one Delta commit at each
+Bytewax snapshot, before the snapshot commits (and every `FLUSH_ROWS` rows in between); a
+commit is atomic, so readers see all of a flush or none of it.  So the snapshot, which Bytewax
+takes on the worker thread while no event is processed, waits only for the last rows' write
+and the commit, not for encoding the epoch's rows.  A crash between
 that commit and the snapshot's replays events whose rows are appended again with identical
 values and timestamps, which the point-in-time join and materialization treat as one row.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,7 +44,8 @@ from feature_repo.redis_store.writer import ScriptWriter, view_writer
 from streaming import metrics
 
 VELOCITY_VIEW = "user_velocity_fv"
-FLUSH_ROWS = 100_000
+FLUSH_ROWS = 100_000  # offline rows committed at the latest after this many (bounded files)
+STAGE_ROWS = 4_096  # offline rows handed to the history thread at a time (a row group each)
 WRITE_TIMEOUT_S = 5.0  # socket timeout of the online writer (at least the store's own)
 WRITES_QUEUED = 4  # micro-batches encoded ahead of the online writer thread (backpressure)
 HISTORY_SCHEMA = pa.schema(
@@ -196,12 +202,77 @@ class HistoryWriter:
         metrics.ROWS_WRITTEN.labels("offline").inc(table.num_rows)
 
 
+class BackgroundHistory:
+    """A sink partition's offline rows, written by a thread of their own to a staged file of the
+    history table (`feature_repo.history.StagedFile`) and committed on request.
+
+    `add` hands rows over (`STAGE_ROWS` at a time) and returns; `start_commit` queues the
+    commit of every row added so far and `wait` returns once it is done, raising the first
+    failure of any write or commit (nothing after a failure is committed: the worker fails and
+    resumes from its previous snapshot, as with a failed online write).  One thread, so
+    writes and commits happen in the order they were asked for.
+    """
+
+    def __init__(self, writer: HistoryWriter) -> None:
+        self._writer = writer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="history")
+        self._pending: list[Future[None]] = []
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._uncommitted = 0
+        self._file: history.StagedFile | None = None  # the history thread's only
+
+    def add(self, table: pa.Table) -> None:
+        self._buffer.append(table)
+        self._buffered += table.num_rows
+        self._uncommitted += table.num_rows
+        if self._buffered >= STAGE_ROWS:
+            self._hand_over()
+        if self._uncommitted >= FLUSH_ROWS:  # bounded staged files between snapshots
+            self.start_commit()
+        while self._pending and self._pending[0].done():
+            self._pending.pop(0).result()  # a failed write fails the worker now
+
+    def start_commit(self) -> None:
+        if self._buffer:
+            self._hand_over()
+        if self._uncommitted:
+            self._pending.append(self._pool.submit(self._commit))
+            self._uncommitted = 0
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.start_commit()
+            self.wait()
+        finally:
+            self._pool.shutdown()
+
+    def _hand_over(self) -> None:
+        tables, self._buffer, self._buffered = self._buffer, [], 0
+        self._pending.append(self._pool.submit(self._stage, tables))
+
+    def _stage(self, tables: list[pa.Table]) -> None:
+        if self._file is None:
+            self._file = history.StagedFile(self._writer.directory, HISTORY_SCHEMA,
+                                            self._writer.origin)
+        self._file.write(pa.concat_tables(tables))
+
+    def _commit(self) -> None:
+        staged, self._file = self._file, None
+        if staged is not None:
+            history.commit_staged(self._writer.directory, [staged.close()])
+            metrics.ROWS_WRITTEN.labels("offline").inc(staged.rows)
+
+
 class _VelocityPartition(StatefulSinkPartition[VelocityRow, None]):
     def __init__(self, online: OnlineWriter | None, history: HistoryWriter | None) -> None:
         self._online = online
-        self._history = history
-        self._buffer: list[pa.Table] = []
-        self._buffered = 0
+        self._history = BackgroundHistory(history) if history is not None else None
 
     def write_batch(self, items: list[VelocityRow]) -> None:
         if not items or (self._online is None and self._history is None):
@@ -210,26 +281,24 @@ class _VelocityPartition(StatefulSinkPartition[VelocityRow, None]):
         if self._online is not None:
             self._online.write(items, table)
         if self._history is not None:
-            self._buffer.append(table)
-            self._buffered += len(items)
-            if self._buffered >= FLUSH_ROWS:  # bounded memory between snapshots
-                self._flush()
+            self._history.add(table)
 
     def snapshot(self) -> None:
+        if self._history is not None:
+            self._history.start_commit()  # runs while the online writes are awaited
         if self._online is not None:
             self._online.flush()
-        self._flush()
+        if self._history is not None:
+            self._history.wait()
         return None
 
     def close(self) -> None:
-        self._flush()
-        if self._online is not None:
-            self._online.close()
-
-    def _flush(self) -> None:
-        if self._history is not None and self._buffer:
-            self._history.write(self._buffer)
-            self._buffer, self._buffered = [], 0
+        try:
+            if self._history is not None:
+                self._history.close()
+        finally:
+            if self._online is not None:
+                self._online.close()
 
 
 class VelocitySink(FixedPartitionedSink[VelocityRow, None]):
