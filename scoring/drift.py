@@ -141,8 +141,9 @@ class DriftMonitor:
         self._thread.start()
 
     def observe(self, vectors: Iterable[Mapping[str, Any]]) -> None:
+        features, recent = self.features, self._recent
         for values in vectors:
-            self._recent.append(tuple(values.get(f) for f in self.features))
+            recent.append(tuple([values.get(f) for f in features]))
 
     def compute(self) -> dict[str, float]:
         """PSI per feature over the current window; sets the gauges. {} below min_samples."""

@@ -31,13 +31,14 @@ from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 
 from feature_repo.redis_store.client import async_redis_client, is_supported
-from feature_repo.redis_store.reader import HashReader, Rows, never_written, read_rows_async
+from feature_repo.redis_store.reader import HashReader, ValueRows, never_written, read_values_async
 from feature_repo.redis_store.wire import to_python, view_name
 
 Row = dict[str, Any]
-# Stored rows per view, per entity row: (row time, values by feature), or (None, None) when
-# none.  The row time is Feast's `online_read` datetime, or exact epoch microseconds from
-# `RedisFeatureReader` (no datetime round trip on the hot path).
+# Stored rows per view, per entity row: (row time, values), or (None, None) when none.  Either
+# Feast's `online_read` form (a datetime, ValueProtos by feature) or `RedisFeatureReader`'s
+# (exact epoch microseconds, the Python values in the view's feature order: no datetime or
+# ValueProto round trip on the hot path).
 Fetched = Sequence[Sequence[tuple[datetime | int | None, Any]]]
 
 
@@ -61,10 +62,6 @@ class _ViewRead:
 
 def _micros(ts: datetime) -> int:
     return int(ts.timestamp() * 1_000_000)
-
-
-def _is_missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 class OnlineFeatures:
@@ -174,35 +171,41 @@ class OnlineFeatures:
         """Apply the TTL rule and the on-demand transformations; one vector per row."""
         n = len(rows)
         inputs: dict[str, list[Any]] = {f: [r[f] for r in rows] for f in self.request_fields}
+        request_us = [r["request_ts_us"] for r in rows]
         ages: list[dict[str, float | None]] = [{} for _ in range(n)]
         stale: list[list[str]] = [[] for _ in range(n)]
         for read, results in zip(self._reads, fetched, strict=True):
-            cols: dict[str, list[Any]] = {f: [None] * n for f in read.features}
+            features, ttl_us = read.features, read.ttl_us
+            cols: list[list[Any]] = [[None] * n for _ in features]
             for i, (ts, values) in enumerate(results):
-                t = rows[i]["request_ts_us"]
                 if ts is None or not values:
                     continue
-                if isinstance(ts, int):  # RedisFeatureReader: never-written rows are None
-                    row_us = ts
+                t = request_us[i]
+                if isinstance(ts, int):  # RedisFeatureReader: Python values, in feature order
+                    row_us, decoded = ts, values
                 elif never_written(ts):
                     continue
                 else:
                     row_us = _micros(ts)
-                if row_us > t or (read.ttl_us is not None and row_us < t - read.ttl_us):
-                    stale[i].extend(read.features)
+                    decoded = [to_python(values[f]) if f in values else None for f in features]
+                if row_us > t or (ttl_us is not None and row_us < t - ttl_us):
+                    stale[i].extend(features)
                     continue
-                for f in read.features:
-                    cols[f][i] = to_python(values[f]) if f in values else None
-                    ages[i][f] = (t - row_us) / 1e6
-            inputs.update(cols)
+                for col, v in zip(cols, decoded, strict=True):
+                    col[i] = v
+                ages[i].update(dict.fromkeys(features, (t - row_us) / 1e6))
+            inputs.update(zip(features, cols, strict=True))
         for odfv, _ in self._odfvs:
             out = odfv.feature_transformation.udf(inputs)  # type: ignore[union-attr]
             inputs.update(out)
+        output = self.output
         vectors = []
-        for i in range(n):
-            values = {name: inputs[name][i] for name in self.output}
-            missing = [k for k, v in values.items() if _is_missing(v)]
-            vectors.append(FeatureVector(values, ages[i], missing, stale[i]))
+        for i, row in enumerate(zip(*(inputs[name] for name in output), strict=True)):
+            # missing: None or NaN (the only float unequal to itself)
+            missing = [k for k, v in zip(output, row, strict=True)
+                       if v is None or (v != v and isinstance(v, float))]
+            vectors.append(FeatureVector(dict(zip(output, row, strict=True)), ages[i], missing,
+                                         stale[i]))
         return vectors
 
 
@@ -211,10 +214,12 @@ class RedisFeatureReader:
 
     Feast keeps every feature view of an entity in one hash, so one HMGET per entity reads all
     the views of its join key (`feature_repo.redis_store.reader`), where `online_read` sends
-    one pipeline per view.  Answers in Feast's `online_read` form, (row time, values) per
-    entity or (None, None) for a key never written, except that the row time is the stored
-    timestamp's exact epoch microseconds rather than a datetime; `tests/integration/serving/test_api.py` and the skew test
-    check the result against Feast's own reads.
+    one pipeline per view.  Answers (row time, values) per entity or (None, None) for a key
+    never written, as Feast's `online_read` does, except that the row time is the stored
+    timestamp's exact epoch microseconds rather than a datetime, and the values are already
+    Python, in the view's feature order (`redis_store.reader.HashReader.decode_values`);
+    `tests/integration/serving/test_api.py` and the skew test check the result against
+    Feast's own reads.
     """
 
     def __init__(self, config: Any, reads: list[_ViewRead]) -> None:
@@ -231,8 +236,8 @@ class RedisFeatureReader:
         self._coalescer = _Coalescer(self._read)
         self.answered_at = -math.inf  # time.monotonic() of the last read Redis answered
 
-    async def _read(self, rows: Sequence[Row]) -> Rows:
-        out = await read_rows_async(
+    async def _read(self, rows: Sequence[Row]) -> ValueRows:
+        out = await read_values_async(
             self.aio, [(h, [row[h.join_key] for row in rows]) for h in self._readers])
         self.answered_at = time.monotonic()
         return out
@@ -249,8 +254,7 @@ class RedisFeatureReader:
         out: list[list[tuple[datetime | int | None, Any]]] = []
         for h, entities in zip(self._readers, per_reader, strict=True):
             for j in range(len(h.views)):
-                out.append([(None, None) if (stored := views[j]) is None
-                            else (stored.micros, stored.values) for views in entities])
+                out.append([views[j] or (None, None) for views in entities])
         return out
 
 
@@ -265,24 +269,24 @@ class _Coalescer:
     request of that round trip, as it would have failed each of them.
     """
 
-    def __init__(self, read: Callable[[Sequence[Row]], Awaitable[Rows]],
+    def __init__(self, read: Callable[[Sequence[Row]], Awaitable[ValueRows]],
                  max_rows: int = 64) -> None:
         self._read = read
         self.max_rows = max_rows  # per shared round trip; a larger request reads alone
-        self._queue: list[tuple[Sequence[Row], asyncio.Future[Rows]]] = []
+        self._queue: list[tuple[Sequence[Row], asyncio.Future[ValueRows]]] = []
         self._queued_rows = 0
         # the loop a flush is scheduled on (None: none is): a loop closed before its flush ran
         # (a caller's asyncio.run interrupted) must not leave later callers waiting
         self._scheduled: asyncio.AbstractEventLoop | None = None
         self._running: set[asyncio.Task[None]] = set()  # strong references until done
 
-    async def read(self, rows: Sequence[Row]) -> Rows:
+    async def read(self, rows: Sequence[Row]) -> ValueRows:
         # A large batch alone: sharing its round trip would make small requests wait for
         # Redis to answer all of its rows, and miss their lookup deadline for it.
         if len(rows) >= self.max_rows:
             return await self._read(rows)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Rows] = loop.create_future()
+        future: asyncio.Future[ValueRows] = loop.create_future()
         if self._scheduled is not loop:  # what another loop left queued is not ours to send
             self._queue, self._queued_rows = [], 0
         elif self._queued_rows + len(rows) > self.max_rows:
@@ -302,7 +306,7 @@ class _Coalescer:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _serve(self, batch: list[tuple[Sequence[Row], asyncio.Future[Rows]]]) -> None:
+    async def _serve(self, batch: list[tuple[Sequence[Row], asyncio.Future[ValueRows]]]) -> None:
         live = [(rows, f) for rows, f in batch if not f.done()]  # not given up already
         if not live:
             return

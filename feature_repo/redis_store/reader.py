@@ -4,7 +4,8 @@ Feast keeps every feature view of an entity in one hash (`wire`), so one HMGET r
 views of one join key an entity has, where Feast's `online_read` sends one pipeline per view.
 On one node the asyncio reader (the HTTP scorer's) sends all of a read's HMGETs in one call
 of a read-only script (`_READ_SCRIPT`: one command and one reply for the client to pack and
-parse instead of one per entity; the replies are the HMGETs' own).  On a Redis Cluster the
+parse instead of one per entity; the replies are the HMGETs' own), or, past `_SCRIPT_MAX_KEYS`
+keys, in a few such calls in one pipeline.  On a Redis Cluster the
 pipeline is redis-py's cluster pipeline: it groups the HMGETs by the node owning each key's
 slot and sends each node its share at once (sync: all nodes written, then all read; asyncio:
 the nodes concurrently), so a read costs one round trip per node that owns one of its keys,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -103,9 +105,57 @@ class HashReader:
             pos = end + 1
         return out
 
+    def decode_values(self, reply: Sequence[bytes | None]) -> list[tuple[int, list[Any]] | None]:
+        """`decode`, answered as (`StoredRow.micros`, `StoredRow.python()` in the view's
+        feature order) per view: the same values without a ValueProto per value
+        (`python_value`)."""
+        out: list[tuple[int, list[Any]] | None] = []
+        pos = 0
+        for _, features in self.views:
+            end = pos + len(features)
+            raw_ts = reply[end]
+            ts = Timestamp.FromString(raw_ts) if raw_ts else None
+            if ts is None or never_written(ts):
+                out.append(None)
+            else:
+                out.append((ts.seconds * 1_000_000 + ts.nanos // 1000,
+                            [python_value(b) for b in reply[pos:end]]))
+            pos = end + 1
+        return out
 
+
+_DOUBLE = struct.Struct("<d").unpack_from
+_DOUBLE_TAG, _INT64_TAG = 0x29, 0x20  # ValueProto's double_val (6, fixed64), int64_val (4, varint)
+
+
+def python_value(raw: bytes | None) -> Any:
+    """`wire.to_python(Value.FromString(raw))` (None for a null or absent value, stored as
+    b""), with the two scalar kinds most features have read straight from their bytes: a
+    double_val is its tag and 8 little-endian bytes, an int64_val its tag and a varint.  Any
+    other layout goes through the ValueProto.  `tests/unit/feature_repo/test_value_decode.py`
+    checks both ways agree."""
+    if not raw:
+        return None
+    head = raw[0]
+    if head == _DOUBLE_TAG and len(raw) == 9:
+        return _DOUBLE(raw, 1)[0]
+    if head == _INT64_TAG and len(raw) <= 11:
+        value, shift = 0, 0
+        for i in range(1, len(raw)):
+            b = raw[i]
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                if i == len(raw) - 1:  # the varint ends the message: nothing else follows
+                    return value - (1 << 64) if value >= 1 << 63 else value
+                break
+    return to_python(Value.FromString(raw))
+
+
+ValueRow = tuple[int, list[Any]] | None  # (row time in epoch microseconds, values) or no row
 Reads = Sequence[tuple[HashReader, Sequence[str]]]  # (reader, join key values)
 Rows = list[list[list[StoredRow | None]]]  # per read, per entity, per view
+ValueRows = list[list[list[ValueRow]]]  # the same, decoded by `HashReader.decode_values`
 
 
 def read_rows(client: SyncClient, reads: Reads) -> Rows:
@@ -118,19 +168,34 @@ def read_rows(client: SyncClient, reads: Reads) -> Rows:
 
 
 async def read_rows_async(client: AsyncClient, reads: Reads) -> Rows:
-    """`read_rows` on an asyncio client; on one node, a read of up to `_SCRIPT_MAX_KEYS` keys
-    in one call of `_READ_SCRIPT` (unless the server refused the script: then pipelines)."""
+    """`read_rows` on an asyncio client; on one node, the HMGETs in calls of `_READ_SCRIPT`
+    of up to `_SCRIPT_MAX_KEYS` keys each, sent in one round trip (unless the server refused
+    the script: then pipelines)."""
+    return _decode(reads, await _replies_async(client, reads))
+
+
+async def read_values_async(client: AsyncClient, reads: Reads) -> ValueRows:
+    """`read_rows_async`, each row decoded by `HashReader.decode_values`."""
+    replies = await _replies_async(client, reads)
+    out: ValueRows = []
+    pos = 0
+    for reader, values in reads:
+        out.append([reader.decode_values(r) for r in replies[pos:pos + len(values)]])
+        pos += len(values)
+    return out
+
+
+async def _replies_async(client: AsyncClient, reads: Reads) -> list[list[bytes | None]]:
     if (_script_allowed and not isinstance(client, redis.asyncio.RedisCluster)
-            and sum(len(values) for _, values in reads) <= _SCRIPT_MAX_KEYS
             and all(len(reader.fields) <= _SCRIPT_MAX_FIELDS for reader, _ in reads)):
         replies = await _scripted_hmgets(client, reads)
         if replies is not None:
-            return _decode(reads, replies)
+            return replies
     async with client.pipeline(transaction=False) as pipe:
         for reader, values in reads:
             for value in values:
                 pipe.hmget(reader.key(value), reader.fields)  # type: ignore[arg-type]
-        return _decode(reads, await pipe.execute())
+        return cast(list[list[bytes | None]], await pipe.execute())
 
 
 # Every HMGET of a read in one script call: one command and one reply to pack and parse
@@ -157,7 +222,9 @@ _SCRIPT_MAX_FIELDS = 200  # fields passed to one Lua call through unpack (wider:
 # A script runs alone on the server: a large read in one call would hold every other client
 # (stream writers, other scorers' single reads) for its whole length (2,000 keys x 30 fields:
 # 15 ms of Redis, where the same HMGETs pipelined took 8 ms in all and let others in between).
-# Larger reads (a batch of 1,000 transactions) take the pipeline.
+# A larger read (a batch of 1,000 transactions: 2,000 keys) is split into calls of at most
+# this many keys, sent in one pipeline: Redis serves other clients between the calls, and the
+# client packs and parses a few commands instead of one per key.
 _SCRIPT_MAX_KEYS = 512
 # Refusals that mean "no scripts for this client here" (NOPERM: an ACL without EVALSHA; a proxy that
 # wants one slot per call, scripting disabled): the reader falls back to pipelines for good.
@@ -169,23 +236,30 @@ log = logging.getLogger(__name__)
 
 async def _scripted_hmgets(client: redis.asyncio.Redis, reads: Reads
                            ) -> list[list[bytes | None]] | None:
-    """The HMGET replies of every entity of `reads`, in order, from one script call (loaded
+    """The HMGET replies of every entity of `reads`, in order, from script calls of at most
+    `_SCRIPT_MAX_KEYS` keys each (one call, or several in one pipeline; the script is loaded
     into Redis first if it does not know it: a restarted or flushed script cache); None if
     the server refuses scripts (`_SCRIPT_REFUSED`): the caller pipelines instead."""
     global _script_allowed
-    keys: list[bytes] = []
-    args: list[bytes | int] = [len(reads)]
-    for reader, values in reads:
-        keys += [reader.key(v) for v in values]
-        args += [len(values), len(reader.fields), *reader.fields]
-    if not keys:
+    calls = _script_calls(reads)
+    if not calls:
         return []
+
+    async def call() -> list[list[list[bytes | None]]]:
+        if len(calls) == 1:
+            keys, args = calls[0]
+            return [await client.evalsha(_READ_SHA, len(keys), *keys, *args)]  # type: ignore[misc]
+        async with client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(_READ_SHA, len(keys), *keys, *args)
+            return cast(list[list[list[bytes | None]]], await pipe.execute())
+
     try:
         try:
-            replies = await client.evalsha(_READ_SHA, len(keys), *keys, *args)  # type: ignore[misc]
+            parts = await call()
         except NoScriptError:
             await client.script_load(_READ_SCRIPT)
-            replies = await client.evalsha(_READ_SHA, len(keys), *keys, *args)  # type: ignore[misc]
+            parts = await call()
     except ResponseError as exc:
         if not (isinstance(exc, NoPermissionError) or str(exc).startswith(_SCRIPT_REFUSED)):
             raise  # a real error of the read (a key of the wrong type ...): the pipeline's too
@@ -193,7 +267,40 @@ async def _scripted_hmgets(client: redis.asyncio.Redis, reads: Reads
         log.warning("Redis refused the read script (%s); reading with pipelines from now on",
                     exc)
         return None
-    return cast(list[list[bytes | None]], replies)
+    return [reply for part in parts for reply in part]
+
+
+def _script_calls(reads: Reads) -> list[tuple[list[bytes], list[bytes | int]]]:
+    """(KEYS, ARGV) of each `_READ_SCRIPT` call of a read: its keys in order, in as few calls
+    of at most `_SCRIPT_MAX_KEYS` keys as it takes, of about equal size."""
+    total = sum(len(values) for _, values in reads)
+    if not total:
+        return []
+    n = -(-total // _SCRIPT_MAX_KEYS)
+    size = -(-total // n)
+    calls: list[tuple[list[bytes], list[bytes | int]]] = []
+    keys: list[bytes] = []
+    groups: list[tuple[HashReader, int]] = []  # (reader, keys of it) in the current call
+    for reader, values in reads:
+        start = 0
+        while start < len(values):
+            take = min(len(values) - start, size - len(keys))
+            keys += [reader.key(v) for v in values[start:start + take]]
+            groups.append((reader, take))
+            start += take
+            if len(keys) == size:
+                calls.append((keys, _script_args(groups)))
+                keys, groups = [], []
+    if keys:
+        calls.append((keys, _script_args(groups)))
+    return calls
+
+
+def _script_args(groups: list[tuple[HashReader, int]]) -> list[bytes | int]:
+    args: list[bytes | int] = [len(groups)]
+    for reader, nkeys in groups:
+        args += [nkeys, len(reader.fields), *reader.fields]
+    return args
 
 
 def _decode(reads: Reads, replies: list[list[bytes | None]]) -> Rows:

@@ -32,6 +32,7 @@ from serving.schemas import (
     Reason,
     ScoreOut,
     TransactionIn,
+    construct,
 )
 from serving.service import ScoringService
 
@@ -56,10 +57,10 @@ def _out(r: ScoreResult, explain: bool, e: RowExplanation | None = None) -> Scor
                    direction=x.direction) for x in e.reasons()])
     # built from the scorer's own typed result: no validation pass (the response is not
     # validated again either, see the routes)
-    return ScoreOut.model_construct(
-        transaction_id=r.transaction_id, score=r.score, decision=r.decision,
-        model_version=r.model_version, feature_service=r.feature_service,
-        missing_features=r.vector.missing, features=features, explanation=explanation)
+    return construct(ScoreOut, {
+        "transaction_id": r.transaction_id, "score": r.score, "decision": r.decision,
+        "model_version": r.model_version, "feature_service": r.feature_service,
+        "missing_features": r.vector.missing, "features": features, "explanation": explanation})
 
 
 def _jsonable(v: object) -> object:

@@ -1,4 +1,5 @@
-"""The asyncio reader on one Redis node: every HMGET of a read in one script call.
+"""The asyncio reader on one Redis node: every HMGET of a read in one script call (or, past
+`_SCRIPT_MAX_KEYS` keys, in several in one pipeline).
 
 `read_rows_async` answers exactly what the pipelined HMGETs of `read_rows` answer, for several
 reads in one call (the scorer's user and merchant keys), unknown keys and empty reads, on the
@@ -56,6 +57,10 @@ def test_one_script_call_reads_what_the_pipeline_reads(materialized_store: Any,
     expected = read_rows(redis_client(online), reads)
     assert sum(row is not None for entity in expected[0] for row in entity) > 300  # real rows
     assert asyncio.run(read(reads)) == expected
+    with pytest.MonkeyPatch.context() as patch:  # several script calls in one pipeline
+        for most in (50, 302, 403):
+            patch.setattr(reader_module, "_SCRIPT_MAX_KEYS", most)
+            assert asyncio.run(read(reads)) == expected
     empty = [(reads[0][0], []), reads[1]]
     assert asyncio.run(read(empty)) == [[], expected[1]]
     assert asyncio.run(read([])) == []
@@ -71,8 +76,12 @@ def private_redis(tmp_path: Path) -> Iterator[redis.Redis]:
             client.close()
 
 
+@pytest.mark.parametrize("calls", [1, 2])
 def test_the_script_is_loaded_where_redis_does_not_know_it(
-        private_redis: redis.Redis, materialized_store: Any) -> None:
+        private_redis: redis.Redis, materialized_store: Any, monkeypatch: pytest.MonkeyPatch,
+        calls: int) -> None:
+    """One script call, or several in one pipeline (NOSCRIPT is the pipeline's error)."""
+    monkeypatch.setattr(reader_module, "_SCRIPT_MAX_KEYS", 3 if calls == 1 else 2)
     reads = _reads(materialized_store, {"user_id": ["u1", "u2"], "merchant_id": ["m1"]})
     (user_reader, _), _ = reads
     stored = b"\x08\x01"  # a Timestamp of 1 s: a row
@@ -98,7 +107,7 @@ def test_a_server_that_refuses_scripts_is_read_with_pipelines(
         private_redis: redis.Redis, materialized_store: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An ACL user without EVALSHA (NOPERM): reads still answer, through pipelines, and the
-    reader stops trying the script; a read past `_SCRIPT_MAX_KEYS` pipelines anyway."""
+    reader stops trying the script, also when the refused read was one of several calls."""
     monkeypatch.setattr(reader_module, "_script_allowed", True)
     reads = _reads(materialized_store, {"user_id": ["u1", "u2"], "merchant_id": ["m1"]})
     (user_reader, _), _ = reads
@@ -123,5 +132,5 @@ def test_a_server_that_refuses_scripts_is_read_with_pipelines(
     monkeypatch.setattr(reader_module, "_script_allowed", True)
     many = _reads(materialized_store, {"user_id": [f"u{i}" for i in range(600)],
                                        "merchant_id": ["m1"]})
-    assert asyncio.run(read(many)) == read_rows(private_redis, many)  # no script call made
-    assert reader_module._script_allowed is True
+    assert asyncio.run(read(many)) == read_rows(private_redis, many)  # two calls, refused
+    assert reader_module._script_allowed is False

@@ -1,4 +1,5 @@
-"""The compiled single-row predictor equals sklearn's predict_proba bit for bit."""
+"""The compiled single-row predictor and the batch predictor equal sklearn's predict_proba bit
+for bit."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from scoring.artifact import load_artifact
-from scoring.compiled import _unwrap, compile_model
+from scoring.compiled import _unwrap, batch_predictor, compile_model
 
 
 def probe_rows(model: HistGradientBoostingClassifier, n: int, seed: int) -> np.ndarray:
@@ -40,6 +41,13 @@ def assert_identical(model: object, fitted: HistGradientBoostingClassifier, n: i
     expected = model.predict_proba(x)[:, 1]  # type: ignore[attr-defined]
     got = np.array([predict_row(list(row)) for row in x])
     assert np.array_equal(expected, got), f"max |diff| {np.abs(expected - got).max()}"
+    predict_batch = batch_predictor(model)
+    assert predict_batch is not None
+    for rows in (x, x[:1], x[:100], np.array([list(r) for r in x[:37]], dtype="float64")):
+        batch = predict_batch(rows)
+        assert np.array_equal(model.predict_proba(rows)[:, 1], batch)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="float64 rows"):
+        predict_batch(x[:, :-1])
 
 
 def test_trained_artifact_is_bit_identical(trained_artifact: Path) -> None:
@@ -68,6 +76,9 @@ def test_unsupported_models_are_not_compiled() -> None:
     x, y = rng.normal(size=(300, 3)), rng.integers(0, 2, 300)
     three = rng.integers(0, 3, 300)
     hgb = HistGradientBoostingClassifier(max_iter=5)
+    for unsupported in (LogisticRegression().fit(x, y), HistGradientBoostingClassifier(max_iter=5),
+                        Pipeline([("s", StandardScaler()), ("m", hgb)]).fit(x, y)):
+        assert batch_predictor(unsupported) is None
     assert compile_model(LogisticRegression().fit(x, y)) is None
     assert compile_model(HistGradientBoostingClassifier(max_iter=5)) is None  # not fitted
     assert compile_model(HistGradientBoostingClassifier(max_iter=5).fit(x, three)) is None

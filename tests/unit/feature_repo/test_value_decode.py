@@ -1,8 +1,10 @@
-"""The online store's inlined codecs equal Feast's own (ValueProto decoding, entity-key
-encoding), and the one rule for a key never written (`redis_store.reader.never_written`)."""
+"""The online store's inlined codecs equal Feast's own (ValueProto decoding, also straight
+from the bytes, entity-key encoding), and the one rule for a key never written (`redis_store.reader.never_written`)."""
 
 from __future__ import annotations
 
+import math
+import struct
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ from feast.type_map import feast_value_type_to_python_type, python_values_to_pro
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from feature_repo.redis_store.reader import EPOCH, HashReader, never_written
+from feature_repo.redis_store.reader import EPOCH, HashReader, never_written, python_value
 from feature_repo.redis_store.wire import key_encoder, string_key_encoder, to_python
 
 CASES = [
@@ -84,3 +86,47 @@ def test_never_written_is_an_absent_or_zero_row_time() -> None:
     first, second = reader.decode([a, None, _stamp(1, 1000), None, None])
     assert first is not None and first.python() == {"a": 7, "b": None} and first.micros == 1_000_001
     assert second is None
+
+
+def _raw(value: Value) -> bytes:
+    return value.SerializeToString()
+
+
+RAW_CASES = [
+    b"", _raw(Value()), _raw(Value(double_val=0.0)), _raw(Value(double_val=-0.0)),
+    _raw(Value(double_val=math.nan)), _raw(Value(double_val=-math.inf)),
+    _raw(Value(double_val=5.716950582978359e-05)), _raw(Value(double_val=1e308)),
+    *(_raw(Value(int64_val=v)) for v in (0, 1, 127, 128, 300, -1, -(2**63), 2**63 - 1,
+                                        1_764_936_000_000_000)),
+    _raw(Value(int32_val=-3)), _raw(Value(float_val=2.5)), _raw(Value(string_val="m_1")),
+    _raw(Value(bool_val=True)), _raw(Value(double_list_val={"val": [1.5, -2.0]})),
+    _raw(Value(int64_list_val={"val": [1, 2**40]})), _raw(Value(string_list_val={"val": ["a"]})),
+    # the fast layouts followed by more fields: the last value of the oneof wins
+    _raw(Value(int64_val=5)) + _raw(Value(double_val=1.5)),
+    _raw(Value(double_val=1.5)) + _raw(Value(int64_val=5)),
+    _raw(Value(int64_val=5)) + _raw(Value(int64_val=9)),
+]
+
+
+@pytest.mark.parametrize("raw", RAW_CASES, ids=[r.hex() or "empty" for r in RAW_CASES])
+def test_python_value_is_the_protos(raw: bytes) -> None:
+    expected = to_python(Value.FromString(raw))
+    got = python_value(raw)
+    assert type(got) is type(expected)
+    if isinstance(expected, float):
+        assert struct.pack("<d", got) == struct.pack("<d", expected)  # NaN and -0.0 too
+    else:
+        assert got == expected
+    assert python_value(None) is None
+
+
+def test_decode_values_is_decode_as_python() -> None:
+    config = SimpleNamespace(entity_key_serialization_version=3, project="p")
+    reader = HashReader(config, "user_id", [("v1", ["a", "b"]), ("v2", ["c"]), ("v3", ["d"])])
+    reply = [_raw(Value(int64_val=-7)), None, _stamp(1_764_936_000, 123_456_789),
+             _raw(Value(double_list_val={"val": [0.5]})), _stamp(5),
+             _raw(Value(double_val=2.5)), b""]
+    expected = [None if row is None else (row.micros, list(row.python().values()))
+                for row in reader.decode(reply)]
+    assert reader.decode_values(reply) == expected
+    assert expected[0] == (1_764_936_000_123_456, [-7, None]) and expected[2] is None
