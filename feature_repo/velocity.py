@@ -21,12 +21,13 @@ dropped first).  Beyond those bounds counts saturate; training and serving see t
 from __future__ import annotations
 
 import bisect
+import marshal
 import math
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
-# What a state's `snapshot()` returns and `restore` takes: its fields, pickled as builtins.
+# What a state's `snapshot()` returns and `restore` takes: its fields, marshalled (or pickled).
 StateSnapshot = bytes
 
 MINUTE_US = 60_000_000
@@ -37,6 +38,7 @@ HORIZON_US = 24 * HOUR_US
 ALLOWED_LATENESS_US = 10 * MINUTE_US
 MAX_EVENTS = 1024
 MAX_KNOWN_MERCHANTS = 256
+_MARSHAL_VERSION = 4  # of `snapshot`s: read by every Python 3 since 3.4
 
 # Feature names of the velocity feature view (arrays of raw recent events) ...
 ROW_FIELDS = (
@@ -79,8 +81,29 @@ class UserVelocityState:
     # Seeded from a stored row (no transaction ids): events at or before this time may already
     # be counted in it, so they are refused as late instead of risking a double count.
     seeded_until: int = 0
-    # (sorted known merchants, their first-seen times) for `row`, None when stale; not a field
+    # (sorted known merchants, their first-seen times) for `row`, None when stale (kept up to
+    # date by `apply`, dropped by an eviction); not a field
     _known_row = None
+    # Whether every value is an exact int, float or str in exact lists, dicts and tuples, which
+    # `marshal` round-trips exactly (see `snapshot`); not a field
+    _plain = True
+
+    def __post_init__(self) -> None:
+        self._plain = self._values_are_plain()
+
+    def _values_are_plain(self) -> bool:
+        known = self.known
+        return (
+            type(self.ts) is list and type(self.amounts) is list and type(self.merchants) is list
+            and type(self.txn_ids) is list and type(known) is dict
+            and type(self.last_row_ts) is int and type(self.seeded_until) is int
+            and all(type(t) is int for t in self.ts)
+            and all(type(a) is float for a in self.amounts)
+            and all(type(m) is str for m in self.merchants)
+            and all(type(i) is str for i in self.txn_ids)
+            and all(type(m) is str and type(v) is tuple and len(v) == 2 and type(v[0]) is int
+                    and type(v[1]) is int for m, v in known.items())
+        )
 
     def apply(
         self, txn_id: str, ts_us: int, amount: float, merchant_id: str
@@ -92,6 +115,9 @@ class UserVelocityState:
         """
         if txn_id in self.txn_ids:
             return None
+        if self._plain and not (type(ts_us) is int and type(amount) is float
+                                and type(txn_id) is str and type(merchant_id) is str):
+            self._plain = False  # a numpy value, say: `snapshot` pickles this state
         if ts_us <= self.seeded_until:
             raise LateEventError(
                 "event is not newer than the stored state this worker continued from; it may "
@@ -108,13 +134,17 @@ class UserVelocityState:
         self.merchants.insert(i, merchant_id)
         self.txn_ids.insert(i, txn_id)
         seen = self.known.get(merchant_id)
+        cached = self._known_row
         if seen is None:
             self.known[merchant_id] = (ts_us, ts_us)
-            self._known_row = None
+            if cached is not None:  # kept sorted in place rather than sorted again in `row`
+                j = bisect.bisect_left(cached[0], merchant_id)
+                cached[0].insert(j, merchant_id)
+                cached[1].insert(j, ts_us)
         else:
             first, last = seen
-            if ts_us < first:
-                self._known_row = None
+            if ts_us < first and cached is not None:
+                cached[1][bisect.bisect_left(cached[0], merchant_id)] = ts_us
             self.known[merchant_id] = (min(first, ts_us), max(last, ts_us))
         self._evict()
         # Row timestamps strictly increase per user: online stores ignore a write that is not
@@ -146,19 +176,32 @@ class UserVelocityState:
             if m in state.known:
                 first, last = state.known[m]
                 state.known[m] = (first, max(last, t))
+        state._plain = state._values_are_plain()
         return state
 
     def snapshot(self) -> StateSnapshot:
-        """An immutable copy: the fields pickled as plain builtins (no reference to this
+        """An immutable copy: the fields serialized as plain builtins (no reference to this
         class), which is all a recovery snapshot needs and cheaper than a deep copy that
-        would be pickled afterwards anyway.  `restore` turns it back."""
-        return pickle.dumps((self.ts, self.amounts, self.merchants, self.txn_ids, self.known,
-                             self.last_row_ts, self.seeded_until), pickle.HIGHEST_PROTOCOL)
+        would be serialized afterwards anyway.  `restore` turns it back.
+
+        With `marshal` (format 4, read by every Python 3 since 3.4) when every value is an
+        exact int, float or str (`_plain`, the stream's case): about half the CPU of `pickle`
+        for these lists, and the stream takes one per user each micro-batch touches
+        (docs/benchmarks.md, issue 20).  Otherwise with `pickle`, which keeps other types
+        exactly (`marshal` would write a numpy integer as its bytes)."""
+        fields = (self.ts, self.amounts, self.merchants, self.txn_ids, self.known,
+                  self.last_row_ts, self.seeded_until)
+        if self._plain:
+            return marshal.dumps(fields, _MARSHAL_VERSION)
+        return pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
 
     @classmethod
     def restore(cls, snap: StateSnapshot) -> UserVelocityState:
-        """The state `snapshot()` was taken from."""
-        return cls(*pickle.loads(snap))  # noqa: S301 - our own snapshot, from recovery storage
+        """The state `snapshot()` was taken from: a pickle (as every snapshot was before
+        2026-12-05) starts with its PROTO opcode, 0x80; a marshalled tuple never does."""
+        if snap[:1] == b"\x80":
+            return cls(*pickle.loads(snap))  # noqa: S301 - our own snapshot, from recovery storage
+        return cls(*marshal.loads(snap))
 
     def _evict(self) -> None:
         cutoff = self.ts[-1] - HORIZON_US

@@ -6,7 +6,8 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, cast
+from dataclasses import fields
+from typing import Any
 
 from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -162,12 +163,30 @@ class _KafkaPartition(StatefulSourcePartition[KafkaMessage, int]):
         self._consumer.close()
 
 
+_new = object.__new__
+# KafkaSourceMessage's fields, in order: `_source_message` fills them without `__init__`.
+_FIELDS = ("key", "value", "topic", "headers", "latency", "offset", "partition", "timestamp")
+if tuple(f.name for f in fields(KafkaSourceMessage)) != _FIELDS:  # a Bytewax upgrade changed them
+    raise ImportError(f"KafkaSourceMessage's fields are not {_FIELDS}: update _source_message")
+
+
 def _source_message(msg: Message) -> KafkaMessage:
-    return KafkaSourceMessage(
-        key=msg.key(), value=msg.value(), topic=msg.topic(),
-        headers=cast(list[tuple[str, bytes]], msg.headers() or []),
-        latency=msg.latency(), offset=msg.offset(), partition=msg.partition(),
-        timestamp=msg.timestamp())
+    """The Bytewax message of a record, as `KafkaSourceMessage(key=..., ...)` builds it.
+
+    Its fields are set in its `__dict__` directly: the frozen dataclass's generated
+    `__init__` sets each of the eight with `object.__setattr__`, a microsecond per record
+    (docs/benchmarks.md, issue 20); the object is the same (equal, frozen)."""
+    m: KafkaMessage = _new(KafkaSourceMessage)
+    d = m.__dict__
+    d["key"] = msg.key()
+    d["value"] = msg.value()
+    d["topic"] = msg.topic()
+    d["headers"] = msg.headers() or []
+    d["latency"] = msg.latency()
+    d["offset"] = msg.offset()
+    d["partition"] = msg.partition()
+    d["timestamp"] = msg.timestamp()
+    return m
 
 
 class KafkaInput(FixedPartitionedSource[KafkaMessage, int]):
