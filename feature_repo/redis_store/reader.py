@@ -24,10 +24,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis.asyncio
 from feast.protos.feast.types.Value_pb2 import Value
@@ -90,38 +90,30 @@ class HashReader:
 
     def decode(self, reply: Sequence[bytes | None]) -> list[StoredRow | None]:
         """One entity's HMGET reply -> its row of each view, None where `never_written`."""
-        out: list[StoredRow | None] = []
-        pos = 0
-        for _, features in self.views:
-            end = pos + len(features)
-            raw_ts = reply[end]
-            ts = Timestamp.FromString(raw_ts) if raw_ts else None
-            if ts is None or never_written(ts):
-                out.append(None)
-            else:
-                values = {f: Value.FromString(b) if b else Value()
-                          for f, b in zip(features, reply[pos:end], strict=True)}
-                out.append(StoredRow(ts, values))
-            pos = end + 1
-        return out
+        return [None if ts is None else StoredRow(ts, {
+                    f: Value.FromString(b) if b else Value()
+                    for f, b in zip(features, raw, strict=True)})
+                for features, raw, ts in self._per_view(reply)]
 
     def decode_values(self, reply: Sequence[bytes | None]) -> list[tuple[int, list[Any]] | None]:
         """`decode`, answered as (`StoredRow.micros`, `StoredRow.python()` in the view's
         feature order) per view: the same values without a ValueProto per value
         (`python_value`)."""
-        out: list[tuple[int, list[Any]] | None] = []
+        return [None if ts is None else (ts.seconds * 1_000_000 + ts.nanos // 1000,
+                                         [python_value(b) for b in raw])
+                for _, raw, ts in self._per_view(reply)]
+
+    def _per_view(self, reply: Sequence[bytes | None]
+                  ) -> Iterator[tuple[list[str], Sequence[bytes | None], Timestamp | None]]:
+        """Per view of the reply: its features, their raw values, and its row's timestamp
+        (None where `never_written`)."""
         pos = 0
         for _, features in self.views:
             end = pos + len(features)
             raw_ts = reply[end]
             ts = Timestamp.FromString(raw_ts) if raw_ts else None
-            if ts is None or never_written(ts):
-                out.append(None)
-            else:
-                out.append((ts.seconds * 1_000_000 + ts.nanos // 1000,
-                            [python_value(b) for b in reply[pos:end]]))
+            yield features, reply[pos:end], None if ts is None or never_written(ts) else ts
             pos = end + 1
-        return out
 
 
 _DOUBLE = struct.Struct("<d").unpack_from
@@ -156,6 +148,7 @@ ValueRow = tuple[int, list[Any]] | None  # (row time in epoch microseconds, valu
 Reads = Sequence[tuple[HashReader, Sequence[str]]]  # (reader, join key values)
 Rows = list[list[list[StoredRow | None]]]  # per read, per entity, per view
 ValueRows = list[list[list[ValueRow]]]  # the same, decoded by `HashReader.decode_values`
+_Row = TypeVar("_Row")
 
 
 def read_rows(client: SyncClient, reads: Reads) -> Rows:
@@ -176,13 +169,7 @@ async def read_rows_async(client: AsyncClient, reads: Reads) -> Rows:
 
 async def read_values_async(client: AsyncClient, reads: Reads) -> ValueRows:
     """`read_rows_async`, each row decoded by `HashReader.decode_values`."""
-    replies = await _replies_async(client, reads)
-    out: ValueRows = []
-    pos = 0
-    for reader, values in reads:
-        out.append([reader.decode_values(r) for r in replies[pos:pos + len(values)]])
-        pos += len(values)
-    return out
+    return _per_entity(reads, await _replies_async(client, reads), HashReader.decode_values)
 
 
 async def _replies_async(client: AsyncClient, reads: Reads) -> list[list[bytes | None]]:
@@ -304,9 +291,16 @@ def _script_args(groups: list[tuple[HashReader, int]]) -> list[bytes | int]:
 
 
 def _decode(reads: Reads, replies: list[list[bytes | None]]) -> Rows:
-    out: Rows = []
+    return _per_entity(reads, replies, HashReader.decode)
+
+
+def _per_entity(reads: Reads, replies: list[list[bytes | None]],
+                decode: Callable[[HashReader, Sequence[bytes | None]], list[_Row]]
+                ) -> list[list[list[_Row]]]:
+    """The replies (one per entity, in read order) decoded by `decode(reader, reply)`."""
+    out: list[list[list[_Row]]] = []
     pos = 0
     for reader, values in reads:
-        out.append([reader.decode(r) for r in replies[pos:pos + len(values)]])
+        out.append([decode(reader, r) for r in replies[pos:pos + len(values)]])
         pos += len(values)
     return out
