@@ -85,7 +85,7 @@ def run(sizes: Sizes, section: Section) -> None:
     env = dataset.env(REDIS_URL=redis_url)
     section.ours_label = ("streaming.flow.build_flow as get_flow wires it: Kafka input -> "
                           "state (seeded from the online store) -> VelocitySink (online write "
-                          "to Redis in Feast's layout + offline parquet history) + Kafka DLQ, "
+                          "to Redis in Feast's layout + offline Delta history) + Kafka DLQ, "
                           "1 worker")
     section.stock_label = "FeatureStore.push() per event, online (same parsed events and rows)"
     rdb = redis.Redis.from_url(redis_url)
