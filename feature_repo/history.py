@@ -22,6 +22,7 @@ path and keep only the commit on it.  Compaction and vacuum are the format's own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -126,6 +127,11 @@ class StagedFile:
     def __init__(self, directory: Path, schema: pa.Schema, origin: str) -> None:
         self.origin = _checked(origin)
         _create(directory, pa.schema([*schema, pa.field(ORIGIN, pa.string())]))
+        table = pa.schema(DeltaTable(str(directory)).schema().to_arrow())
+        expected = table.remove(table.get_field_index(ORIGIN))
+        if not expected.equals(schema):  # `append` refuses such rows too; nothing is written
+            raise ValueError(f"history {directory}: rows of schema {schema} do not match the "
+                             f"table's schema {expected}")
         self.relative = f"{ORIGIN}={origin}/part-00000-{uuid.uuid4()}-c000.snappy.parquet"
         self.path = directory / self.relative
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,11 +144,20 @@ class StagedFile:
         self.rows += table.num_rows
 
     def close(self) -> AddAction:
-        """Finish the file; the action that adds it to the table."""
+        """Finish the file; the action that adds it to the table.  Raises if the file is gone
+        (a vacuum deletes files outside the table once they are older than its retention: a
+        writer stalled for that long), so a commit never adds a missing file."""
         self._writer.close()
         st = self.path.stat()
         return AddAction(self.relative, st.st_size, {ORIGIN: self.origin},
                          int(st.st_mtime * 1000), True, json.dumps({"numRecords": self.rows}))
+
+
+    def discard(self) -> None:
+        """Close and delete the file without adding it (after a failed write)."""
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        self.path.unlink(missing_ok=True)
 
 
 def commit_staged(directory: Path, actions: list[AddAction]) -> None:

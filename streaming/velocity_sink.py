@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Iterable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +47,7 @@ from streaming import metrics
 VELOCITY_VIEW = "user_velocity_fv"
 FLUSH_ROWS = 100_000  # offline rows committed at the latest after this many (bounded files)
 STAGE_ROWS = 4_096  # offline rows handed to the history thread at a time (a row group each)
+STAGES_QUEUED = 8  # hand-overs pending before `add` waits for the history thread (backpressure)
 WRITE_TIMEOUT_S = 5.0  # socket timeout of the online writer (at least the store's own)
 WRITES_QUEUED = 4  # micro-batches encoded ahead of the online writer thread (backpressure)
 HISTORY_SCHEMA = pa.schema(
@@ -214,11 +216,13 @@ class BackgroundHistory:
     """A sink partition's offline rows, written by a thread of their own to a staged file of the
     history table (`feature_repo.history.StagedFile`) and committed on request.
 
-    `add` hands rows over (`STAGE_ROWS` at a time) and returns; `start_commit` queues the
-    commit of every row added so far and `wait` returns once it is done, raising the first
-    failure of any write or commit (nothing after a failure is committed: the worker fails and
-    resumes from its previous snapshot, as with a failed online write).  One thread, so
-    writes and commits happen in the order they were asked for.
+    `add` hands rows over (`STAGE_ROWS` at a time; it waits when `STAGES_QUEUED` hand-overs
+    are pending) and returns; `start_commit` queues the commit of every row added so far and
+    `wait` returns once everything queued is done, raising the first failure of any write or
+    commit.  After a failure nothing more is written or committed (a file whose write failed
+    is deleted, every later task fails too): the worker fails and resumes from its previous snapshot, as
+    with a failed online write.  One thread, so writes and commits happen in the order they
+    were asked for.
     """
 
     def __init__(self, writer: HistoryWriter) -> None:
@@ -229,6 +233,7 @@ class BackgroundHistory:
         self._buffered = 0
         self._uncommitted = 0
         self._file: history.StagedFile | None = None  # the history thread's only
+        self._failed: BaseException | None = None  # the history thread's first failure
 
     def add(self, table: pa.Table) -> None:
         self._buffer.append(table)
@@ -238,7 +243,7 @@ class BackgroundHistory:
             self._hand_over()
         if self._uncommitted >= FLUSH_ROWS:  # bounded staged files between snapshots
             self.start_commit()
-        while self._pending and self._pending[0].done():
+        while self._pending and (self._pending[0].done() or len(self._pending) > STAGES_QUEUED):
             self._pending.pop(0).result()  # a failed write fails the worker now
 
     def start_commit(self) -> None:
@@ -250,6 +255,7 @@ class BackgroundHistory:
 
     def wait(self) -> None:
         pending, self._pending = self._pending, []
+        futures.wait(pending)  # all of them, so none is still running when this raises
         for future in pending:
             future.result()
 
@@ -265,16 +271,39 @@ class BackgroundHistory:
         self._pending.append(self._pool.submit(self._stage, tables))
 
     def _stage(self, tables: list[pa.Table]) -> None:
-        if self._file is None:
-            self._file = history.StagedFile(self._writer.directory, HISTORY_SCHEMA,
-                                            self._writer.origin)
-        self._file.write(pa.concat_tables(tables))
+        self._unless_failed()
+        try:
+            if self._file is None:
+                self._file = history.StagedFile(self._writer.directory, HISTORY_SCHEMA,
+                                                self._writer.origin)
+            self._file.write(pa.concat_tables(tables))
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
     def _commit(self) -> None:
+        self._unless_failed()
+        staged, self._file = self._file, None
+        if staged is None:
+            return
+        try:
+            history.commit_staged(self._writer.directory, [staged.close()])
+        except BaseException as exc:
+            # the file is kept: a commit that failed after landing may have added it, and a
+            # file the table does not hold is deleted by the next vacuum
+            self._fail(exc)
+            raise
+        metrics.ROWS_WRITTEN.labels("offline").inc(staged.rows)
+
+    def _unless_failed(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError("an earlier offline history write failed") from self._failed
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failed = exc
         staged, self._file = self._file, None
         if staged is not None:
-            history.commit_staged(self._writer.directory, [staged.close()])
-            metrics.ROWS_WRITTEN.labels("offline").inc(staged.rows)
+            staged.discard()
 
 
 class _VelocityPartition(StatefulSinkPartition[VelocityRow, None]):

@@ -87,8 +87,9 @@ def clone_artifact(src: Path, model_dir: Path, version: str) -> Path:
 
 
 @contextmanager
-def redis_server(log_path: Path) -> Iterator[str]:
-    """A private `redis-server` without persistence; yields its URL (skips without the binary)."""
+def redis_server(log_path: Path, *options: str) -> Iterator[str]:
+    """A private `redis-server` without persistence (and `options`, e.g. "--rename-command",
+    "EVALSHA", ""); yields its URL (skips without the binary)."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed")
@@ -96,7 +97,7 @@ def redis_server(log_path: Path) -> Iterator[str]:
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+             "--appendonly", "no", *options], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
         wait_for("redis-server to answer", lambda: _pings(client), 15)

@@ -248,13 +248,24 @@ async def _scripted_hmgets(client: redis.asyncio.Redis, reads: Reads
             await client.script_load(_READ_SCRIPT)
             parts = await call()
     except ResponseError as exc:
-        if not (isinstance(exc, NoPermissionError) or str(exc).startswith(_SCRIPT_REFUSED)):
+        if not _refused(exc):
             raise  # a real error of the read (a key of the wrong type ...): the pipeline's too
         _script_allowed = False
         log.warning("Redis refused the read script (%s); reading with pipelines from now on",
                     exc)
         return None
     return [reply for part in parts for reply in part]
+
+
+def _refused(exc: ResponseError) -> bool:
+    """Whether Redis refused the script itself (`_SCRIPT_REFUSED`, NOPERM), also as one command
+    of a pipeline, whose error redis-py rewrites as "Command # n (...) of pipeline caused
+    error: " and the repr of the server's error's arguments, `("unknown command ...",)`."""
+    if isinstance(exc, NoPermissionError):
+        return True
+    message = str(exc)
+    _, annotated, own = message.partition(" of pipeline caused error: ")
+    return (own.lstrip("(\"'") if annotated else message).startswith(_SCRIPT_REFUSED)
 
 
 def _script_calls(reads: Reads) -> list[tuple[list[bytes], list[bytes | int]]]:

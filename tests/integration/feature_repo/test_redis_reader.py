@@ -134,3 +134,26 @@ def test_a_server_that_refuses_scripts_is_read_with_pipelines(
                                        "merchant_id": ["m1"]})
     assert asyncio.run(read(many)) == read_rows(private_redis, many)  # two calls, refused
     assert reader_module._script_allowed is False
+
+
+def test_a_server_without_evalsha_is_read_with_pipelines_also_in_several_calls(
+        tmp_path: Path, materialized_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server where EVALSHA is not a command ("unknown command", a proxy or a renamed
+    command): a read of several script calls (one pipeline, whose error redis-py rewrites)
+    falls back to pipelines like a read of one call."""
+    with redis_server(tmp_path / "redis.log", "--rename-command", "EVALSHA", "") as url:
+        for users in (2, 600):  # one script call, then several in one pipeline
+            monkeypatch.setattr(reader_module, "_script_allowed", True)
+            reads = _reads(materialized_store, {"user_id": [f"u{i}" for i in range(users)],
+                                                "merchant_id": ["m1"]})
+            expected = read_rows(redis.Redis.from_url(url), reads)
+
+            async def read(r: Reads = reads) -> Any:
+                client = redis.asyncio.Redis.from_url(url)
+                try:
+                    return await read_rows_async(client, r)
+                finally:
+                    await client.aclose()
+
+            assert asyncio.run(read()) == expected
+            assert reader_module._script_allowed is False

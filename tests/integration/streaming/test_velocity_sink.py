@@ -150,11 +150,15 @@ def test_offline_rows_are_committed_by_the_snapshot_and_read_by_every_reader(
 
 
 def test_a_failed_offline_write_fails_the_snapshot_and_commits_nothing(tmp_path: Path) -> None:
+    """A failed write fails the snapshot, nothing queued after it is committed (the snapshot
+    raises only once every queued task has run), its staged file is deleted, and every later
+    write fails too."""
     directory = tmp_path / "history"
     part = VelocitySink(None, directory).build_part("sink", "p0", None)
     part.write_batch(velocity_rows("ok"))
     part.snapshot()
     version = DeltaTable(str(directory)).version()
+    files = set(directory.rglob("*.parquet"))
     part.write_batch(velocity_rows("more"))
     offline = part._history  # noqa: SLF001 - a broken write, as no caller can make one
     assert offline is not None
@@ -162,3 +166,20 @@ def test_a_failed_offline_write_fails_the_snapshot_and_commits_nothing(tmp_path:
     with pytest.raises(ValueError, match="(?i)schema"):
         part.snapshot()
     assert DeltaTable(str(directory)).version() == version
+    assert set(directory.rglob("*.parquet")) == files  # the half-written file is gone
+    part.write_batch(velocity_rows("after"))
+    with pytest.raises(RuntimeError, match="earlier offline history write failed"):
+        part.snapshot()
+    assert DeltaTable(str(directory)).version() == version
+
+
+def test_a_staged_file_of_another_schema_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    """A staged file is checked against the table's schema as `append` is: rows of another
+    schema are refused and never reach the table."""
+    directory = tmp_path / "history"
+    history.append(directory, history_table(velocity_rows("ok")), history.STREAM)
+    other = pa.schema([pa.field("user_id", pa.int64()), *list(velocity_sink.HISTORY_SCHEMA)[1:]])
+    with pytest.raises(ValueError, match="do not match the table's schema"):
+        history.StagedFile(directory, other, history.STREAM)
+    assert history.read(directory).num_rows == 150
