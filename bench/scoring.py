@@ -13,7 +13,7 @@ closed-loop throughput (wrk if installed, else bench.loadgen's closed loop).  Re
 
 Also per server: the CPU per request over the CPU per `GET /health` request on the same
 server (`cpu_cost`, host-independent), and the latency of batches of 100 and 1,000 rows at
-`BATCH_RATE` batches/s open loop (`batch_latency`).
+the rates of `BATCH_LOADS`, open loop (`batch_latency`).
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ from bench.report import Measure, Section, Target
 
 HOST = "127.0.0.1"
 P99_TARGET_MS = 5.0
-PEAK_RATIO_TARGET = 5.0
+PEAK_RATIO_TARGET = 10.0  # issue 20 (was 5x)
 # CPU per scored request over CPU per trivial request (GET /health) on the same server, same run
 COST_RATIO_TARGET = 2.5
-BATCH_RATE = 50.0  # batches/s, open loop
-BATCH_P99_TARGETS_MS = {100: 5.0, 1000: 30.0}  # rows per batch -> p99 target
+# (rows per batch, batches/s open loop, p99 target in ms): the issue's 50 batches/s for both
+# sizes, and 1,000 rows also at the 100-row load's row rate (5,000 rows/s): 50 batches of
+# 1,000 rows a second is 50,000 rows/s, past what one worker can score on this machine.
+BATCH_LOADS = ((100, 50.0, 5.0), (1000, 50.0, 30.0), (1000, 5.0, 30.0))
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,8 @@ def _measure(server: Server, child: Child, port: int, sizes: Sizes) -> dict[str,
     res["server_cpu_ms_per_request"] = cpu * 1000 / max(run.completed, 1)
     res["cost"] = cpu_cost(child.pid, port, make, trivial_factory(port),
                            min(sizes.score_duration_s, 10.0), sizes.score_connections)
-    res["batches"] = {rows: batch_latency(server, port, rows, sizes) for rows in
-                      BATCH_P99_TARGETS_MS}
+    res["batches"] = {_batch_key(rows, per_s): batch_latency(server, port, rows, per_s, sizes)
+                      for rows, per_s, _ in BATCH_LOADS}
     if loadgen.wrk_available():
         peak = loadgen.wrk_closed_loop(
             HOST, port, server.path, loadgen.wrk_script(server.wrk_bodies, server.wrk_ts_lua),
@@ -269,12 +271,21 @@ def cpu_cost(pid: int, port: int, make: loadgen.RequestFactory,
     return out
 
 
-def batch_latency(server: Server, port: int, rows: int, sizes: Sizes) -> dict[str, Any]:
-    """Open-loop latency of batches of `rows` transactions at BATCH_RATE batches/s."""
+def _batch_key(rows: int, rate: float) -> str:
+    return f"{rows}@{rate:g}/s"
+
+
+def batch_latency(server: Server, port: int, rows: int, rate: float, sizes: Sizes
+                  ) -> dict[str, Any]:
+    """Open-loop latency of batches of `rows` transactions at `rate` batches/s, over at most
+    one connection per batch a second: a keep-alive connection left idle for longer than the
+    server's keep-alive timeout (uvicorn: 5 s; 32 connections at 5/s idle 6.4 s each) is
+    closed by the server, and a request sent on it then never completes."""
     make = request_factory(server, port, rows)
-    loadgen.open_loop(HOST, port, make, BATCH_RATE, 1.0, sizes.score_connections, drain_s=5)
-    run = loadgen.open_loop(HOST, port, make, BATCH_RATE, min(sizes.score_duration_s, 20.0),
-                            sizes.score_connections, drain_s=5)
+    connections = max(1, min(sizes.score_connections, int(rate)))
+    loadgen.open_loop(HOST, port, make, rate, 1.0, connections, drain_s=5)
+    run = loadgen.open_loop(HOST, port, make, rate, min(sizes.score_duration_s, 20.0),
+                            connections, drain_s=5)
     return run.summary()
 
 
@@ -325,8 +336,10 @@ def run(sizes: Sizes, section: Section) -> None:
         f"{min(sizes.score_duration_s, 10.0):.0f} s of each request kind, closed loop over "
         f"{sizes.score_connections} connections, scoring and GET /health alternated twice on "
         "the same server; host-independent where latency is not. Batches: "
-        f"{BATCH_RATE:.0f} batches/s open loop for {min(sizes.score_duration_s, 20.0):.0f} s "
-        "each size, after a 1 s warm-up.",
+        + ", ".join(f"{rows:,} rows at {rate:g} batches/s" for rows, rate, _ in BATCH_LOADS)
+        + f", open loop for {min(sizes.score_duration_s, 20.0):.0f} s each, after a 1 s "
+        "warm-up, over one connection per batch a second (at most "
+        f"{sizes.score_connections}).",
     ]
     ours = ours_server(pool, free_port(), s.workers)
     ours_res = _serve_and_measure(ours, dataset, sizes, log_dir)
@@ -429,10 +442,12 @@ def _measures(section: Section, ours: dict[str, Any], stock: dict[str, Any],
              f" ms, stock {sc['score_cpu_ms_per_request']:.3f} / "
              f"{sc['trivial_cpu_ms_per_request']:.3f} ms (POST /v1/score, POST "
              "/get-online-features over GET /health, closed loop)"))
-    for rows, limit_ms in BATCH_P99_TARGETS_MS.items():
-        ob, sb = ours["batches"][rows], stock["batches"][rows]
+    for rows, batches_per_s, limit_ms in BATCH_LOADS:
+        key = _batch_key(rows, batches_per_s)
+        ob, sb = ours["batches"][key], stock["batches"][key]
         section.measures.append(Measure(
-            f"batch of {rows:,} p99 @{BATCH_RATE:.0f}/s open loop", "ms",
+            f"batch of {rows:,} p99 @{batches_per_s:g}/s open loop "
+            f"({rows * batches_per_s:,.0f} rows/s)", "ms",
             ob["latency_s"].get("p99", float("nan")) * 1000,
             sb["latency_s"].get("p99", float("nan")) * 1000, "lower", Target("<=", limit_ms),
             note=f"ours p50 {ob['latency_s'].get('p50', float('nan')) * 1000:.2f} ms, "
