@@ -220,9 +220,9 @@ class BackgroundHistory:
     are pending) and returns; `start_commit` queues the commit of every row added so far and
     `wait` returns once everything queued is done, raising the first failure of any write or
     commit.  After a failure nothing more is written or committed (a file whose write failed
-    is deleted, every later task fails too): the worker fails and resumes from its previous snapshot, as
-    with a failed online write.  One thread, so writes and commits happen in the order they
-    were asked for.
+    is deleted, every later task fails too): the worker fails and resumes from its previous
+    snapshot, as with a failed online write.  One thread, so writes and commits happen in the
+    order they were asked for.
     """
 
     def __init__(self, writer: HistoryWriter) -> None:
