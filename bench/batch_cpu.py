@@ -23,8 +23,16 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from bench.data import Dataset, scoring_dataset, with_loadable_model
 from bench.scoring import request_pool
+from scoring.prediction_log import PredictionLog
+from serving.config import ServingSettings
+from serving.lifecycle import ModelManager
+from serving.routes.scoring import score_many
+from serving.schemas import BatchIn
+from serving.service import ScoringService
 
 
 def _batch(pool: list[dict[str, Any]], rows: int, i: int) -> bytes:
@@ -37,15 +45,6 @@ def _batch(pool: list[dict[str, Any]], rows: int, i: int) -> bytes:
 
 
 async def _measure(dataset: Dataset, sizes: list[int], batches: int) -> dict[int, float]:
-    from threadpoolctl import threadpool_limits
-
-    from scoring.prediction_log import PredictionLog
-    from serving.config import ServingSettings
-    from serving.lifecycle import ModelManager
-    from serving.routes.scoring import score_many
-    from serving.schemas import BatchIn
-    from serving.service import ScoringService
-
     threadpool_limits(1)
     settings = ServingSettings()
     manager = ModelManager.start(settings)

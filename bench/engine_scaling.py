@@ -32,7 +32,9 @@ from bench.config import Sizes, get_settings
 from bench.data import Dataset
 from bench.procs import BenchError, PeakTree, python, run_json, tree_rss_kib
 from bench.report import Measure, Section
+from feature_repo.config import apply_env_defaults
 from feature_repo.offline_engines import ENGINES
+from feature_repo.offline_engines import get_settings as engine_settings
 
 SHIFT = timedelta(hours=1)  # copy k of an entity row asks for its features k hours earlier
 PANDAS_PER_ARROW_BYTE = 2.5  # to_pandas() of the frame took ~1.9x its Arrow bytes at 1M rows
@@ -174,14 +176,11 @@ def _shifted(entities: pd.DataFrame, k: int) -> pd.DataFrame:
 
 def engine_up(engine: str) -> float:
     """Check `OFFLINE_ENGINE` is `engine` and start it; seconds it took (Spark's session)."""
-    from feature_repo.config import apply_env_defaults
-    from feature_repo.offline_engines import get_settings as engine_settings
-
     apply_env_defaults()
     if engine_settings().engine != engine:
         raise SystemExit(f"OFFLINE_ENGINE is {engine_settings().engine}, not {engine}")
     t0 = time.perf_counter()
-    if engine == "spark":
+    if engine == "spark":  # pyspark loads only where Spark is asked for
         from feature_repo.offline_engines.spark import spark_session
 
         spark_session()
@@ -190,6 +189,7 @@ def engine_up(engine: str) -> float:
 
 def point(engine: str, rows: int, max_rss_mib: float | None) -> dict[str, Any]:
     """One point of the curve, in this process (see the module docstring)."""
+    # child only: the harness imports this module too and need not load Feast to run the curve
     from training.retrieval import labelled_entity_frame, open_store
 
     peak = PeakTree(max_rss_mib)
