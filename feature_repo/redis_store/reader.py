@@ -117,7 +117,8 @@ class HashReader:
 
 
 _DOUBLE = struct.Struct("<d").unpack_from
-_DOUBLE_TAG, _INT64_TAG = 0x29, 0x20  # ValueProto's double_val (6, fixed64), int64_val (4, varint)
+_DOUBLE_TAG, _INT64_TAG = 0x29, 0x20  # ValueProto's double_val (5, fixed64), int64_val (4, varint)
+_U64 = (1 << 64) - 1
 
 
 def python_value(raw: bytes | None) -> Any:
@@ -139,6 +140,7 @@ def python_value(raw: bytes | None) -> Any:
             shift += 7
             if not b & 0x80:
                 if i == len(raw) - 1:  # the varint ends the message: nothing else follows
+                    value &= _U64  # as protobuf: a 10-byte varint's bits past 64 are dropped
                     return value - (1 << 64) if value >= 1 << 63 else value
                 break
     return to_python(Value.FromString(raw))

@@ -105,6 +105,8 @@ RAW_CASES = [
     _raw(Value(int64_val=5)) + _raw(Value(double_val=1.5)),
     _raw(Value(double_val=1.5)) + _raw(Value(int64_val=5)),
     _raw(Value(int64_val=5)) + _raw(Value(int64_val=9)),
+    # a non-canonical 10-byte varint (no writer makes one): bits past 64 are dropped
+    bytes([0x20, *[0xFF] * 9, 0x7F]),
 ]
 
 
