@@ -31,15 +31,22 @@ from feast.type_map import python_values_to_proto_values
 from feast.value_type import ValueType
 
 from feature_repo.redis_store.client import async_redis_client, is_supported
-from feature_repo.redis_store.reader import HashReader, ValueRows, never_written, read_values_async
+from feature_repo.redis_store.reader import (
+    HashReader,
+    Replies,
+    ViewColumns,
+    never_written,
+    read_replies_async,
+)
 from feature_repo.redis_store.wire import to_python, view_name
 
 Row = dict[str, Any]
-# Stored rows per view, per entity row: (row time, values), or (None, None) when none.  Either
-# Feast's `online_read` form (a datetime, ValueProtos by feature) or `RedisFeatureReader`'s
-# (exact epoch microseconds, the Python values in the view's feature order: no datetime or
-# ValueProto round trip on the hot path).
-Fetched = Sequence[Sequence[tuple[datetime | int | None, Any]]]
+# Stored rows per view, in one of two forms: Feast's `online_read` form, per entity row (row
+# time, values) or (None, None) when none, the time a datetime and the values ValueProtos by
+# feature; or `RedisFeatureReader`'s columns (`redis_store.reader.ViewColumns`): each entity
+# row's exact epoch microseconds (None when no row) and, per feature in the view's order, the
+# Python values (no datetime or ValueProto on the hot path).
+Fetched = Sequence[Sequence[tuple[datetime | None, Any]] | ViewColumns]
 
 
 @dataclass
@@ -176,24 +183,31 @@ class OnlineFeatures:
         stale: list[list[str]] = [[] for _ in range(n)]
         for read, results in zip(self._reads, fetched, strict=True):
             features, ttl_us = read.features, read.ttl_us
-            cols: list[list[Any]] = [[None] * n for _ in features]
-            for i, (ts, values) in enumerate(results):
-                if ts is None or not values:
-                    continue
-                t = request_us[i]
-                if isinstance(ts, int):  # RedisFeatureReader: Python values, in feature order
-                    row_us, decoded = ts, values
-                elif never_written(ts):
-                    continue
-                else:
-                    row_us = _micros(ts)
-                    decoded = [to_python(values[f]) if f in values else None for f in features]
-                if row_us > t or (ttl_us is not None and row_us < t - ttl_us):
-                    stale[i].extend(features)
-                    continue
-                for col, v in zip(cols, decoded, strict=True):
-                    col[i] = v
-                ages[i].update(dict.fromkeys(features, (t - row_us) / 1e6))
+            cols: list[list[Any]]
+            if isinstance(results, tuple):  # RedisFeatureReader's columns (fresh lists)
+                times, cols = results
+                for i, row_us in enumerate(times):
+                    if row_us is None:  # no row: its values are None already
+                        continue
+                    t = request_us[i]
+                    if row_us > t or (ttl_us is not None and row_us < t - ttl_us):
+                        stale[i].extend(features)
+                        for col in cols:
+                            col[i] = None
+                        continue
+                    ages[i].update(dict.fromkeys(features, (t - row_us) / 1e6))
+            else:
+                cols = [[None] * n for _ in features]
+                for i, (ts, values) in enumerate(results):
+                    if ts is None or not values or never_written(ts):
+                        continue
+                    t, row_us = request_us[i], _micros(ts)
+                    if row_us > t or (ttl_us is not None and row_us < t - ttl_us):
+                        stale[i].extend(features)
+                        continue
+                    for col, f in zip(cols, features, strict=True):
+                        col[i] = to_python(values[f]) if f in values else None
+                    ages[i].update(dict.fromkeys(features, (t - row_us) / 1e6))
             inputs.update(zip(features, cols, strict=True))
         for odfv, _ in self._odfvs:
             out = odfv.feature_transformation.udf(inputs)  # type: ignore[union-attr]
@@ -214,12 +228,11 @@ class RedisFeatureReader:
 
     Feast keeps every feature view of an entity in one hash, so one HMGET per entity reads all
     the views of its join key (`feature_repo.redis_store.reader`), where `online_read` sends
-    one pipeline per view.  Answers (row time, values) per entity or (None, None) for a key
-    never written, as Feast's `online_read` does, except that the row time is the stored
-    timestamp's exact epoch microseconds rather than a datetime, and the values are already
-    Python, in the view's feature order (`redis_store.reader.HashReader.decode_values`);
-    `tests/integration/serving/test_api.py` and the skew test check the result against
-    Feast's own reads.
+    one pipeline per view.  Answers what Feast's `online_read` answers, by column
+    (`redis_store.reader.HashReader.decode_columns`): per view, each entity's row time as
+    the stored timestamp's exact epoch microseconds (None for a key never written) and per
+    feature the values, already Python; `tests/integration/serving/test_api.py` and the skew
+    test check the result against Feast's own reads.
     """
 
     def __init__(self, config: Any, reads: list[_ViewRead]) -> None:
@@ -236,8 +249,8 @@ class RedisFeatureReader:
         self._coalescer = _Coalescer(self._read)
         self.answered_at = -math.inf  # time.monotonic() of the last read Redis answered
 
-    async def _read(self, rows: Sequence[Row]) -> ValueRows:
-        out = await read_values_async(
+    async def _read(self, rows: Sequence[Row]) -> Replies:
+        out = await read_replies_async(
             self.aio, [(h, [row[h.join_key] for row in rows]) for h in self._readers])
         self.answered_at = time.monotonic()
         return out
@@ -251,11 +264,8 @@ class RedisFeatureReader:
         """This request's stored rows, read in the round trip of every request that asked
         in the same turn of the event loop (see `_Coalescer`)."""
         per_reader = await self._coalescer.read(rows)
-        out: list[list[tuple[datetime | int | None, Any]]] = []
-        for h, entities in zip(self._readers, per_reader, strict=True):
-            for j in range(len(h.views)):
-                out.append([views[j] or (None, None) for views in entities])
-        return out
+        return [view for h, replies in zip(self._readers, per_reader, strict=True)
+                for view in h.decode_columns(replies)]
 
 
 class _Coalescer:
@@ -269,24 +279,24 @@ class _Coalescer:
     request of that round trip, as it would have failed each of them.
     """
 
-    def __init__(self, read: Callable[[Sequence[Row]], Awaitable[ValueRows]],
+    def __init__(self, read: Callable[[Sequence[Row]], Awaitable[Replies]],
                  max_rows: int = 64) -> None:
         self._read = read
         self.max_rows = max_rows  # per shared round trip; a larger request reads alone
-        self._queue: list[tuple[Sequence[Row], asyncio.Future[ValueRows]]] = []
+        self._queue: list[tuple[Sequence[Row], asyncio.Future[Replies]]] = []
         self._queued_rows = 0
         # the loop a flush is scheduled on (None: none is): a loop closed before its flush ran
         # (a caller's asyncio.run interrupted) must not leave later callers waiting
         self._scheduled: asyncio.AbstractEventLoop | None = None
         self._running: set[asyncio.Task[None]] = set()  # strong references until done
 
-    async def read(self, rows: Sequence[Row]) -> ValueRows:
+    async def read(self, rows: Sequence[Row]) -> Replies:
         # A large batch alone: sharing its round trip would make small requests wait for
         # Redis to answer all of its rows, and miss their lookup deadline for it.
         if len(rows) >= self.max_rows:
             return await self._read(rows)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[ValueRows] = loop.create_future()
+        future: asyncio.Future[Replies] = loop.create_future()
         if self._scheduled is not loop:  # what another loop left queued is not ours to send
             self._queue, self._queued_rows = [], 0
         elif self._queued_rows + len(rows) > self.max_rows:
@@ -306,7 +316,7 @@ class _Coalescer:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _serve(self, batch: list[tuple[Sequence[Row], asyncio.Future[ValueRows]]]) -> None:
+    async def _serve(self, batch: list[tuple[Sequence[Row], asyncio.Future[Replies]]]) -> None:
         live = [(rows, f) for rows, f in batch if not f.done()]  # not given up already
         if not live:
             return

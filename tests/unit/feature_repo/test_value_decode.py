@@ -14,9 +14,16 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 from feast.value_type import ValueType
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from feature_repo.redis_store.reader import EPOCH, HashReader, never_written, python_value
+from feature_repo.redis_store.reader import (
+    EPOCH,
+    HashReader,
+    decode_column,
+    never_written,
+    python_value,
+)
 from feature_repo.redis_store.wire import key_encoder, string_key_encoder, to_python
 
 CASES = [
@@ -122,13 +129,95 @@ def test_python_value_is_the_protos(raw: bytes) -> None:
     assert python_value(None) is None
 
 
-def test_decode_values_is_decode_as_python() -> None:
+def _exact(v: object) -> object:
+    """A value compared bit for bit: floats by their bytes (NaN, -0.0), lists element-wise."""
+    if isinstance(v, float):
+        return struct.pack("<d", v)
+    if isinstance(v, list):
+        return [type(x).__name__ for x in v], [_exact(x) for x in v]
+    return v
+
+
+def _same(got: list[object], expected: list[object]) -> None:
+    assert [type(v) for v in got] == [type(v) for v in expected]
+    assert [_exact(v) for v in got] == [_exact(v) for v in expected]
+
+
+COLUMNS = {
+    "doubles": [_raw(Value(double_val=v)) for v in (0.5, -0.0, math.nan, 1e308, -math.inf)] * 4,
+    "doubles and nulls": [_raw(Value(double_val=0.5)), None, b"", _raw(Value(double_val=2.0))] * 5,
+    "small ints": [_raw(Value(int64_val=v)) for v in (0, 1, 127, 5)] * 5,
+    "small ints and one large": [_raw(Value(int64_val=v)) for v in (0, 1, 127, 5)] * 5
+    + [_raw(Value(int64_val=128))],
+    "small ints and a negative": [_raw(Value(int64_val=v)) for v in (3, -1)] * 6,
+    "int32 of the same length": [_raw(Value(int32_val=v)) for v in (3, 4)] * 6,
+    "bools": [_raw(Value(bool_val=v)) for v in (True, False)] * 6,
+    "a double and a trailing int": [_raw(Value(double_val=1.5))] * 9
+    + [_raw(Value(double_val=1.5)) + _raw(Value(int64_val=5))],
+    "int64 lists": [_raw(Value(int64_list_val={"val": v})) for v in (
+        [1_764_936_000_123_456, 0, 127, 128, 2**63 - 1], [], [5], [2**35] * 15)] * 3,
+    "int64 lists and nulls": [_raw(Value(int64_list_val={"val": [3, 300]})), None] * 5
+    + [_raw(Value(int64_list_val={"val": []}))],
+    "int64 lists, one negative": [_raw(Value(int64_list_val={"val": [1, 2]}))] * 9
+    + [_raw(Value(int64_list_val={"val": [-1]}))],
+    "int64 lists, one of 128 bytes": [_raw(Value(int64_list_val={"val": [1, 2]}))] * 9
+    + [_raw(Value(int64_list_val={"val": [2**50] * 16}))],
+    "int64 lists, an explicit empty field": [bytes([0x72, 2, 0x0A, 0])] * 4
+    + [_raw(Value(int64_list_val={"val": [7]}))] * 5,
+    "int64 lists and a double list": [_raw(Value(int64_list_val={"val": [1]}))] * 9
+    + [_raw(Value(double_list_val={"val": [1.0]}))],
+    "double lists": [_raw(Value(double_list_val={"val": v})) for v in (
+        [0.5, -0.0, math.nan], [], [1e308, -math.inf], [0.1] * 15)] * 3,
+    "double lists, one long": [_raw(Value(double_list_val={"val": [0.5]}))] * 9
+    + [_raw(Value(double_list_val={"val": [0.5] * 20}))],
+    "double lists and a trailing field": [_raw(Value(double_list_val={"val": [0.5]}))] * 9
+    + [_raw(Value(double_list_val={"val": [0.5]})) + _raw(Value(int64_val=1))],
+    "string lists": [_raw(Value(string_list_val={"val": ["m_1", "m_2"]}))] * 9,
+    "mixed kinds": RAW_CASES * 2,
+    "all null": [None, b""] * 6,
+    "short": [_raw(Value(double_val=0.5)), None],
+    "empty": [],
+}
+
+
+@pytest.mark.parametrize("name", list(COLUMNS))
+def test_decode_column_is_python_value(name: str) -> None:
+    raws = COLUMNS[name]
+    _same(decode_column(raws), [python_value(r) for r in raws])
+    _same(decode_column(tuple(raws)), [python_value(r) for r in raws])
+
+
+def test_decode_column_refuses_what_protobuf_refuses() -> None:
+    """A list whose last varint is cut short is no ValueProto: the column fails as
+    `python_value` does, rather than reading into the next list."""
+    broken = bytes([0x72, 3, 0x0A, 1, 0x81])
+    with pytest.raises(DecodeError):
+        python_value(broken)
+    with pytest.raises(DecodeError):
+        decode_column([broken] * 4 + [_raw(Value(int64_list_val={"val": [7]}))] * 5)
+
+
+def test_decode_columns_is_decode_as_python() -> None:
+    """By column, the row times and Python values `decode` answers row by row (None for the
+    values of a view an entity has no row of), for more rows than `decode_column` decodes
+    one by one."""
     config = SimpleNamespace(entity_key_serialization_version=3, project="p")
     reader = HashReader(config, "user_id", [("v1", ["a", "b"]), ("v2", ["c"]), ("v3", ["d"])])
-    reply = [_raw(Value(int64_val=-7)), None, _stamp(1_764_936_000, 123_456_789),
-             _raw(Value(double_list_val={"val": [0.5]})), _stamp(5),
-             _raw(Value(double_val=2.5)), b""]
-    expected = [None if row is None else (row.micros, list(row.python().values()))
-                for row in reader.decode(reply)]
-    assert reader.decode_values(reply) == expected
-    assert expected[0] == (1_764_936_000_123_456, [-7, None]) and expected[2] is None
+    replies = [
+        [_raw(Value(int64_val=-7)), None, _stamp(1_764_936_000, 123_456_789),
+         _raw(Value(double_list_val={"val": [0.5]})), _stamp(5),
+         _raw(Value(double_val=2.5)), b""],
+        [_raw(Value(int64_val=3)), _raw(Value(double_val=1.0)), _stamp(0),
+         _raw(Value(double_val=4.0)), _stamp(7, 1000), None, None],
+    ] * 6 + [[None] * 7]
+    columns = reader.decode_columns(replies)
+    assert len(columns) == 3
+    for j, (times, values) in enumerate(columns):
+        rows = [reader.decode(reply)[j] for reply in replies]
+        assert times == [None if row is None else row.micros for row in rows]
+        assert len(values) == len(reader.views[j][1])
+        for k, feature in enumerate(reader.views[j][1]):
+            _same(values[k], [None if row is None else row.python()[feature] for row in rows])
+    assert columns[0][0][:2] == [1_764_936_000_123_456, None]
+    assert columns[0][1][0][:3] == [-7, None, -7]
+    assert reader.decode_columns([]) == [([], [[], []]), ([], [[]]), ([], [[]])]
