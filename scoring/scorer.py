@@ -18,13 +18,9 @@ import numpy as np
 from feature_repo.contract import TransactionEvent, request_fields
 from scoring import metrics
 from scoring.artifact import Artifact
-from scoring.compiled import batch_predictor, compile_model
+from scoring.compiled import compile_model
 from scoring.features import FeatureVector, OnlineFeatures
 
-# Up to this many rows a request is scored row by row through the compiled trees; larger
-# batches amortise the batch predictor's fixed cost better (measured crossover on the
-# development machine: 24-48 rows against `compiled.batch_predictor`, 2026-12-05).
-FAST_PATH_MAX_ROWS = 32
 # A batch of this many rows or more assembles its vectors and runs its model in a worker
 # thread, so one large batch cannot hold the event loop while other requests' lookups wait.
 OFFLOAD_ROWS = 64
@@ -128,10 +124,8 @@ class Scorer:
         self.artifact = artifact
         self.features = features
         self.thresholds = thresholds
-        # one-row fast path and batch path (both bit-identical to predict_proba), or None for
-        # other models
-        self._predict_row = compile_model(artifact.model)
-        self._predict_batch = batch_predictor(artifact.model)
+        # the compiled tree walker (bit-identical to predict_proba), or None for other models
+        self._predict = compile_model(artifact.model)
 
     def predict(self, txns: Sequence[TransactionEvent], vectors: list[FeatureVector],
                 observe: bool = True) -> list[ScoreResult]:
@@ -141,13 +135,9 @@ class Scorer:
             return []
         t0 = time.perf_counter()
         rows = [model_row(vec, self.artifact.features) for vec in vectors]
-        scores: Sequence[float] | np.ndarray
-        if self._predict_row is not None and len(rows) <= FAST_PATH_MAX_ROWS:
-            scores = [self._predict_row(row) for row in rows]
-        elif self._predict_batch is not None:
-            scores = self._predict_batch(np.array(rows, dtype="float64"))
-        else:
-            scores = self.artifact.model.predict_proba(np.array(rows, dtype="float64"))[:, 1]
+        x = np.array(rows, dtype="float64")
+        scores = (self._predict(x) if self._predict is not None
+                  else self.artifact.model.predict_proba(x)[:, 1])
         if observe:
             metrics.MODEL_LATENCY.observe(time.perf_counter() - t0)
         out = []
