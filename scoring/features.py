@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from feast import FeatureStore, FeatureView
 from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.on_demand_feature_view import OnDemandFeatureView
@@ -57,6 +58,10 @@ class FeatureVector:
     ages: dict[str, float | None] = field(default_factory=dict)  # stored features only
     missing: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
+    # `values` as the model's float64 row (None as NaN), in the order of `input_names` (the
+    # feature service's output), when `OnlineFeatures.assemble` could convert them
+    inputs: np.ndarray | None = field(default=None, compare=False, repr=False)
+    input_names: list[str] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -213,14 +218,29 @@ class OnlineFeatures:
             out = odfv.feature_transformation.udf(inputs)  # type: ignore[union-attr]
             inputs.update(out)
         output = self.output
+        columns = [inputs[name] for name in output]
+        matrix = _model_matrix(columns, n)
+        # only a row whose model inputs hold a NaN can miss a value
+        holes = (range(n) if matrix is None
+                 else set(np.flatnonzero(np.isnan(matrix).any(axis=1)).tolist()))
         vectors = []
-        for i, row in enumerate(zip(*(inputs[name] for name in output), strict=True)):
+        for i, row in enumerate(zip(*columns, strict=True)):
             # missing: None or NaN (the only float unequal to itself)
             missing = [k for k, v in zip(output, row, strict=True)
-                       if v is None or (v != v and isinstance(v, float))]
+                       if v is None or (v != v and isinstance(v, float))] if i in holes else []
             vectors.append(FeatureVector(dict(zip(output, row, strict=True)), ages[i], missing,
-                                         stale[i]))
+                                         stale[i], None if matrix is None else matrix[i], output))
         return vectors
+
+
+def _model_matrix(columns: list[list[Any]], n: int) -> np.ndarray | None:
+    """The model's inputs of `n` rows from their columns, as `scoring.scorer.model_row` makes
+    them (`float(v)`, None as NaN: numpy's conversion to float64), or None when a value is no
+    number (a model that takes such inputs converts them itself)."""
+    try:
+        return np.array(columns, dtype=np.float64).T.reshape(n, len(columns))
+    except (TypeError, ValueError):
+        return None
 
 
 class RedisFeatureReader:

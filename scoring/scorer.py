@@ -134,8 +134,11 @@ class Scorer:
         if not txns:
             return []
         t0 = time.perf_counter()
-        rows = [model_row(vec, self.artifact.features) for vec in vectors]
-        x = np.array(rows, dtype="float64")
+        names = self.features.output  # the model's inputs, in its order (see __init__)
+        x = (np.stack([vec.inputs for vec in vectors])  # type: ignore[misc]
+             if all(vec.input_names is names and vec.inputs is not None for vec in vectors)
+             else np.array([model_row(vec, self.artifact.features) for vec in vectors],
+                           dtype="float64"))
         scores = (self._predict(x) if self._predict is not None
                   else self.artifact.model.predict_proba(x)[:, 1])
         if observe:

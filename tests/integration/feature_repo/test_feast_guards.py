@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from feast import FeatureStore
 from feature_repo.config import REPO_DIR
 from feature_repo.contract import request_fields
 from scoring.features import OnlineFeatures
+from scoring.scorer import model_row
 from tests.conftest import SIM_END
 from training.retrieval import labelled_entity_frame
 
@@ -96,3 +97,25 @@ def test_scorer_online_reader_equals_feasts_get_online_features(materialized_sto
                 assert ours == pytest.approx(theirs, rel=1e-12, abs=0), (name, i, ours, theirs)
                 compared += 1
     assert compared > len(rows) * len(features.output) // 2
+    # Feast's own `online_read` (the scorer's other path, `fetch`) assembled: the same vectors
+    # as the column reads, and each vector's model row is `model_row`'s, bit for bit
+    # (a third of the rows a year later: their stored rows are past the TTL, stale)
+    later = at + timedelta(days=365)
+    rows = [r if i % 3 else {**r, **request_fields(later, r["txn_amount"], r["merchant_id"],
+                                                   r["txn_channel"])}
+            for i, r in enumerate(rows)]
+    features = OnlineFeatures(materialized_store, SERVICE)  # its client on a new event loop
+    vectors = features.assemble(rows, asyncio.run(features.fetch_async(rows)))
+    via_feast = features.assemble(rows, features.fetch(rows))
+    assert [_comparable(v) for v in via_feast] == [_comparable(v) for v in vectors]
+    assert any(v.missing for v in vectors) and any(v.stale for v in vectors)
+    for vec in [*vectors, *via_feast]:
+        assert vec.input_names is features.output and vec.inputs is not None
+        expected = np.array(model_row(vec, features.output), dtype=np.float64)
+        assert vec.inputs.tobytes() == expected.tobytes()
+
+
+def _comparable(vec: Any) -> tuple[object, ...]:
+    """A vector's values (NaN as a string: NaN equals nothing), ages, missing and stale."""
+    values = {k: "nan" if isinstance(v, float) and v != v else v for k, v in vec.values.items()}
+    return values, vec.ages, vec.missing, vec.stale
