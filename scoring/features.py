@@ -219,7 +219,7 @@ class OnlineFeatures:
             inputs.update(out)
         output = self.output
         columns = [inputs[name] for name in output]
-        matrix = _model_matrix(columns, n)
+        matrix = _model_matrix(columns, n) if n >= _MATRIX_MIN_ROWS else None
         # only a row whose model inputs hold a NaN can miss a value
         holes = (range(n) if matrix is None
                  else set(np.flatnonzero(np.isnan(matrix).any(axis=1)).tolist()))
@@ -229,8 +229,14 @@ class OnlineFeatures:
             missing = [k for k, v in zip(output, row, strict=True)
                        if v is None or (v != v and isinstance(v, float))] if i in holes else []
             vectors.append(FeatureVector(dict(zip(output, row, strict=True)), ages[i], missing,
-                                         stale[i], None if matrix is None else matrix[i], output))
+                                         stale[i], *((None, None) if matrix is None
+                                                     else (matrix[i], output))))
         return vectors
+
+
+# Below this many rows assembly leaves the model's rows to `scoring.scorer.model_row` (the
+# whole-batch conversion costs more than it saves).
+_MATRIX_MIN_ROWS = 8
 
 
 def _model_matrix(columns: list[list[Any]], n: int) -> np.ndarray | None:
