@@ -188,9 +188,9 @@ def _doubles(n: int) -> Callable[[bytes], tuple[float, ...]]:
 def decode_column(raws: Sequence[bytes | None]) -> list[Any]:
     """`[python_value(raw) for raw in raws]`, with the layouts of whole columns that most
     features have decoded at once: every value a double_val (its tag and 8 bytes), every
-    value an int64_val below 128 (its tag and one byte), or every value a short list of
-    int64s or doubles (`_packed_lists`).  Null and absent values (None, b"") are set aside
-    first; any other column goes value by value."""
+    value an int64_val below 128 (its tag and one byte), or, in a column of `_LISTS_MIN` or
+    more, every value a list of doubles (`_double_lists`).  Null and absent values (None,
+    b"") are set aside first; any other column goes value by value."""
     n = len(raws)
     if n < _COLUMN_MIN:
         return [python_value(raw) for raw in raws]
@@ -217,67 +217,67 @@ def _decode_present(raws: Sequence[bytes]) -> list[Any]:
             small = joined[1::2]
             if max(small) < 0x80:  # one-byte varints: the byte is the value
                 return list(small)
-    head = raws[0][0]
-    if head == _INT64_LIST_TAG or head == _DOUBLE_LIST_TAG:
-        lists = _packed_lists(raws, head)
+    if raws[0][0] == _DOUBLE_LIST_TAG and n >= _LISTS_MIN:
+        lists = _double_lists(raws)
         if lists is not None:
             return lists
     return [python_value(raw) for raw in raws]
 
 
-_INT64_LIST_TAG, _DOUBLE_LIST_TAG = 0x72, 0x7A  # int64_list_val (14), double_list_val (15)
+_DOUBLE_LIST_TAG = 0x7A  # ValueProto's double_list_val (15, a message)
+# Below this many lists a column of them is decoded value by value (measured crossover: 50;
+# columns of int64 lists, whose varints numpy decodes no faster than protobuf, always are).
+_LISTS_MIN = 64
 
 
-def _packed_lists(raws: Sequence[bytes], tag: int) -> list[list[Any]] | None:
-    """A column of int64_list_val or double_list_val ValueProtos (`tag`) decoded at once, or
-    None unless every value has the layout Feast's writer gives a list of fewer than 128
-    bytes: the tag, the list message's length, then either nothing (an empty list) or its
-    packed field (0x0A) and the field's length, each length one byte, then the packed int64
-    varints (of at most 9 bytes: non-negative) or little-endian doubles."""
+def _double_lists(raws: Sequence[bytes]) -> list[list[float]] | None:
+    """A column of double_list_val ValueProtos decoded at once, or None unless every value
+    has the layout Feast's writer gives a list: the tag and the list message's length, then
+    either nothing (an empty list) or the packed field (0x0A) and its length, each length a
+    canonical varint of one or two bytes (a list under 16 KiB), then the little-endian
+    doubles."""
     lengths = np.fromiter(map(len, raws), np.int64, len(raws))
-    buf = np.frombuffer(b"".join(raws), np.uint8).astype(np.int64)
+    buf = np.frombuffer(b"".join(raws), np.uint8)
     at = np.cumsum(lengths) - lengths  # where each value starts
-    empty = lengths == 2
-    full = ~empty
-    if not ((lengths <= 129).all() and (empty | (lengths >= 4)).all()
-            and (buf[at] == tag).all() and (buf[at + 1] == lengths - 2).all()
-            and (buf[at[full] + 2] == 0x0A).all() and (buf[at[full] + 3] == lengths[full] - 4).all()):
+    if not (lengths >= 2).all() or not (buf[at] == _DOUBLE_LIST_TAG).all():
         return None
+    list_len, list_ok, list_size = _varint_header(buf, at + 1, lengths - 1)
+    empty = list_len == 0
+    full = ~empty
+    field = at + 1 + list_size  # the packed field's tag, in a non-empty list
+    payload, field_ok, field_size = _varint_header(buf, np.where(full, field + 1, at),
+                                                   np.where(full, list_len - 1, 0))
+    if not (list_ok.all() and (empty | (field_ok & (list_len >= 2))).all()
+            and (buf[field[full]] == 0x0A).all()):
+        return None
+    sizes = np.where(empty, 0, payload)  # payload bytes of each value
+    if (sizes % 8).any():
+        return None
+    heads = lengths - sizes
     header = np.zeros(len(buf), bool)
-    for k in range(4):  # an empty list's two bytes, a list's four
-        header[at[lengths > k] + k] = True
-    data = buf[~header]
-    sizes = np.where(empty, 0, lengths - 4)  # payload bytes of each value
-    if tag == _DOUBLE_LIST_TAG:
-        if (sizes % 8).any():
-            return None
-        doubles = np.frombuffer(data.astype(np.uint8).tobytes(), "<f8")
-        return _split(doubles.tolist(), (sizes // 8).tolist())
-    last = data < 0x80  # the last byte of each varint
-    bounds = np.cumsum(sizes)
-    if not last[bounds[sizes > 0] - 1].all():
-        return None  # a varint runs past its list
-    ends = np.flatnonzero(last)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    widths = ends - starts + 1
-    width = int(widths.max()) if len(widths) else 0
-    if width > 9:
-        return None  # a negative or >= 2**63 value (10 bytes): value by value
-    # each varint's bytes as a row of `width` (past its end: masked out), 7 bits each
-    pos = np.minimum(starts[:, None] + np.arange(width), len(data) - 1)
-    digits = np.where(np.arange(width) < widths[:, None], data[pos] & 0x7F, 0).astype(np.uint64)
-    values = (digits << (np.arange(width, dtype=np.uint64) * np.uint64(7))).sum(
-        axis=1, dtype=np.uint64)
-    seen = np.concatenate(([0], np.cumsum(last)))  # varints ended before each byte
-    return _split(values.tolist(), (seen[bounds] - seen[bounds - sizes]).tolist())
-
-
-def _split(flat: list[Any], counts: list[int]) -> list[list[Any]]:
+    for k in range(int(heads.max())):
+        header[at[heads > k] + k] = True
+    doubles = np.frombuffer(buf[~header].tobytes(), "<f8").tolist()
     out, pos = [], 0
-    for c in counts:
-        out.append(flat[pos:pos + c])
-        pos += c
+    for count in (sizes // 8).tolist():
+        out.append(doubles[pos:pos + count])
+        pos += count
     return out
+
+
+def _varint_header(buf: np.ndarray, at: np.ndarray, room: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position in `at`, the length that a canonical varint of one or two bytes there
+    must hold for the rest of its message (`room` bytes from `at`, the varint included) to
+    be exactly that length; whether the bytes there are that varint; and its size."""
+    size = np.where(room - 1 <= 0x7F, 1, 2)
+    value = room - size
+    ok = (value >= 0) & np.where(size == 1, value <= 0x7F, (value > 0x7F) & (value <= 0x3FFF))
+    first = np.where(size == 1, value, (value & 0x7F) | 0x80)
+    last = len(buf) - 1
+    ok &= buf[np.minimum(at, last)] == first
+    ok &= (size == 1) | (buf[np.minimum(at + 1, last)] == value >> 7)
+    return value, ok, size
 
 
 ViewColumns = tuple[list[int | None], list[list[Any]]]  # per view: row times, value columns

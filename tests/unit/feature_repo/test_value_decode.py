@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from feature_repo.redis_store.reader import (
     EPOCH,
     HashReader,
+    _double_lists,
     decode_column,
     never_written,
     python_value,
@@ -170,6 +171,15 @@ COLUMNS = {
         [0.5, -0.0, math.nan], [], [1e308, -math.inf], [0.1] * 15)] * 3,
     "double lists, one long": [_raw(Value(double_list_val={"val": [0.5]}))] * 9
     + [_raw(Value(double_list_val={"val": [0.5] * 20}))],
+    "long lists (two-byte lengths)": [_raw(Value(double_list_val={"val": [i / 3] * (n % 40)}))
+                                      for i, n in enumerate(range(0, 400, 7))],
+    "double lists of 15 and 16 doubles (lengths 120..131)": [
+        _raw(Value(double_list_val={"val": [1.5] * n})) for n in (15, 16, 15, 16)] * 3,
+    "a 16,000-byte list and a 16,800-byte one": [
+        _raw(Value(double_list_val={"val": [0.25] * 2000})),
+        _raw(Value(double_list_val={"val": [0.25] * 2100}))] * 5,
+    "the largest two-byte lengths": [
+        _raw(Value(double_list_val={"val": [0.25] * n})) for n in (2046, 2047)] * 5,
     "double lists and a trailing field": [_raw(Value(double_list_val={"val": [0.5]}))] * 9
     + [_raw(Value(double_list_val={"val": [0.5]})) + _raw(Value(int64_val=1))],
     "string lists": [_raw(Value(string_list_val={"val": ["m_1", "m_2"]}))] * 9,
@@ -185,6 +195,22 @@ def test_decode_column_is_python_value(name: str) -> None:
     raws = COLUMNS[name]
     _same(decode_column(raws), [python_value(r) for r in raws])
     _same(decode_column(tuple(raws)), [python_value(r) for r in raws])
+
+
+@pytest.mark.parametrize(("name", "at_once"), [
+    ("double lists", True), ("long lists (two-byte lengths)", True),
+    ("double lists of 15 and 16 doubles (lengths 120..131)", True),
+    ("the largest two-byte lengths", True), ("a 16,000-byte list and a 16,800-byte one", False),
+    ("double lists and a trailing field", False), ("int64 lists", False)])
+def test_which_list_columns_decode_at_once(name: str, at_once: bool) -> None:
+    """The cases above exercise the whole-column decoding, not only its fallback."""
+    raws = [r for r in COLUMNS[name] if r]
+    lists = _double_lists(raws)
+    assert (lists is not None) is at_once
+    if lists is not None:
+        _same(lists, [python_value(r) for r in raws])  # type: ignore[arg-type]
+    long = COLUMNS[name] * 40  # past `_LISTS_MIN`: `decode_column` takes the same way
+    _same(decode_column(long), [python_value(r) for r in long])
 
 
 def test_decode_column_refuses_what_protobuf_refuses() -> None:
