@@ -4,11 +4,9 @@ scikit-learn's `predict_proba` spends ~0.3-1 ms of fixed cost per call (input va
 thread set-up, one Cython call per tree) however small the batch; an online request scores one
 row.  For `HistGradientBoostingClassifier` (binary, numeric features), `compile_model` returns
 a predictor that walks every tree for every row in one numba-compiled loop (`_walk`, compiled
-once per process when a model loads, in about 0.4 s; it releases the GIL, so a large batch's
-walk in a worker thread leaves the event loop running).  On the development machine, for the
-trained model (114 trees): one row in 5 us (the trees compiled to Python source, its
-predecessor: 20 us), 100 rows in 0.26 ms, 1,000 rows in 3.8 ms (`predict_proba`: 0.96, 1.25
-and 5.3 ms).
+once per process when a model loads; it releases the GIL, so a large batch's walk in a
+worker thread leaves the event loop running).  Its cost against `predict_proba` and against
+its predecessor (the trees compiled to Python source) is in docs/benchmarks.md.
 
 It is bit-identical to `predict_proba(x)[:, 1]`: the fitted trees' own node records, the same
 missing-value routing and comparisons, the same float64 sum in the same order (the baseline,
@@ -20,6 +18,7 @@ scored through its own `predict_proba`: the fast path is an optimisation, never 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.pipeline import Pipeline
 
 Predictor = Callable[[np.ndarray], np.ndarray]
+log = logging.getLogger(__name__)
 
 
 def compile_model(model: Any) -> Predictor | None:
@@ -47,31 +47,38 @@ def compile_model(model: Any) -> Predictor | None:
     hgb = _unwrap(model)
     if hgb is None or getattr(hgb, "_preprocessor", None) is not None:
         return None
+    baseline, loss, width = hgb._baseline_prediction, hgb._loss, hgb.n_features_in_
+    if (baseline.shape != (1, 1) or baseline.dtype != np.float64
+            or type(loss).__name__ != "HalfBinomialLoss"):
+        return None
     trees = [predictor.nodes for (predictor,) in hgb._predictors]
     roots = np.cumsum([0] + [len(t) for t in trees[:-1]]).astype(np.int64)
-    nodes = np.concatenate(trees)
+    nodes = np.concatenate(trees)  # a copy: the model's own trees are left as they are
+    if len(nodes) >= np.iinfo(nodes["left"].dtype).max:
+        return None  # children indices past their field's range
     offset = np.repeat(roots, [len(t) for t in trees])  # children index within their tree
     # the fitted trees' own node records, in one array, children indexed within it: one
     # array to pass, so a call of one row costs little more than its walk
     nodes["left"] += offset.astype(nodes["left"].dtype)
     nodes["right"] += offset.astype(nodes["right"].dtype)
-    baseline, loss, width = hgb._baseline_prediction, hgb._loss, hgb.n_features_in_
-    if baseline.shape != (1, 1) or baseline.dtype != np.float64:
-        return None
 
     def predict(x: np.ndarray) -> np.ndarray:
         if x.dtype != np.float64 or x.ndim != 2 or x.shape[1] != width:
             raise ValueError(f"expected float64 rows of {width} inputs, got {x.dtype} {x.shape}")
         raw = np.zeros(x.shape[0], dtype=np.float64)
         raw += baseline[0]
-        _walk(np.ascontiguousarray(x), roots, nodes, raw)
+        # C-ordered and writable: the one array type `_walk` was compiled for
+        _walk(np.require(x, requirements=["C", "W"]), roots, nodes, raw)
         # the binary log loss's predict_proba(raw)[:, 1] is its link's inverse, expit
         proba: np.ndarray = expit(raw)
         return proba
 
-    if type(loss).__name__ != "HalfBinomialLoss":
+    try:
+        predict(np.zeros((1, width)))  # compiles `_walk` now (once per process), not on a request
+    except numba.core.errors.NumbaError:  # e.g. node records of another sklearn: no fast path
+        log.warning("the tree walker does not compile for this model; scoring with "
+                    "predict_proba", exc_info=True)
         return None
-    predict(np.zeros((1, width)))  # compiles `_walk` now (once per process), not on a request
     return predict
 
 

@@ -59,7 +59,9 @@ class FeatureVector:
     missing: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     # `values` as the model's float64 row (None as NaN), in the order of `input_names` (the
-    # feature service's output), when `OnlineFeatures.assemble` could convert them
+    # feature service's output), when `OnlineFeatures.assemble` converted them (batches of
+    # `_MATRIX_MIN_ROWS` or more, plain numbers): otherwise None, and the model's row is
+    # `scoring.scorer.model_row`'s
     inputs: np.ndarray | None = field(default=None, compare=False, repr=False)
     input_names: list[str] | None = field(default=None, compare=False, repr=False)
 
@@ -240,13 +242,21 @@ _MATRIX_MIN_ROWS = 8
 
 
 def _model_matrix(columns: list[list[Any]], n: int) -> np.ndarray | None:
-    """The model's inputs of `n` rows from their columns, as `scoring.scorer.model_row` makes
-    them (`float(v)`, None as NaN: numpy's conversion to float64), or None when a value is no
-    number (a model that takes such inputs converts them itself)."""
+    """The model's inputs of `n` rows from their columns, exactly as `scoring.scorer.model_row`
+    makes them (`float(v)`, None as NaN), when every value is None or a plain number (numpy's
+    conversion to float64 is then `float()`'s); None otherwise (the caller falls back to
+    `model_row`, which converts or fails as it always did)."""
+    for col in columns:
+        if not _NUMBERS.issuperset(map(type, col)):
+            return None
     try:
-        return np.array(columns, dtype=np.float64).T.reshape(n, len(columns))
-    except (TypeError, ValueError):
+        matrix = np.array(columns, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):  # an int past float64's range
         return None
+    return matrix.T if matrix.shape == (len(columns), n) else None
+
+
+_NUMBERS = frozenset({float, int, bool, type(None), np.float64, np.int64})
 
 
 class RedisFeatureReader:
@@ -302,7 +312,9 @@ class _Coalescer:
     sent at the end of that turn, and each gets exactly its own rows back.  Nothing is kept between round trips: this saves
     the client's per-call work and system calls, never a read.  A request that gives up (its
     lookup deadline) leaves the shared read running for the others; an error fails every
-    request of that round trip, as it would have failed each of them.
+    request of that round trip, as it would have failed each of them (a request decodes its
+    own rows afterwards: a value that fails to decode fails only the request that asked for
+    it).
     """
 
     def __init__(self, read: Callable[[Sequence[Row]], Awaitable[Replies]],

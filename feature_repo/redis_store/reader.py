@@ -225,8 +225,9 @@ def _decode_present(raws: Sequence[bytes]) -> list[Any]:
 
 
 _DOUBLE_LIST_TAG = 0x7A  # ValueProto's double_list_val (15, a message)
-# Below this many lists a column of them is decoded value by value (measured crossover: 50;
-# columns of int64 lists, whose varints numpy decodes no faster than protobuf, always are).
+# Below this many lists a column of them is decoded value by value (where the whole-column
+# work costs more; columns of int64 lists, whose varints numpy decodes no faster than
+# protobuf, always are: docs/benchmarks.md, fifth session).
 _LISTS_MIN = 64
 
 

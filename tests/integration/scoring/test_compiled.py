@@ -13,7 +13,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from scoring.artifact import load_artifact
-from scoring.compiled import _unwrap, compile_model
+from scoring.compiled import _unwrap, _walk, compile_model
 
 
 def probe_rows(model: HistGradientBoostingClassifier, n: int, seed: int) -> np.ndarray:
@@ -46,8 +46,13 @@ def assert_identical(model: object, fitted: HistGradientBoostingClassifier, n: i
     for rows in (x[:1], x[:100], np.array([list(r) for r in x[:37]], dtype="float64"),
                  np.asfortranarray(x[:50]), x[::3]):  # any layout: not only C-ordered rows
         assert np.array_equal(model.predict_proba(rows)[:, 1], predict(rows))  # type: ignore[attr-defined]
+    readonly = x[:20].copy()
+    readonly.flags.writeable = False
+    assert np.array_equal(model.predict_proba(readonly)[:, 1], predict(readonly))  # type: ignore[attr-defined]
+    assert predict(x[:0]).shape == (0,)
     with pytest.raises(ValueError, match="float64 rows"):
         predict(x[:, :-1])
+    assert len(_walk.signatures) == 1  # compiled once, at load: never again on a request
 
 
 def test_trained_artifact_is_bit_identical(trained_artifact: Path) -> None:

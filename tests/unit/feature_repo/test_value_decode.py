@@ -213,14 +213,25 @@ def test_which_list_columns_decode_at_once(name: str, at_once: bool) -> None:
     _same(decode_column(long), [python_value(r) for r in long])
 
 
-def test_decode_column_refuses_what_protobuf_refuses() -> None:
-    """A list whose last varint is cut short is no ValueProto: the column fails as
-    `python_value` does, rather than reading into the next list."""
-    broken = bytes([0x72, 3, 0x0A, 1, 0x81])
+@pytest.mark.parametrize("broken", [
+    bytes([0x7A, 0x0A, 0x0A, 0x08, *b"\x00" * 7]),  # the doubles cut one byte short
+    bytes([0x7A, 0x0B, 0x0A, 0x09, *b"\x00" * 9]),  # a packed field of 9 bytes
+])
+def test_decode_column_refuses_what_protobuf_refuses(broken: bytes) -> None:
+    """A list of doubles that is no ValueProto fails a column decoded at once as it fails
+    `python_value`, rather than reading into the next list."""
     with pytest.raises(DecodeError):
         python_value(broken)
+    good = _raw(Value(double_list_val={"val": [0.5, 1.5]}))
     with pytest.raises(DecodeError):
-        decode_column([broken] * 4 + [_raw(Value(int64_list_val={"val": [7]}))] * 5)
+        decode_column([good] * 70 + [broken] + [good] * 5)
+
+
+def test_double_lists_with_nulls_at_once() -> None:
+    raws = [_raw(Value(double_list_val={"val": [0.5] * (i % 5)})) if i % 4 else (None, b"")[i % 8 // 4]
+            for i in range(200)]
+    _same(decode_column(raws), [python_value(r) for r in raws])
+    assert _double_lists([r for r in raws if r]) is not None
 
 
 def test_decode_columns_is_decode_as_python() -> None:
