@@ -87,6 +87,10 @@ class UserVelocityState:
     # Whether every value is an exact int, float or str in exact lists, dicts and tuples, which
     # `marshal` round-trips exactly (see `snapshot`); not a field
     _plain = True
+    # set(txn_ids) for `apply`'s duplicate check, built on first use (None: not built); kept
+    # equal to set(txn_ids) by `apply` and `_evict`; not a field, not in snapshots.  A hash
+    # lookup instead of a scan that compares (and reaches in memory) every id (issue 20)
+    _ids = None
 
     def __post_init__(self) -> None:
         self._plain = self._values_are_plain()
@@ -113,7 +117,10 @@ class UserVelocityState:
         Raises LateEventError when `ts_us` lies more than `ALLOWED_LATENESS_US` behind the
         newest event already applied (the caller routes it to the dead-letter topic).
         """
-        if txn_id in self.txn_ids:
+        ids = self._ids
+        if ids is None:
+            ids = self._ids = set(self.txn_ids)
+        if txn_id in ids:
             return None
         if self._plain and not (type(ts_us) is int and type(amount) is float
                                 and type(txn_id) is str and type(merchant_id) is str):
@@ -133,6 +140,7 @@ class UserVelocityState:
         self.amounts.insert(i, amount)
         self.merchants.insert(i, merchant_id)
         self.txn_ids.insert(i, txn_id)
+        ids.add(txn_id)
         seen = self.known.get(merchant_id)
         cached = self._known_row
         if seen is None:
@@ -209,8 +217,15 @@ class UserVelocityState:
         first_kept = max(bisect.bisect_left(self.ts, cutoff) - 1, 0)
         first_kept = max(first_kept, len(self.ts) - MAX_EVENTS)
         if first_kept:
+            ids = self._ids
+            if ids is not None:
+                ids.difference_update(self.txn_ids[:first_kept])
             del self.ts[:first_kept], self.amounts[:first_kept]
             del self.merchants[:first_kept], self.txn_ids[:first_kept]
+            if ids is not None and len(ids) != len(self.txn_ids):
+                # an evicted id is still held further on (only a seeded state's "" ids repeat):
+                # with no repeats, the sizes match exactly when ids == set(txn_ids)
+                self._ids = set(self.txn_ids)
         if len(self.known) > MAX_KNOWN_MERCHANTS:
             by_recency = sorted(self.known.items(), key=lambda kv: (kv[1][1], kv[0]))
             for merchant, _ in by_recency[: len(self.known) - MAX_KNOWN_MERCHANTS]:

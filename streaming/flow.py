@@ -163,8 +163,9 @@ def build_flow(
     `FRAUD_MAX_FUTURE_SECONDS`, read when the flow is built; see "Future events" above).
     A seed with a `prefetch(user_ids)` method is given each micro-batch's users first, so it
     can read their rows in one round trip: where the batch is keyed (`prefetch_when_keyed`,
-    right with one worker) and, for the users new to it, in each state shard (`ShardLogic`;
-    with several workers a shard usually lives on another worker than the one that keyed).
+    right with one worker), or else, for the users new to it, in each state shard
+    (`ShardLogic`; with several workers a shard usually lives on another worker than the one
+    that keyed).
 
     Per-user state is keyed by `state_shards` shards of users (`ShardLogic`), or by user when
     0 (`VelocityLogic`).  The step id (`state_step`, by default "velocity_256shards" or
@@ -184,10 +185,12 @@ def build_flow(
     key_of = partial(user_shard, shard_keys(state_shards)) if state_shards > 0 else _user_of
     prefetch = getattr(seed, "prefetch", None) if prefetch_when_keyed else None
     keyed = op.flat_map_batch("key", parsed, partial(key_batch, key_of, prefetch))
+    # The shards prefetch their new users only where the key step does not.
+    shard_logic = partial(ShardLogic, prefetch=prefetch is None)
     # One type over both builders, so mypy can bind `stateful_batch`'s type parameters: their
     # snapshot types differ, and Bytewax's `W` is invariant (the next steps take `Outcome`s).
     logic: Callable[[Any], StatefulBatchLogic[list[Envelope], Any, Any]] = partial(
-        grouped_logic, ShardLogic if state_shards > 0 else velocity_logic, seed)
+        grouped_logic, shard_logic if state_shards > 0 else velocity_logic, seed)
     outcomes = op.stateful_batch(state_step or plain_step_id(state_shards), keyed, logic)
     rows = op.flat_map_batch("new_rows", outcomes, _rows_by_user)  # the sink's key: the user
     late = op.flat_map_batch("late", outcomes, _dead_letters)

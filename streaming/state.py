@@ -127,10 +127,14 @@ class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSna
     raise `state_shards` for very large user bases, or set 0 for one key per user.
     """
 
-    def __init__(self, seed: Seeder | None, pickled: ShardSnapshot | None) -> None:
+    def __init__(self, seed: Seeder | None, pickled: ShardSnapshot | None,
+                 prefetch: bool = True) -> None:
         self._seed = seed
         self._users: dict[str, UserVelocityState] = {}
         self._pickled: ShardSnapshot = dict(pickled or {})
+        # the seed's `prefetch`, unless the flow already hands it each batch's users where
+        # it keys them (one worker: `streaming.flow.build_flow`'s `prefetch_when_keyed`)
+        self._prefetch_of = getattr(seed, "prefetch", None) if prefetch else None
 
     def on_batch(self, values: list[Envelope]) -> tuple[list[VelocityRow | DeadLetter], bool]:
         users, out = self._users, []
@@ -157,8 +161,10 @@ class ShardLogic(StatefulBatchLogic[Envelope, VelocityRow | DeadLetter, ShardSna
 
     def _prefetch(self, values: list[Envelope]) -> None:
         """Hand the seed's `prefetch` the batch's users this shard holds no state for, so
-        they are read in one round trip (a no-op for users it was already asked about)."""
-        prefetch = getattr(self._seed, "prefetch", None)
+        they are read in one round trip (a no-op for users it was already asked about).
+        Skipped where the flow prefetched the batch's users already (`prefetch=False`), so
+        the set of new users, always empty then, is not built per batch (issue 20)."""
+        prefetch = self._prefetch_of
         if prefetch is None:
             return
         users, pickled = self._users, self._pickled
