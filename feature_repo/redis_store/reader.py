@@ -170,8 +170,7 @@ def _row_micros(raw: bytes | None) -> int | None:
     if not raw:
         return None
     ts = Timestamp.FromString(raw)
-    seconds, nanos = ts.seconds, ts.nanos
-    return None if seconds == 0 and nanos == 0 else seconds * 1_000_000 + nanos // 1000
+    return None if never_written(ts) else ts.seconds * 1_000_000 + ts.nanos // 1000
 
 
 # Below this many values a column is decoded value by value (the whole-column checks cost
