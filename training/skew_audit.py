@@ -42,6 +42,7 @@ import pyarrow.dataset as ds
 from feast import FeatureStore
 
 from feature_repo.config import PROJECT_DIR
+from feature_repo.history import live_files
 from scoring.config import get_settings as serving_settings
 from scoring.drift import PSI_MIN_SAMPLES, load_reference, psi_by_feature
 from scoring.prediction_log import LOG_SCHEMA
@@ -122,9 +123,14 @@ def source_views(store: FeatureStore, service: str) -> tuple[list[str], dict[str
 
 
 def offline_row_times(view: View, keys: list[str], ts_us: list[int]) -> list[int | None]:
-    """Per entity row: event time (epoch us) of the latest offline row at or before t, any age."""
+    """Per entity row: event time (epoch us) of the latest offline row at or before t, any age.
+    A directory is read through `history.live_files`: a Delta table's committed files only
+    (not a staged file still being written, nor one a compaction removed)."""
     path = Path(view.path)
-    target = (f"{path}/**/*.parquet" if path.is_dir() else str(path)).replace("'", "''")
+    files = live_files(path) if path.is_dir() else [path]
+    if not files:
+        return [None] * len(keys)
+    target = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
@@ -134,7 +140,7 @@ def offline_row_times(view: View, keys: list[str], ts_us: list[int]) -> list[int
         rows = con.execute(
             f'SELECT e.i, f.us FROM e ASOF LEFT JOIN (SELECT "{view.join_key}" AS k, '
             f'epoch_us("{view.timestamp_field}"::TIMESTAMPTZ) AS us '
-            f"FROM read_parquet('{target}')) f ON e.k = f.k AND e.t >= f.us ORDER BY e.i"
+            f"FROM read_parquet({target})) f ON e.k = f.k AND e.t >= f.us ORDER BY e.i"
         ).fetchall()
     finally:
         con.close()

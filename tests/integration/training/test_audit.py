@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
@@ -429,3 +430,18 @@ def test_incremental_batch_runs_score_each_transaction_once(
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     with pytest.raises(ValueError, match="no --start"):
         batch_score.run(tmp_path / "empty", None, None, 200, trained_artifact, progress=False)
+
+
+def test_offline_row_times_reads_only_committed_files(tmp_path: Path) -> None:
+    """A staged file still being written (or left by a crash) sits in the table's directory
+    without a parquet footer: the audit reads the table's committed files, not the listing."""
+    directory = tmp_path / "user_velocity"
+    rows = pa.table({"user_id": ["u1", "u1"],
+                     "event_timestamp": pa.array([1_000_000, 5_000_000], pa.timestamp("us", "UTC")),
+                     "x": [1.0, 2.0]})
+    history.append(directory, rows, history.STREAM)
+    staged = directory / f"{history.ORIGIN}={history.STREAM}" / "part-00000-staged-c000.snappy.parquet"
+    staged.write_bytes(b"PAR1 half-written")
+    view = skew_audit.View("v", "user_id", ["x"], None, str(directory), "event_timestamp")
+    got = skew_audit.offline_row_times(view, ["u1", "u1", "u2"], [4_000_000, 9_000_000, 9_000_000])
+    assert got == [1_000_000, 5_000_000, None]
