@@ -22,7 +22,8 @@ import logging
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,10 @@ class DriftMonitor:
         self.features = list(reference["features"])
         self.min_samples = min_samples
         self._recent: deque[tuple[Any, ...]] = deque(maxlen=window)
+        # a vector's values of `features`, in order, as one tuple (KeyError if one is absent)
+        self._row: Callable[[Mapping[str, Any]], tuple[Any, ...]] = (
+            itemgetter(*self.features) if len(self.features) > 1
+            else lambda values: tuple(values[f] for f in self.features))
         self._interval = interval_s
         self._stop = threading.Event()
         self._exported: set[str] = set()
@@ -141,9 +146,12 @@ class DriftMonitor:
         self._thread.start()
 
     def observe(self, vectors: Iterable[Mapping[str, Any]]) -> None:
-        features, recent = self.features, self._recent
+        features, recent, row = self.features, self._recent, self._row
         for values in vectors:
-            recent.append(tuple([values.get(f) for f in features]))
+            try:
+                recent.append(row(values))  # every feature present (the scorer's vectors)
+            except KeyError:
+                recent.append(tuple([values.get(f) for f in features]))
 
     def compute(self) -> dict[str, float]:
         """PSI per feature over the current window; sets the gauges. {} below min_samples."""

@@ -53,3 +53,19 @@ def test_gauges_are_removed_on_close() -> None:
 def test_a_smaller_minimum_is_refused() -> None:
     with pytest.raises(ValueError, match="min_samples"):
         drift.DriftMonitor(reference(), min_samples=drift.PSI_MIN_SAMPLES - 1)
+
+
+@pytest.mark.parametrize("features", [FEATURES, FEATURES[:1]])
+def test_observe_keeps_each_vectors_values_in_order_none_when_absent(features: Any) -> None:
+    ref = drift.build_reference({f: [float(i % 10) for i in range(1000)] for f in features})
+    mon = drift.DriftMonitor(ref, window=4, interval_s=3600)
+    try:
+        full = {f: float(i) for i, f in enumerate(features)} | {"other": 9.0}
+        short = {features[-1]: None}  # the first feature absent
+        mon.observe([full, short])
+        assert list(mon._recent) == [tuple(float(i) for i in range(len(features))),
+                                     tuple(short.get(f) for f in features)]
+        mon.observe([full] * 5)  # a bounded window: the newest 4
+        assert len(mon._recent) == 4
+    finally:
+        mon.close()
