@@ -2,7 +2,7 @@
 operation, in-process, on the scoring benchmark's data set (issue 20).
 
 Builds what the scorer's lifespan builds (models, prediction log, `ScoringService`, one OpenMP
-thread as `python -m serving` sets it, start-up objects frozen out of the collector), then
+thread as `python -m serving` sets it, the heap as `serving.app.settle_heap` leaves it), then
 times `serving.routes.scoring.score_many` on pre-validated batches of the benchmark's request
 pool with `time.process_time()` (every thread of the process: the offloaded assembly and model
 too).  HTTP parsing, validation and the socket writes are not in it: `python -m bench scoring`
@@ -17,7 +17,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # as `python -m serving`, before 
 
 import argparse
 import asyncio
-import gc
 import json
 import time
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from bench.data import Dataset, scoring_dataset, with_loadable_model
 from bench.scoring import request_pool
 from scoring.prediction_log import PredictionLog
+from serving.app import settle_heap
 from serving.config import ServingSettings
 from serving.lifecycle import ModelManager
 from serving.routes.scoring import score_many
@@ -51,8 +51,7 @@ async def _measure(dataset: Dataset, sizes: list[int], batches: int) -> dict[int
     plog = PredictionLog.from_settings(settings, manager.current.champion.artifact.path)
     service = ScoringService(settings, plog)
     pool = request_pool(dataset)
-    gc.collect()
-    gc.freeze()
+    settle_heap()  # as the lifespan leaves the heap
     out: dict[int, float] = {}
     try:
         for rows in sizes:

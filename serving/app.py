@@ -51,6 +51,23 @@ def limit_native_threads() -> None:
         thread_name_prefix="scoring", initializer=threadpool_limits, initargs=(1,)))
 
 
+# The collector's thresholds once started (generation 0 allocations, then collections of 0
+# and 1), as the stream worker's (`streaming.features.GC_THRESHOLDS`): a batch allocates
+# thousands of short-lived, acyclic objects, and at the default (700, 10, 10) a 1,000-row
+# batch ran about 30 collections, 3.5 ms of its CPU (docs/benchmarks.md, sixth session).
+# Cycles are still collected, in larger steps.
+GC_THRESHOLDS = (100_000, 50, 100)
+
+
+def settle_heap() -> None:
+    """After start-up: collect, move the start-up objects (Feast registry, model, libraries),
+    which live as long as the process, out of the collector's reach, so that a full
+    collection is not a latency spike, and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _lifespan(settings: ServingSettings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,10 +80,7 @@ def _lifespan(settings: ServingSettings) -> Callable[[FastAPI], AbstractAsyncCon
         app.state.service = service = ScoringService(settings, plog)
         # a promotion or rollback moves drift to the new champion's training reference
         manager.listeners.append(lambda models: plog.use_reference(models.champion.artifact.path))
-        # Start-up objects (Feast registry, model, libraries) live as long as the process: move
-        # them out of the collector's reach, so a full collection is not a latency spike.
-        gc.collect()
-        gc.freeze()
+        settle_heap()
         tasks = [asyncio.create_task(service.loop_lag.run())]
         if settings.reload_interval_s > 0 and manager.current.source != "pinned":
             tasks.append(asyncio.create_task(manager.poll()))

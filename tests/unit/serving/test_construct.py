@@ -1,6 +1,6 @@
 """`serving.schemas.construct` builds the same instances as pydantic's `model_construct` for
 the scorer's own calls (the response rows and the events of a request), and falls back to it
-for any other call."""
+for any other call; a response without explanations is written as the models write it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
+from pydantic_core import to_json
 
 from feature_repo.contract import TransactionEvent
-from serving.schemas import FeatureValue, ScoreOut, TransactionIn, construct
+from scoring.features import FeatureVector
+from scoring.scorer import ScoreResult
+from serving.routes.scoring import plain_out
+from serving.schemas import BatchOut, FeatureValue, ScoreOut, TransactionIn, construct
 
 
 def _same(a: BaseModel, b: BaseModel) -> None:
@@ -49,3 +53,19 @@ def test_other_calls_go_through_model_construct() -> None:
     _same(construct(Aliased, {"A": 1}), Aliased.model_construct(A=1))  # short of a field
     short = {"transaction_id": "t1", "score": 0.5}
     _same(construct(ScoreOut, dict(short)), ScoreOut.model_construct(**short))
+
+
+def test_a_plain_response_is_the_models_json() -> None:
+    """`plain_out` through `to_json` writes the bytes the validated models write."""
+    scores = [0.0, 1.0, 5.716950582978359e-05, 0.1 + 0.2, 1e-300, 0.5, 0.9999999999999999]
+    results = [ScoreResult(f"t-{i}-ü✓\"\\", s, "approve" if s < 0.5 else "decline", "v2",
+                           "fraud_model_v1",
+                           FeatureVector({"a": 1.0}, missing=["a", "b"][: i % 3]))
+               for i, s in enumerate(scores)]
+    expected = BatchOut(results=[ScoreOut(
+        transaction_id=r.transaction_id, score=r.score, decision=r.decision,
+        model_version=r.model_version, feature_service=r.feature_service,
+        missing_features=r.vector.missing) for r in results])
+    assert to_json({"results": [plain_out(r) for r in results]}) == \
+        expected.model_dump_json().encode()
+    assert to_json(plain_out(results[2])) == expected.results[2].model_dump_json().encode()
