@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from feature_repo.redis_store.reader import (
+    _VARINTS_MIN,
     EPOCH,
     HashReader,
     _double_lists,
@@ -190,14 +191,14 @@ COLUMNS = {
     + [_raw(Value(double_list_val={"val": [0.5]})) + _raw(Value(int64_val=1))],
     "string lists": [_raw(Value(string_list_val={"val": ["m_1", "m_2"]}))] * 9,
     # past `_VARINTS_MIN`: int64s of every varint length, by column (`_varints`)
-    "int64s of every length": [_raw(Value(int64_val=v)) for v in INT64S] * 3,
+    "int64s of every length": [_raw(Value(int64_val=v)) for v in INT64S] * 10,
     "int64s and nulls": [_raw(Value(int64_val=v)) if i % 3 else (None, b"")[i % 2]
-                         for i, v in enumerate(INT64S * 3)],
-    "int64s, non-canonical varints": [_raw(Value(int64_val=300))] * 40
+                         for i, v in enumerate(INT64S * 15)],
+    "int64s, non-canonical varints": [_raw(Value(int64_val=300))] * 130
     + [bytes([0x20, 0x80, 0x00]), bytes([0x20, *[0xFF] * 9, 0x7F])],
-    "int64s and a trailing field": [_raw(Value(int64_val=300))] * 40
+    "int64s and a trailing field": [_raw(Value(int64_val=300))] * 130
     + [_raw(Value(int64_val=300)) + _raw(Value(int64_val=5))],
-    "int64s and an int32 of the same length": [_raw(Value(int64_val=300))] * 40
+    "int64s and an int32 of the same length": [_raw(Value(int64_val=300))] * 130
     + [_raw(Value(int32_val=300))],
     "mixed kinds": RAW_CASES * 2,
     "all null": [None, b""] * 6,
@@ -282,10 +283,10 @@ STAMPS = [_stamp(1_764_936_000, 123_456_789), _stamp(1_764_936_000), _stamp(0, 5
 
 
 @pytest.mark.parametrize(("raws", "at_once"), [
-    (STAMPS * 5, True),
-    ([_stamp(1_764_936_000 + i, i * 997) for i in range(50)], True),
-    (STAMPS * 5 + [_stamp(5) + _stamp(6)], False),  # a field twice: the last one wins
-    (STAMPS * 5 + [bytes([0x10, 0x01, 0x08, 0x02])], False),  # nanos before seconds
+    (STAMPS * 15, True),
+    ([_stamp(1_764_936_000 + i, i * 997) for i in range(150)], True),
+    (STAMPS * 15 + [_stamp(5) + _stamp(6)], False),  # a field twice: the last one wins
+    (STAMPS * 15 + [bytes([0x10, 0x01, 0x08, 0x02])], False),  # nanos before seconds
     (STAMPS[:3], True),  # below `_VARINTS_MIN`: value by value
 ], ids=["kinds", "one layout", "a field twice", "fields reversed", "short"])
 def test_row_times_are_row_micros(raws: list[bytes | None], at_once: bool) -> None:
@@ -293,12 +294,14 @@ def test_row_times_are_row_micros(raws: list[bytes | None], at_once: bool) -> No
     assert row_times(tuple(raws)) == [_row_micros(r) for r in raws]
     fields = _varints([r for r in raws if r], (0x08, 0x10))
     assert (fields is not None) is at_once  # the cases exercise the column decoding too
+    assert (len(raws) >= _VARINTS_MIN) is (len(raws) > 3)  # ... and `row_times` takes it
 
 
 def test_int64_columns_decode_at_once() -> None:
     raws = [r for r in COLUMNS["int64s of every length"] if r]
+    assert len(raws) >= _VARINTS_MIN
     ints = _varints(raws, (0x20,))
-    assert ints is not None and ints[0].view("int64").tolist() == INT64S * 3
+    assert ints is not None and ints[0].view("int64").tolist() == INT64S * 10
     assert _varints(COLUMNS["int64s and a trailing field"], (0x20,)) is None
 
 
@@ -307,4 +310,4 @@ def test_row_times_refuse_what_protobuf_refuses() -> None:
     with pytest.raises(DecodeError):
         _row_micros(broken)
     with pytest.raises(DecodeError):
-        row_times([_stamp(5)] * 40 + [broken])
+        row_times([_stamp(5)] * 130 + [broken])
