@@ -20,7 +20,9 @@ import redis.cluster
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.connection import HiredisRespSerializer
 from redis.retry import Retry
+from redis.utils import HIREDIS_AVAILABLE
 
 SyncClient = redis.Redis | redis.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.RedisCluster
@@ -103,7 +105,24 @@ def async_redis_client(online_store: Any) -> AsyncClient:
             startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in nodes],
             retry=retry, **kwargs)
     (host, port), = nodes[:1]
-    return redis.asyncio.Redis(host=host, port=port, retry=retry, **kwargs)
+    client = redis.asyncio.Redis(host=host, port=port, retry=retry, **kwargs)
+    pool = client.connection_pool
+    if (HIREDIS_AVAILABLE and pool.connection_class is redis.asyncio.Connection
+            and str(kwargs.get("encoding", "utf-8")).lower().replace("-", "") == "utf8"):
+        pool.connection_class = HiredisPackingConnection  # before its first connection
+    return client
+
+
+class HiredisPackingConnection(redis.asyncio.Connection):
+    """redis-py's asyncio TCP connection, its commands packed by hiredis in C, as redis-py's
+    sync connection packs them when hiredis is installed (`HiredisRespSerializer`; its
+    asyncio one packs in Python): the same bytes (UTF-8 strings, `repr` of numbers) at about
+    a fifth of the CPU, which is a read's packing of up to 512 keys per script call."""
+
+    _serializer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._serializer.pack(*args)
 
 
 def _require_supported(online_store: Any) -> None:

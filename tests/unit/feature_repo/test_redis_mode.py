@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import pytest
 import redis
+import redis.asyncio
 from feast.infra.online_stores.redis import RedisType
 
 from feature_repo.config import redis_connection_string, redis_mode
 from feature_repo.online_store import FraudRedisOnlineStoreConfig
-from feature_repo.redis_store.client import is_cluster, is_supported, parse, redis_client
+from feature_repo.redis_store.client import (
+    HiredisPackingConnection,
+    async_redis_client,
+    is_cluster,
+    is_supported,
+    parse,
+    redis_client,
+)
 
 
 def _config(monkeypatch: pytest.MonkeyPatch, mode: str | None, url: str,
@@ -77,3 +85,22 @@ def test_several_seed_nodes_in_feasts_format() -> None:
     assert kwargs == {"ssl": True, "skip_full_coverage_check": True}
     with pytest.raises(ValueError, match="no host:port"):
         parse("db=0")
+
+
+@pytest.mark.parametrize("args", [
+    ("EVALSHA", "a" * 40, 3, b"k1", b"\x00\xff\r\n", "ü✓", -5, 2**70, 0.1, 1e300, -0.0, 1.5e-7),
+    ("SCRIPT LOAD", "return 1"), (b"HMGET", b"k", b"f1"), ("PING",),
+])
+def test_the_asyncio_client_packs_with_hiredis_the_bytes_redis_py_packs(
+        monkeypatch: pytest.MonkeyPatch, args: tuple[object, ...]) -> None:
+    client = async_redis_client(_config(monkeypatch, None, "redis://10.0.0.5:6380/3"))
+    assert client.connection_pool.connection_class is HiredisPackingConnection
+    python = redis.asyncio.Connection(host="10.0.0.5")  # redis-py's own packing, in Python
+    assert b"".join(HiredisPackingConnection(host="10.0.0.5").pack_command(*args)) == \
+        b"".join(python.pack_command(*args))
+
+
+def test_other_connections_keep_their_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(monkeypatch, None, "rediss://10.0.0.5:6380/3")  # TLS
+    client = async_redis_client(config)
+    assert client.connection_pool.connection_class is not HiredisPackingConnection
