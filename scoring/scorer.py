@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -65,8 +65,10 @@ class Thresholds:
         return "review" if score >= self.review else "approve"
 
 
-@dataclass(frozen=True)
-class ScoreResult:
+class ScoreResult(NamedTuple):
+    """One scored transaction (immutable; a named tuple, built per row in about a fifth of a
+    frozen dataclass's time)."""
+
     transaction_id: str
     score: float
     decision: Decision
@@ -143,16 +145,12 @@ class Scorer:
                   else self.artifact.model.predict_proba(x)[:, 1])
         if observe:
             metrics.MODEL_LATENCY.observe(time.perf_counter() - t0)
-        out = []
+            metrics.observe_all(metrics.SCORE, scores)
         decide, version, service = (self.thresholds.decide, self.artifact.version,
                                     self.artifact.feature_service)
-        observe_score = metrics.SCORE.observe if observe else None
-        for txn, vec, s in zip(txns, vectors, scores, strict=True):
-            score = float(s)
-            if observe_score is not None:
-                observe_score(score)
-            out.append(ScoreResult(txn.transaction_id, score, decide(score), version, service,
-                                   vec))
+        out = [ScoreResult(txn.transaction_id, score, decide(score), version, service, vec)
+               for txn, vec, score in zip(txns, vectors, np.asarray(scores).tolist(),
+                                          strict=True)]
         if observe:
             _count_outcomes(out)
         return out
