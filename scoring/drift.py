@@ -145,6 +145,11 @@ class DriftMonitor:
         self._thread = threading.Thread(target=self._run, name="drift-monitor", daemon=True)
         self._thread.start()
 
+    def observe_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Vectors' values of `features`, in that order, one tuple per vector
+        (`scoring.features.value_rows`)."""
+        self._recent.extend(rows)
+
     def observe(self, vectors: Iterable[Mapping[str, Any]]) -> None:
         features, recent, row = self.features, self._recent, self._row
         for values in vectors:

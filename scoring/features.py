@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -50,20 +50,125 @@ Row = dict[str, Any]
 Fetched = Sequence[Sequence[tuple[datetime | None, Any]] | ViewColumns]
 
 
-@dataclass
 class FeatureVector:
-    """Model inputs of one transaction plus what an explanation needs."""
+    """Model inputs of one transaction plus what an explanation needs.
 
-    values: dict[str, Any]
-    ages: dict[str, float | None] = field(default_factory=dict)  # stored features only
-    missing: list[str] = field(default_factory=list)
-    stale: list[str] = field(default_factory=list)
-    # `values` as the model's float64 row (None as NaN), in the order of `input_names` (the
-    # feature service's output), when `OnlineFeatures.assemble` converted them (batches of
-    # `_MATRIX_MIN_ROWS` or more, plain numbers): otherwise None, and the model's row is
-    # `scoring.scorer.model_row`'s
-    inputs: np.ndarray | None = field(default=None, compare=False, repr=False)
-    input_names: list[str] | None = field(default=None, compare=False, repr=False)
+    `values`: the feature service's outputs by name; `ages`: seconds from each stored row to
+    the request, by feature (stored features only); `missing`: the outputs that are None or
+    NaN; `stale`: the stored features the TTL rule discarded.  `inputs`: `values` as the
+    model's float64 row (None as NaN), in the order of `input_names` (the feature service's
+    output), when `OnlineFeatures.assemble` converted them (batches of `_MATRIX_MIN_ROWS` or
+    more, plain numbers); otherwise None, and the model's row is `scoring.scorer.model_row`'s.
+
+    A vector of an assembled batch builds its `values` and `ages` dicts from the batch's
+    columns when first asked (`_Batch`): scoring needs neither (the model reads `inputs`,
+    the drift monitor the columns through `value_rows`), only explanations and the
+    prediction log's records do.  Equality compares `values`, `ages`, `missing` and `stale`.
+    """
+
+    __slots__ = ("_values", "_ages", "missing", "stale", "inputs", "input_names", "_batch",
+                 "_row")
+
+    def __init__(self, values: dict[str, Any], ages: dict[str, float | None] | None = None,
+                 missing: list[str] | None = None, stale: list[str] | None = None,
+                 inputs: np.ndarray | None = None, input_names: list[str] | None = None
+                 ) -> None:
+        self._values: dict[str, Any] | None = values
+        self._ages: dict[str, float | None] | None = {} if ages is None else ages
+        self.missing: list[str] = [] if missing is None else missing
+        self.stale: list[str] = [] if stale is None else stale
+        self.inputs = inputs
+        self.input_names = input_names
+        self._batch: _Batch | None = None
+        self._row = 0
+
+    @classmethod
+    def _of(cls, batch: _Batch, row: int, missing: list[str], stale: list[str],
+            inputs: np.ndarray | None, input_names: list[str] | None) -> FeatureVector:
+        vec = cls.__new__(cls)
+        vec._values = vec._ages = None
+        vec.missing, vec.stale, vec.inputs, vec.input_names = missing, stale, inputs, input_names
+        vec._batch, vec._row = batch, row
+        return vec
+
+    @property
+    def values(self) -> dict[str, Any]:
+        if self._values is None:
+            self._values = self._batch.values(self._row)  # type: ignore[union-attr]
+        return self._values
+
+    @property
+    def ages(self) -> dict[str, float | None]:
+        if self._ages is None:
+            self._ages = self._batch.ages(self._row)  # type: ignore[union-attr]
+        return self._ages
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FeatureVector):
+            return NotImplemented
+        return ((self.values, self.ages, self.missing, self.stale)
+                == (other.values, other.ages, other.missing, other.stale))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return (f"FeatureVector(values={self.values!r}, ages={self.ages!r}, "
+                f"missing={self.missing!r}, stale={self.stale!r})")
+
+
+class _Batch:
+    """What the vectors of one assembled batch share: the feature service's output columns
+    and, per stored view, its features and each row's age (None: no row, or a stale one)."""
+
+    __slots__ = ("output", "columns", "view_ages", "n", "matrix")
+
+    def __init__(self, output: list[str], columns: list[list[Any]],
+                 view_ages: list[tuple[list[str], list[float | None]]], n: int) -> None:
+        self.output, self.columns, self.view_ages, self.n = output, columns, view_ages, n
+        self.matrix: np.ndarray | None = None  # the vectors' `inputs`, stacked
+
+    def values(self, i: int) -> dict[str, Any]:
+        return dict(zip(self.output, [col[i] for col in self.columns], strict=True))
+
+    def ages(self, i: int) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for features, ages in self.view_ages:
+            if (age := ages[i]) is not None:
+                out.update(dict.fromkeys(features, age))
+        return out
+
+
+def _whole_batch(vectors: Sequence[FeatureVector]) -> _Batch | None:
+    """The batch `vectors` are, if they are all of one assembled batch, in its order."""
+    batch = vectors[0]._batch if vectors else None
+    if (batch is not None and batch.n == len(vectors)
+            and all(v._batch is batch and v._row == i for i, v in enumerate(vectors))):
+        return batch
+    return None
+
+
+def stacked_inputs(vectors: Sequence[FeatureVector], names: list[str]) -> np.ndarray | None:
+    """The vectors' `inputs` stacked (the model's matrix), if every vector has them in the
+    order of `names` (the very list: the feature service's output); else None."""
+    batch = _whole_batch(vectors)
+    if batch is not None and batch.matrix is not None and batch.output is names:
+        return batch.matrix  # the rows `inputs` are views of
+    if vectors and all(v.input_names is names and v.inputs is not None for v in vectors):
+        return np.stack([v.inputs for v in vectors])  # type: ignore[misc]
+    return None
+
+
+def value_rows(vectors: Sequence[FeatureVector], names: Sequence[str]
+               ) -> Iterable[tuple[Any, ...]]:
+    """Each vector's values of `names`, in that order, as a tuple (None for a name it lacks):
+    for the vectors of one assembled batch, all of them in order, straight from its columns
+    (no dict per vector)."""
+    batch = _whole_batch(vectors)
+    if batch is not None and names:
+        where = {name: j for j, name in enumerate(batch.output)}
+        if all(name in where for name in names):
+            return zip(*[batch.columns[where[name]] for name in names], strict=True)
+    return (tuple([v.values.get(name) for name in names]) for v in vectors)
 
 
 @dataclass(frozen=True)
@@ -186,10 +291,11 @@ class OnlineFeatures:
         n = len(rows)
         inputs: dict[str, list[Any]] = {f: [r[f] for r in rows] for f in self.request_fields}
         request_us = [r["request_ts_us"] for r in rows]
-        ages: list[dict[str, float | None]] = [{} for _ in range(n)]
+        view_ages: list[tuple[list[str], list[float | None]]] = []
         stale: list[list[str]] = [[] for _ in range(n)]
         for read, results in zip(self._reads, fetched, strict=True):
             features, ttl_us = read.features, read.ttl_us
+            ages: list[float | None] = [None] * n
             cols: list[list[Any]]
             if isinstance(results, tuple):  # RedisFeatureReader's columns (fresh lists)
                 times, cols = results
@@ -202,7 +308,7 @@ class OnlineFeatures:
                         for col in cols:
                             col[i] = None
                         continue
-                    ages[i].update(dict.fromkeys(features, (t - row_us) / 1e6))
+                    ages[i] = (t - row_us) / 1e6
             else:
                 cols = [[None] * n for _ in features]
                 for i, (ts, values) in enumerate(results):
@@ -214,26 +320,29 @@ class OnlineFeatures:
                         continue
                     for col, f in zip(cols, features, strict=True):
                         col[i] = to_python(values[f]) if f in values else None
-                    ages[i].update(dict.fromkeys(features, (t - row_us) / 1e6))
+                    ages[i] = (t - row_us) / 1e6
+            view_ages.append((features, ages))
             inputs.update(zip(features, cols, strict=True))
         for odfv, _ in self._odfvs:
             out = odfv.feature_transformation.udf(inputs)  # type: ignore[union-attr]
             inputs.update(out)
         output = self.output
         columns = [inputs[name] for name in output]
-        matrix = _model_matrix(columns, n) if n >= _MATRIX_MIN_ROWS else None
+        batch = _Batch(output, columns, view_ages, n)
+        matrix = batch.matrix = _model_matrix(columns, n) if n >= _MATRIX_MIN_ROWS else None
         # only a row whose model inputs hold a NaN can miss a value
         holes = (range(n) if matrix is None
-                 else set(np.flatnonzero(np.isnan(matrix).any(axis=1)).tolist()))
-        vectors = []
-        for i, row in enumerate(zip(*columns, strict=True)):
+                 else np.flatnonzero(np.isnan(matrix).any(axis=1)).tolist())
+        missing: list[list[str]] = [[] for _ in range(n)]
+        for i in holes:
             # missing: None or NaN (the only float unequal to itself)
-            missing = [k for k, v in zip(output, row, strict=True)
-                       if v is None or (v != v and isinstance(v, float))] if i in holes else []
-            vectors.append(FeatureVector(dict(zip(output, row, strict=True)), ages[i], missing,
-                                         stale[i], *((None, None) if matrix is None
-                                                     else (matrix[i], output))))
-        return vectors
+            missing[i] = [k for k, col in zip(output, columns, strict=True)
+                          if (v := col[i]) is None or (v != v and isinstance(v, float))]
+        if matrix is None:
+            return [FeatureVector._of(batch, i, missing[i], stale[i], None, None)
+                    for i in range(n)]
+        return [FeatureVector._of(batch, i, missing[i], stale[i], matrix[i], output)
+                for i in range(n)]
 
 
 # Below this many rows assembly leaves the model's rows to `scoring.scorer.model_row` (the
@@ -253,7 +362,8 @@ def _model_matrix(columns: list[list[Any]], n: int) -> np.ndarray | None:
         matrix = np.array(columns, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):  # an int past float64's range
         return None
-    return matrix.T if matrix.shape == (len(columns), n) else None
+    # row-major, as the model reads it (one row per transaction, contiguous)
+    return np.ascontiguousarray(matrix.T) if matrix.shape == (len(columns), n) else None
 
 
 _NUMBERS = frozenset({float, int, bool, type(None), np.float64, np.int64})

@@ -51,6 +51,7 @@ from confluent_kafka import Producer
 from scoring import metrics
 from scoring.config import ScoringSettings
 from scoring.drift import DriftMonitor, load_reference
+from scoring.features import value_rows
 from scoring.kafka_conf import producer_conf
 from scoring.scorer import ScoreResult
 from scoring.topics import PREDICTIONS
@@ -328,7 +329,8 @@ class PredictionLog:
         """Log one scoring call (cheap and non-blocking; never raises)."""
         try:
             if self.drift is not None:
-                self.drift.observe(r.vector.values for r in results)
+                self.drift.observe_rows(value_rows([r.vector for r in results],
+                                                   self.drift.features))
             if not self.sinks:
                 return
             records = [prediction_record(r, e) for r, e in zip(results, events, strict=True)

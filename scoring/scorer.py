@@ -19,7 +19,7 @@ from feature_repo.contract import TransactionEvent, request_fields
 from scoring import metrics
 from scoring.artifact import Artifact
 from scoring.compiled import compile_model
-from scoring.features import FeatureVector, OnlineFeatures
+from scoring.features import FeatureVector, OnlineFeatures, stacked_inputs
 
 # A batch of this many rows or more assembles its vectors and runs its model in a worker
 # thread, so one large batch cannot hold the event loop while other requests' lookups wait.
@@ -137,10 +137,10 @@ class Scorer:
             return []
         t0 = time.perf_counter()
         names = self.features.output  # the model's inputs, in its order (see __init__)
-        x = (np.stack([vec.inputs for vec in vectors])  # type: ignore[misc]
-             if all(vec.input_names is names and vec.inputs is not None for vec in vectors)
-             else np.array([model_row(vec, self.artifact.features) for vec in vectors],
-                           dtype="float64"))
+        x = stacked_inputs(vectors, names)
+        if x is None:
+            x = np.array([model_row(vec, self.artifact.features) for vec in vectors],
+                         dtype="float64")
         scores = (self._predict(x) if self._predict is not None
                   else self.artifact.model.predict_proba(x)[:, 1])
         if observe:

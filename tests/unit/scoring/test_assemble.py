@@ -66,6 +66,9 @@ def test_assemble_rules(n: int, extra: str) -> None:
         t = times[i]
         stale = t is not None and (t > T0 or t < T0 - TTL_US)
         assert vec.stale == (["a", "b"] if stale else [])
+        fresh = {} if t is None or stale else {"a": (T0 - t) / 1e6, "b": (T0 - t) / 1e6}
+        assert vec.ages == {**fresh, "c": 5 / 1e6}
+        assert list(vec.values) == online.output
         for name in "ab":
             want = None if stale else stored[name][i]
             assert _exact(vec.values[name]) == _exact(want)
@@ -85,3 +88,51 @@ def test_model_matrix_takes_only_plain_numbers() -> None:
     assert F._model_matrix([[1.0] * 8, [None, 2, True, 0.5, 1, 1, 1, 1]], 8) is not None
     for odd in ([[1.0]] * 8, [np.timedelta64(5, "s")] * 8, [10**400] * 8, ["1.5"] * 8):
         assert F._model_matrix([odd, [2.0] * 8], 8) is None
+
+
+def test_vectors_of_a_batch_build_their_dicts_when_asked() -> None:
+    online = _features({"d": [0.5] * 20})
+    rows, fetched = _columns(20, random.Random(3))
+    lazy = online.assemble(rows, fetched)
+    assert all(v._values is None and v._ages is None for v in lazy)  # nothing built yet
+    eager = [F.FeatureVector(dict(v.values), dict(v.ages), list(v.missing), list(v.stale))
+             for v in online.assemble(rows, fetched)]
+    assert lazy == eager and repr(lazy[3]) == repr(eager[3])
+    assert lazy[0] != F.FeatureVector({}, {}, [], [])
+
+
+@pytest.mark.parametrize("n", [1, 20])
+def test_value_rows_are_each_vectors_values(n: int) -> None:
+    online = _features({"d": [0.5] * n})
+    rows, fetched = _columns(n, random.Random(n))
+    names = ["d", "a", "c"]  # not the output's order
+    vectors = online.assemble(rows, fetched)
+    expected = [tuple(v.values.get(k) for k in names) for v in vectors]
+    fresh = online.assemble(rows, fetched)
+    assert [_exact_row(r) for r in F.value_rows(fresh, names)] == \
+        [_exact_row(r) for r in expected]
+    assert all(v._values is None for v in fresh)  # the whole batch: from its columns
+    # a part of a batch, another order, or a name the batch lacks: value by value
+    for part, keys in ((fresh[::-1], names), (fresh[1:], names), (fresh, [*names, "zz"])):
+        assert [_exact_row(r) for r in F.value_rows(part, keys)] == \
+            [_exact_row(tuple(v.values.get(k) for k in keys)) for v in part]
+    assert list(F.value_rows([], names)) == []
+    assert list(F.value_rows(fresh, [])) == [()] * n
+
+
+def _exact_row(row: tuple[Any, ...]) -> list[Any]:
+    return [_exact(v) for v in row]
+
+
+def test_stacked_inputs_are_the_vectors_rows() -> None:
+    online = _features({"d": [0.5] * 20})
+    rows, fetched = _columns(20, random.Random(5))
+    vectors = online.assemble(rows, fetched)
+    whole = F.stacked_inputs(vectors, online.output)
+    assert whole is not None and whole.flags.c_contiguous
+    assert whole.tobytes() == np.stack([v.inputs for v in vectors]).tobytes()  # type: ignore[misc]
+    part = F.stacked_inputs(vectors[::2], online.output)
+    assert part is not None and part.tobytes() == whole[::2].tobytes()
+    assert F.stacked_inputs(vectors, list(online.output)) is None  # another feature list
+    few = online.assemble(rows[:3], [(t[:3], [c[:3] for c in v]) for t, v in fetched])
+    assert F.stacked_inputs(few, online.output) is None  # below _MATRIX_MIN_ROWS: model_row
