@@ -23,7 +23,11 @@ from scoring.features import FeatureVector, OnlineFeatures, stacked_inputs
 
 # A batch of this many rows or more assembles its vectors and runs its model in a worker
 # thread, so one large batch cannot hold the event loop while other requests' lookups wait.
-OFFLOAD_ROWS = 64
+# A smaller one computes inline: each of its two steps takes less than the interpreter's
+# switch interval (5 ms) here, so in a thread it would not let the loop run any sooner
+# (the loop waits that long for the GIL whenever it gives it up, at each socket call) and
+# would only add the hand-offs (docs/benchmarks.md, sixth session).
+OFFLOAD_ROWS = 256
 
 
 class Offload:

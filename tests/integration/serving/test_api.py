@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from feature_repo import history
 from feature_repo.definitions import PROFILE_TTL, VELOCITY_TTL
 from feature_repo.paths import velocity_history_dir
+from scoring import scorer as scorer_module
 from scoring.artifact import ArtifactError
 from scoring.registry import Registry
 from serving.app import create_app
@@ -329,6 +330,25 @@ def test_batch_equals_single_calls(client: TestClient, known: dict[str, Any]) ->
     assert len({tuple(r["missing_features"]) for r in results}) >= 3
     assert set(results[2]["missing_features"]) >= USER_PROFILE | MERCHANT_PROFILE
     assert results[5]["missing_features"] == []
+
+
+def test_a_batch_scores_alike_inline_and_in_worker_threads(
+        client: TestClient, known: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `OFFLOAD_ROWS` a batch is assembled and scored in worker threads: same answer."""
+    u, m = known["user_id"], known["merchant_id"]
+    kinds = [txn(u, m), txn(u, m, at=END + timedelta(days=3)), txn("u-never-seen", m),
+             txn(u, "m-never-seen", amount=3.2, channel="atm")]
+    batch = [{**kinds[i % 4], "transaction_id": f"o{i}"} for i in range(300)]
+    assert len(batch) >= scorer_module.OFFLOAD_ROWS
+    started = scorer_module.OFFLOAD.last_end
+    threaded = client.post("/v1/score/batch", json={"transactions": batch})
+    assert scorer_module.OFFLOAD.last_end > started  # it went through the worker threads
+    monkeypatch.setattr(scorer_module, "OFFLOAD_ROWS", len(batch) + 1)
+    started = scorer_module.OFFLOAD.last_end
+    inline = client.post("/v1/score/batch", json={"transactions": batch})
+    assert scorer_module.OFFLOAD.last_end == started  # ... and this one did not
+    assert threaded.status_code == inline.status_code == 200
+    assert threaded.content == inline.content
 
 
 def test_batch_size_limits(client: TestClient, known: dict[str, Any]) -> None:
