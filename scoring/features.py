@@ -396,9 +396,18 @@ class RedisFeatureReader:
         self.answered_at = -math.inf  # time.monotonic() of the last read Redis answered
 
     async def _read(self, rows: Sequence[Row]) -> Replies:
-        out = await read_replies_async(
-            self.aio, [(h, [row[h.join_key] for row in rows]) for h in self._readers])
+        """Each row's HMGET reply per reader, every distinct key read once: the rows of a
+        batch (or of the requests sharing a round trip) repeat merchants, and cards, and
+        replies are that one read's (the same reply for each of its rows, decoded per row)."""
+        keys = [[row[h.join_key] for row in rows] for h in self._readers]
+        distinct = [list(dict.fromkeys(values)) for values in keys]
+        out = await read_replies_async(self.aio, list(zip(self._readers, distinct, strict=True)))
         self.answered_at = time.monotonic()
+        for k, (values, unique) in enumerate(zip(keys, distinct, strict=True)):
+            if len(unique) < len(values):
+                at = {value: i for i, value in enumerate(unique)}
+                replies = out[k]
+                out[k] = [replies[at[value]] for value in values]
         return out
 
     @property

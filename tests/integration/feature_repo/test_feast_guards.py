@@ -104,6 +104,10 @@ def test_scorer_online_reader_equals_feasts_get_online_features(materialized_sto
     rows = [r if i % 3 else {**r, **request_fields(later, r["txn_amount"], r["merchant_id"],
                                                    r["txn_channel"])}
             for i, r in enumerate(rows)]
+    # cards and merchants again, at other times: each distinct key is read once
+    rows += [{**r, **request_fields(at - timedelta(hours=i), 1.0 + i, r["merchant_id"],
+                                    "online")} for i, r in enumerate(rows[:15])]
+    assert len({r["user_id"] for r in rows}) < len(rows)
     features = OnlineFeatures(materialized_store, SERVICE)  # its client on a new event loop
     vectors = features.assemble(rows, asyncio.run(features.fetch_async(rows)))
     via_feast = features.assemble(rows, features.fetch(rows))
