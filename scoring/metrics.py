@@ -69,6 +69,9 @@ def retire(gauge: Gauge, *labels: str) -> None:
         gauge.remove(*labels)
 
 
+_OBSERVE_ALL_MIN = 16  # values; below, one `observe` each
+
+
 def observe_all(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
     """`histogram.observe(v)` for every one of `values` (a histogram without labels, or one
     child), at one increment per bucket instead of one call per value: prometheus_client has
@@ -76,9 +79,11 @@ def observe_all(histogram: Histogram, values: Sequence[float] | np.ndarray) -> N
     in none), and the sum grows by the values' sum (equal up to float rounding order).
     Reads the histogram's own bounds, buckets and sum (prometheus_client's attributes,
     pinned; `tests/unit/scoring/test_metrics.py` checks the result against `observe`)."""
-    x = np.asarray(values, dtype=np.float64)
-    if not len(x):
+    if len(values) < _OBSERVE_ALL_MIN:  # a few values: numpy's fixed cost is more
+        for v in values:
+            histogram.observe(float(v))
         return
+    x = np.asarray(values, dtype=np.float64)
     histogram._raise_if_not_observable()
     bounds = histogram._upper_bounds
     at = np.searchsorted(np.asarray(bounds, dtype=np.float64), x[~np.isnan(x)], side="left")

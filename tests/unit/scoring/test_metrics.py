@@ -7,7 +7,7 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from scoring.metrics import observe_all
+from scoring.metrics import _OBSERVE_ALL_MIN, observe_all
 
 BUCKETS = tuple(i / 20 for i in range(1, 21))  # the score histogram's
 
@@ -23,8 +23,12 @@ def _samples(h: Histogram) -> dict[str, float]:
     [math.nan, 0.2, math.inf, -math.inf],
     [],
     [0.7] * 1000,
+    # past `_OBSERVE_ALL_MIN`: counted by numpy
+    [0.0, 0.05, 0.0500001, 0.5, 0.999, 1.0, 1.5, -0.1, 0.05, 0.3] * 3,
+    [math.nan, 0.2, math.inf, -math.inf, 0.05, 1.0] * 5,
 ])
 def test_observe_all_is_observe_per_value(values: list[float]) -> None:
+    assert _OBSERVE_ALL_MIN <= 30  # the last cases take the numpy path
     one, batch = (Histogram("h", "h", buckets=BUCKETS, registry=CollectorRegistry())
                   for _ in range(2))
     for v in values:
