@@ -96,12 +96,10 @@ def model_row(vec: FeatureVector, features: Sequence[str]) -> list[float]:
 
 
 def entity_row(txn: TransactionEvent) -> dict[str, Any]:
-    """Entity keys + request data of one transaction (the contract's request fields)."""
-    return {
-        "user_id": txn.user_id,
-        "merchant_id": txn.merchant_id,
-        **request_fields(txn.event_timestamp, txn.amount, txn.merchant_id, txn.channel),
-    }
+    """Request data (the contract's request fields) + entity keys of one transaction."""
+    row = request_fields(txn.event_timestamp, txn.amount, txn.merchant_id, txn.channel)
+    row["user_id"], row["merchant_id"] = txn.user_id, txn.merchant_id
+    return row
 
 
 def _count_outcomes(results: list[ScoreResult]) -> None:

@@ -67,12 +67,23 @@ class TransactionIn(BaseModel):
         """The contract's event, without validating again: every field was validated on the
         way in with the contract's own types (Identifier, Amount, Currency, Channel,
         AwareDatetime in UTC), and the default time is an aware UTC now."""
-        return construct(TransactionEvent, {
+        # `construct(TransactionEvent, ..., defaulted=("schema_version",))` with its checks
+        # done once, here (tests/unit/serving/test_construct.py: the same instance)
+        event = _new(TransactionEvent)
+        _set(event, "__dict__", {
             "schema_version": SCHEMA_VERSION,  # its default, as model_construct sets it
             "transaction_id": self.transaction_id, "user_id": self.user_id,
             "merchant_id": self.merchant_id, "amount": self.amount, "currency": self.currency,
             "channel": self.channel, "event_timestamp": self.event_timestamp or datetime.now(UTC),
-        }, defaulted=("schema_version",))
+        })
+        _set(event, "__pydantic_fields_set__", set(_EVENT_GIVEN))
+        _set(event, "__pydantic_extra__", None)
+        _set(event, "__pydantic_private__", None)
+        return event
+
+
+_new, _set = object.__new__, object.__setattr__
+_EVENT_GIVEN = frozenset(TransactionEvent.model_fields) - {"schema_version"}
 
 
 class BatchIn(BaseModel):

@@ -36,8 +36,11 @@ class ScoringService:
         self.loop_lag = LoopLag()
 
     def check_time(self, txns: list[TransactionIn]) -> None:
-        """422 `future` for an event_timestamp beyond the contract's bound."""
+        """422 `future` for an event_timestamp beyond the contract's bound (the first one)."""
         bound, now = self.settings.max_future_seconds, datetime.now(UTC)
+        times = [t.event_timestamp for t in txns if t.event_timestamp is not None]
+        if not times or future_excess_s(max(times), now, bound) is None:
+            return  # the latest is within the bound: every one is
         for i, t in enumerate(txns):
             if t.event_timestamp is not None and future_excess_s(t.event_timestamp, now, bound):
                 field = "event_timestamp" if len(txns) == 1 else f"transactions.{i}.event_timestamp"
