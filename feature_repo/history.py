@@ -136,7 +136,8 @@ class StagedFile:
         self.path = directory / self.relative
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows = 0
-        self._writer = pq.ParquetWriter(self.path, schema, compression="snappy")
+        self._writer = pq.ParquetWriter(self.path, schema, compression="snappy",
+                                        use_dictionary=_string_columns(schema))
 
     def write(self, table: pa.Table) -> None:
         """Rows in the file's schema (without `origin`), as one or more row groups."""
@@ -158,6 +159,21 @@ class StagedFile:
         with contextlib.suppress(Exception):
             self._writer.close()
         self.path.unlink(missing_ok=True)
+
+
+def _string_columns(schema: pa.Schema) -> list[str]:
+    """The Parquet column paths of `schema`'s strings and lists of strings: dictionary-encoded
+    in a `StagedFile`, the other columns plain.  Times and amounts are nearly all distinct, so
+    a dictionary for them is built and then abandoned (the writer falls back to plain): about
+    a third of the history thread's CPU per row for a larger file (docs/benchmarks.md,
+    issue 20).  Which encoding a column has changes no value read back."""
+    paths = []
+    for f in schema:
+        if pa.types.is_string(f.type):
+            paths.append(f.name)
+        elif pa.types.is_list(f.type) and pa.types.is_string(f.type.value_type):
+            paths.append(f"{f.name}.list.element")
+    return paths
 
 
 def commit_staged(directory: Path, actions: list[AddAction]) -> None:
