@@ -97,11 +97,24 @@ class FeatureVector:
             self._values = self._batch.values(self._row)  # type: ignore[union-attr]
         return self._values
 
+    @values.setter
+    def values(self, values: dict[str, Any]) -> None:
+        self._values = values
+
     @property
     def ages(self) -> dict[str, float | None]:
         if self._ages is None:
             self._ages = self._batch.ages(self._row)  # type: ignore[union-attr]
         return self._ages
+
+    @ages.setter
+    def ages(self, ages: dict[str, float | None]) -> None:
+        self._ages = ages
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled with its own dicts, not its batch's columns
+        return (FeatureVector, (self.values, self.ages, self.missing, self.stale, self.inputs,
+                                self.input_names))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FeatureVector):
@@ -149,7 +162,9 @@ def _whole_batch(vectors: Sequence[FeatureVector]) -> _Batch | None:
 
 def stacked_inputs(vectors: Sequence[FeatureVector], names: list[str]) -> np.ndarray | None:
     """The vectors' `inputs` stacked (the model's matrix), if every vector has them in the
-    order of `names` (the very list: the feature service's output); else None."""
+    order of `names` (the very list: the feature service's output); else None.  For a whole
+    batch it is the batch's own matrix, of which the vectors' `inputs` are rows, shared by
+    every model that scores the batch (a shadow too): a model must not write to it."""
     batch = _whole_batch(vectors)
     if batch is not None and batch.matrix is not None and batch.output is names:
         return batch.matrix  # the rows `inputs` are views of

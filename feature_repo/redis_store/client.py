@@ -108,7 +108,8 @@ def async_redis_client(online_store: Any) -> AsyncClient:
     client = redis.asyncio.Redis(host=host, port=port, retry=retry, **kwargs)
     pool = client.connection_pool
     if (HIREDIS_AVAILABLE and pool.connection_class is redis.asyncio.Connection
-            and str(kwargs.get("encoding", "utf-8")).lower().replace("-", "") == "utf8"):
+            and str(kwargs.get("encoding", "utf-8")).lower().replace("-", "") == "utf8"
+            and kwargs.get("encoding_errors", "strict") == "strict"):
         pool.connection_class = HiredisPackingConnection  # before its first connection
     return client
 
@@ -117,7 +118,8 @@ class HiredisPackingConnection(redis.asyncio.Connection):
     """redis-py's asyncio TCP connection, its commands packed by hiredis in C, as redis-py's
     sync connection packs them when hiredis is installed (`HiredisRespSerializer`; its
     asyncio one packs in Python): the same bytes (UTF-8 strings, `repr` of numbers) at about
-    a fifth of the CPU, which is a read's packing of up to 512 keys per script call."""
+    a fifth of the CPU, which is a read's packing of up to 512 keys per script call.  Used
+    only where redis-py would encode strings as strict UTF-8, as hiredis does."""
 
     _serializer = HiredisRespSerializer()
 

@@ -70,12 +70,16 @@ def _jsonable(v: object) -> object:
 
 def plain_out(r: ScoreResult) -> dict[str, Any]:
     """`ScoreOut` of a result without `?explain=true`, as the dict of its fields in order:
-    `pydantic_core.to_json` writes it as `_out(r, False).model_dump_json()` does, at a
-    fraction of the CPU (no model per row; tests/unit/serving/test_construct.py checks the
-    bytes)."""
+    `_plain_json` writes it as `_out(r, False).model_dump_json()` does, at a fraction of the
+    CPU (no model per row; tests/unit/serving/test_construct.py checks the bytes)."""
     return {"transaction_id": r.transaction_id, "score": r.score, "decision": r.decision,
             "model_version": r.model_version, "feature_service": r.feature_service,
             "missing_features": r.vector.missing, "features": None, "explanation": None}
+
+
+def _plain_json(value: Any) -> bytes:
+    # NaN and infinities as null, as the models write them (`ser_json_inf_nan`'s default)
+    return to_json(value, inf_nan_mode="null")
 
 
 def _json(body: Any) -> Response:
@@ -88,7 +92,7 @@ async def score_one(service: ScoringService, models: ModelSet, txn: TransactionI
     """`POST /v1/score`'s work, for the endpoint and for the thin path (`serving.lane`)."""
     results, explained = await service.score(models, [txn], explain)
     if not explain:
-        return _json(to_json(plain_out(results[0])))
+        return _json(_plain_json(plain_out(results[0])))
     return _json(_out(results[0], explain, explained[0]).model_dump_json())
 
 
@@ -102,7 +106,7 @@ async def score_many(service: ScoringService, models: ModelSet, body: BatchIn,
                                    "per request (SERVING_MAX_BATCH)"}])
     results, explained = await service.score(models, body.transactions, explain)
     if not explain:
-        return _json(to_json({"results": [plain_out(r) for r in results]}))
+        return _json(_plain_json({"results": [plain_out(r) for r in results]}))
     return _json(BatchOut.model_construct(
         results=[_out(r, explain, e) for r, e in zip(results, explained, strict=True)]
     ).model_dump_json())

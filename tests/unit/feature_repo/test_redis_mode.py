@@ -104,3 +104,10 @@ def test_other_connections_keep_their_class(monkeypatch: pytest.MonkeyPatch) -> 
     config = _config(monkeypatch, None, "rediss://10.0.0.5:6380/3")  # TLS
     client = async_redis_client(config)
     assert client.connection_pool.connection_class is not HiredisPackingConnection
+    for options in ("encoding=latin-1", "encoding_errors=surrogateescape"):
+        # strings redis-py would encode otherwise than hiredis's strict UTF-8
+        config = _config(monkeypatch, None, "redis://10.0.0.5:6380/3")
+        config = config.model_copy(
+            update={"connection_string": config.connection_string + "," + options})
+        client = async_redis_client(config)
+        assert client.connection_pool.connection_class is redis.asyncio.Connection

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import struct
 from types import SimpleNamespace
@@ -99,6 +100,10 @@ def test_vectors_of_a_batch_build_their_dicts_when_asked() -> None:
              for v in online.assemble(rows, fetched)]
     assert lazy == eager and repr(lazy[3]) == repr(eager[3])
     assert lazy[0] != F.FeatureVector({}, {}, [], [])
+    copied = pickle.loads(pickle.dumps(lazy[4]))
+    assert copied._batch is None and repr(copied) == repr(eager[4])
+    lazy[5].values = {"a": 1}  # a dict of its own, as before
+    assert lazy[5].values == {"a": 1} and lazy[6].values == eager[6].values
 
 
 @pytest.mark.parametrize("n", [1, 20])

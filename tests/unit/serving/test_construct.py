@@ -4,16 +4,16 @@ for any other call; a response without explanations is written as the models wri
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
-from pydantic_core import to_json
 
 from feature_repo.contract import TransactionEvent
 from scoring.features import FeatureVector
 from scoring.scorer import ScoreResult
-from serving.routes.scoring import plain_out
+from serving.routes.scoring import _out, _plain_json, plain_out
 from serving.schemas import BatchOut, FeatureValue, ScoreOut, TransactionIn, construct
 
 
@@ -66,6 +66,10 @@ def test_a_plain_response_is_the_models_json() -> None:
         transaction_id=r.transaction_id, score=r.score, decision=r.decision,
         model_version=r.model_version, feature_service=r.feature_service,
         missing_features=r.vector.missing) for r in results])
-    assert to_json({"results": [plain_out(r) for r in results]}) == \
+    assert _plain_json({"results": [plain_out(r) for r in results]}) == \
         expected.model_dump_json().encode()
-    assert to_json(plain_out(results[2])) == expected.results[2].model_dump_json().encode()
+    assert _plain_json(plain_out(results[2])) == expected.results[2].model_dump_json().encode()
+    # a score no validated model would hold (a model answering NaN): null, as the models write
+    for odd in (math.nan, math.inf, -math.inf):
+        r = results[0]._replace(score=odd)
+        assert _plain_json(plain_out(r)) == _out(r, False).model_dump_json().encode()
