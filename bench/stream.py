@@ -57,7 +57,6 @@ from bench.procs import (
     running,
 )
 from bench.report import Measure, Section, Target
-from devenv.localproc import port_open
 from streaming.cluster import free_ports
 
 THROUGHPUT_TARGET = 20_000.0  # events/s, one worker
@@ -185,8 +184,11 @@ def _throughput(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path
                 log_dir: Path, pre: dict[str, Any], processes: int) -> dict[str, Any]:
     """The pre-loaded topic read to its end by `processes` dataflow processes (one cluster)."""
     n = sizes.stream_events
-    ports = _consecutive_ports(processes)
-    addresses = ";".join(f"127.0.0.1:{p}" for p in free_ports(processes)) if processes > 1 else ""
+    # each process's metrics port and cluster address: ports the kernel handed out (a port
+    # next to one may be another connection's, and its bind then fails)
+    ports = free_ports(2 * processes) if processes > 1 else free_ports(1)
+    addresses = ";".join(f"127.0.0.1:{p}" for p in ports[processes:])
+    ports = ports[:processes]
     name = "thru" if processes == 1 else f"thru{processes}"
     samples: list[tuple[float, float, float]] = []  # (time, events, online rows)
     # start-up (imports, the cluster) on a busy machine, then even 1,000 events/s finishes
@@ -201,6 +203,9 @@ def _throughput(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path
             for k in range(processes)]
         t0 = time.perf_counter()
         while any(c.alive() for c in children) and time.perf_counter() - t0 < timeout:
+            for c in children:  # one process down: its peers would wait for it until timeout
+                if not c.alive() and c.exit_code:
+                    raise BenchError(f"{c.name} failed:\n{log_tail(c.log_path)}")
             scraped = [_scrape(port) for port in ports]
             if all(m is not None for m in scraped):
                 samples.append((time.perf_counter(), sum(m["events"] for m in scraped if m),
@@ -221,16 +226,6 @@ def _throughput(bootstrap: str, sizes: Sizes, env: dict[str, str], scratch: Path
     return {"processes": processes, "preload": pre, "events": n, "process_wall_s": wall,
             "worker": worker, "per_process": results, "sustained": _sustained(samples, n),
             "samples": len(samples)}
-
-
-def _consecutive_ports(n: int) -> list[int]:
-    """`n` consecutive free loopback ports (process k's metrics on the first + k)."""
-    for _ in range(50):
-        first = free_port()
-        ports = list(range(first, first + n))
-        if ports[-1] < 65536 and not any(port_open("127.0.0.1", p) for p in ports[1:]):
-            return ports
-    raise BenchError(f"no {n} consecutive free loopback ports")
 
 
 def _read_result(log: Path) -> dict[str, Any]:
