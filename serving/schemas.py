@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from functools import cache
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,38 +15,8 @@ from feature_repo.contract import (
     Currency,
     Identifier,
     TransactionEvent,
+    construct,
 )
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def construct(cls: type[M], values: dict[str, Any], defaulted: tuple[str, ...] = ()) -> M:
-    """`cls.model_construct(**given)`, where `values` gives every field of `cls` in its order
-    and `given` is `values` less the fields named in `defaulted` (whose values in `values` are
-    their defaults): the same instance (its `__dict__`, fields set, no extra, no private
-    state), built without `model_construct`'s per-field look-ups (a few microseconds a row on
-    the hot path).  A model with aliases, post-init or extra fields allowed, or `values` short
-    of a field, goes through `model_construct`; `tests/unit/serving/test_construct.py` checks
-    both agree on the scorer's calls."""
-    if len(values) != len(cls.__pydantic_fields__) or not _plain(cls):
-        return cls.model_construct(**{k: v for k, v in values.items() if k not in defaulted})
-    m = cls.__new__(cls)
-    given = set(values)
-    given.difference_update(defaulted)
-    object.__setattr__(m, "__dict__", values)
-    object.__setattr__(m, "__pydantic_fields_set__", given)
-    object.__setattr__(m, "__pydantic_extra__", None)
-    object.__setattr__(m, "__pydantic_private__", None)
-    return m
-
-
-@cache
-def _plain(cls: type[BaseModel]) -> bool:
-    """Whether `model_construct` on `cls`, given every field, only sets them."""
-    return (not cls.__pydantic_root_model__ and cls.__pydantic_post_init__ is None
-            and cls.model_config.get("extra") != "allow"
-            and all(f.alias is None and f.validation_alias is None
-                    for f in cls.__pydantic_fields__.values()))
 
 
 class TransactionIn(BaseModel):
@@ -67,23 +36,12 @@ class TransactionIn(BaseModel):
         """The contract's event, without validating again: every field was validated on the
         way in with the contract's own types (Identifier, Amount, Currency, Channel,
         AwareDatetime in UTC), and the default time is an aware UTC now."""
-        # `construct(TransactionEvent, ..., defaulted=("schema_version",))` with its checks
-        # done once, here (tests/unit/serving/test_construct.py: the same instance)
-        event = _new(TransactionEvent)
-        _set(event, "__dict__", {
+        return construct(TransactionEvent, {
             "schema_version": SCHEMA_VERSION,  # its default, as model_construct sets it
             "transaction_id": self.transaction_id, "user_id": self.user_id,
             "merchant_id": self.merchant_id, "amount": self.amount, "currency": self.currency,
             "channel": self.channel, "event_timestamp": self.event_timestamp or datetime.now(UTC),
-        })
-        _set(event, "__pydantic_fields_set__", set(_EVENT_GIVEN))
-        _set(event, "__pydantic_extra__", None)
-        _set(event, "__pydantic_private__", None)
-        return event
-
-
-_new, _set = object.__new__, object.__setattr__
-_EVENT_GIVEN = frozenset(TransactionEvent.model_fields) - {"schema_version"}
+        }, defaulted=("schema_version",))
 
 
 class BatchIn(BaseModel):

@@ -22,6 +22,7 @@ from feature_repo.contract import (
     CURRENCIES,
     MAX_AMOUNT,
     TransactionEvent,
+    construct,
     future_excess_s,
     to_micros,
 )
@@ -144,8 +145,6 @@ _CANONICAL = re.compile(
     + r'(?:\.[0-9]{6})?Z)"\}'
 ).fullmatch
 _FIELDS = tuple(TransactionEvent.model_fields)
-_new = object.__new__
-_set = object.__setattr__
 _from_iso = datetime.fromisoformat
 _intern = sys.intern
 
@@ -215,15 +214,10 @@ def _canonical_event(raw: bytes) -> TransactionEvent | None:
         event_timestamp = _from_iso(ts)
     except ValueError:
         return None
-    event = _new(TransactionEvent)
-    _set(event, "__dict__", {
+    return construct(TransactionEvent, {  # every field set, as validation sets them
         "schema_version": 1, "transaction_id": transaction_id, "user_id": _intern(user_id),
         "merchant_id": _intern(merchant_id), "amount": amount, "currency": _intern(currency),
         "channel": _intern(channel), "event_timestamp": event_timestamp})
-    _set(event, "__pydantic_fields_set__", set(_FIELDS))
-    _set(event, "__pydantic_extra__", None)
-    _set(event, "__pydantic_private__", None)
-    return event
 
 
 def parse(

@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from pydantic_core import to_json
 
+from feature_repo.contract import construct
 from scoring.explain import TOP_REASONS
 from scoring.explain import Explanation as RowExplanation
 from scoring.models import ModelSet
@@ -33,7 +34,6 @@ from serving.schemas import (
     Reason,
     ScoreOut,
     TransactionIn,
-    construct,
 )
 from serving.service import ScoringService
 

@@ -1,4 +1,4 @@
-"""`serving.schemas.construct` builds the same instances as pydantic's `model_construct` for
+"""`feature_repo.contract.construct` builds the same instances as pydantic's `model_construct` for
 the scorer's own calls (the response rows and the events of a request), and falls back to it
 for any other call; a response without explanations is written as the models write it."""
 
@@ -10,11 +10,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from feature_repo.contract import TransactionEvent
+from feature_repo.contract import TransactionEvent, construct
 from scoring.features import FeatureVector
 from scoring.scorer import ScoreResult
 from serving.routes.scoring import _out, _plain_json, plain_out
-from serving.schemas import BatchOut, FeatureValue, ScoreOut, TransactionIn, construct
+from serving.schemas import BatchOut, FeatureValue, ScoreOut, TransactionIn
 
 
 def _same(a: BaseModel, b: BaseModel) -> None:
