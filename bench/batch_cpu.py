@@ -2,7 +2,7 @@
 operation, in-process, on the scoring benchmark's data set (issue 20).
 
 Builds what the scorer's lifespan builds (models, prediction log, `ScoringService`, one OpenMP
-thread as `python -m serving` sets it, the heap as `serving.app.settle_heap` leaves it), then
+thread as `python -m serving` sets it, the heap as `feature_repo.heap.settle_heap` leaves it), then
 times `serving.routes.scoring.score_many` on pre-validated batches of the benchmark's request
 pool with `time.process_time()` (every thread of the process: the offloaded assembly and model
 too).  HTTP parsing, validation and the socket writes are not in it: `python -m bench scoring`
@@ -26,8 +26,8 @@ from threadpoolctl import threadpool_limits
 
 from bench.data import Dataset, scoring_dataset, with_loadable_model
 from bench.scoring import request_pool
+from feature_repo.heap import settle_heap
 from scoring.prediction_log import PredictionLog
-from serving.app import settle_heap
 from serving.config import ServingSettings
 from serving.lifecycle import ModelManager
 from serving.routes.scoring import score_many

@@ -57,6 +57,7 @@ from bench.procs import (
     running,
 )
 from bench.report import Measure, Section, Target
+from feature_repo.heap import settle_heap
 from streaming.cluster import free_ports
 
 THROUGHPUT_TARGET = 20_000.0  # events/s, one worker
@@ -535,7 +536,7 @@ def worker_main(a: argparse.Namespace) -> None:
                               readiness=readiness)
     # what `streaming.features.run_process` does before the dataflow starts
     features.warm_up(st.feature_repo)
-    features.tune_gc()
+    settle_heap()
     t0, cpu0 = time.perf_counter(), _cpu_s()
     cli_main(flow, workers_per_process=1, process_id=a.process_id if addresses else None,
              addresses=addresses, epoch_interval=timedelta(seconds=st.snapshot_interval_s),
@@ -571,12 +572,11 @@ def parse_main(a: argparse.Namespace) -> None:
     import statistics
 
     from streaming.events import Envelope, parse
-    from streaming.features import tune_gc
     from streaming.traffic import live_events
 
     raw = [e.model_dump_json().encode() for e in live_events(
         a.events, a.users, max(a.users // 10, 5), 0.01, PRELOAD_SEED, a.id_prefix)]
-    tune_gc()
+    settle_heap()
     passes = []
     for _ in range(3):
         cpu0 = _cpu_s()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import Depends, FastAPI
 from threadpoolctl import threadpool_limits
 
+from feature_repo.heap import settle_heap
 from scoring.prediction_log import PredictionLog
 from serving import errors
 from serving.config import ServingSettings
@@ -49,23 +49,6 @@ def limit_native_threads() -> None:
     threadpool_limits(1)
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
         thread_name_prefix="scoring", initializer=threadpool_limits, initargs=(1,)))
-
-
-# The collector's thresholds once started (generation 0 allocations, then collections of 0
-# and 1), as the stream worker's (`streaming.features.GC_THRESHOLDS`): a batch allocates
-# thousands of short-lived, acyclic objects, and at the default (700, 10, 10) a 1,000-row
-# batch ran about 30 collections, 3.5 ms of its CPU (docs/benchmarks.md, sixth session).
-# Cycles are still collected, in larger steps.
-GC_THRESHOLDS = (100_000, 50, 100)
-
-
-def settle_heap() -> None:
-    """After start-up: collect, move the start-up objects (Feast registry, model, libraries),
-    which live as long as the process, out of the collector's reach, so that a full
-    collection is not a latency spike, and collect the young generation less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _lifespan(settings: ServingSettings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:

@@ -26,7 +26,6 @@ the state's step id never returns to a stale layout's snapshots (`streaming.reco
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig
 from bytewax.run import cli_main
 
+from feature_repo.heap import settle_heap
 from feature_repo.paths import velocity_history_dir
 from scoring.topics import TRANSACTIONS, TRANSACTIONS_DLQ
 from streaming import metrics
@@ -56,9 +56,6 @@ from streaming.sources import KafkaDeadLetterSink
 from streaming.velocity_sink import VelocityRow, VelocitySink, online_writer
 
 log = logging.getLogger(__name__)
-
-GC_THRESHOLDS = (100_000, 50, 100)  # generation 0 allocations, then collections of 0 and 1
-
 
 def kafka_source(bootstrap: str, topic: str, tail: bool,
                  on_assigned: Callable[[str], None] | None = None) -> KafkaInput:
@@ -120,18 +117,6 @@ def get_flow(state_step: str | None = None, workers: int = 1,
     return live_flow(source, sink, dlq, s, state_step, workers, readiness)
 
 
-def tune_gc() -> None:
-    """After start-up: freeze the heap and collect the young generation less often.
-
-    Start-up objects never need collecting (`gc.freeze`).  Per event the flow allocates many
-    short-lived, acyclic objects while the per-user states are long lived: at the default
-    thresholds (700, 10, 10) the collections rescan the states again and again (their cost is
-    in docs/benchmarks.md).  Cycles are still collected, only in larger steps.
-    """
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 def warm_up(repo_path: Path) -> None:
     """Open the online store once before the dataflow starts (Feast's store, registry and
     online-store modules, a Redis connection), so the first rows after /ready do not pay for
@@ -157,7 +142,7 @@ def run_process(s: StreamingSettings, process_id: int = 0,
     step = state_step_id(s.recovery_dir, s.state_shards)
     flow = get_flow(step, processes, readiness)
     warm_up(s.feature_repo)
-    tune_gc()
+    settle_heap()
     log.info("feature dataflow process %d of %d: %s -> online store + history; state step %s",
              process_id, processes, s.bootstrap_servers, step)
     cli_main(
