@@ -22,8 +22,7 @@ import logging
 import math
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from operator import itemgetter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +134,6 @@ class DriftMonitor:
         self.features = list(reference["features"])
         self.min_samples = min_samples
         self._recent: deque[tuple[Any, ...]] = deque(maxlen=window)
-        # a vector's values of `features`, in order, as one tuple (KeyError if one is absent)
-        self._row: Callable[[Mapping[str, Any]], tuple[Any, ...]] = (
-            itemgetter(*self.features) if len(self.features) > 1
-            else lambda values: tuple(values[f] for f in self.features))
         self._interval = interval_s
         self._stop = threading.Event()
         self._exported: set[str] = set()
@@ -151,12 +146,9 @@ class DriftMonitor:
         self._recent.extend(rows)
 
     def observe(self, vectors: Iterable[Mapping[str, Any]]) -> None:
-        features, recent, row = self.features, self._recent, self._row
-        for values in vectors:
-            try:
-                recent.append(row(values))  # every feature present (the scorer's vectors)
-            except KeyError:
-                recent.append(tuple([values.get(f) for f in features]))
+        """Vectors' values by name (None for a feature a vector lacks)."""
+        features = self.features
+        self.observe_rows(tuple([values.get(f) for f in features]) for values in vectors)
 
     def compute(self) -> dict[str, float]:
         """PSI per feature over the current window; sets the gauges. {} below min_samples."""

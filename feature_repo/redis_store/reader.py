@@ -49,7 +49,12 @@ def never_written(ts: Timestamp | datetime | None) -> bool:
         return True
     if isinstance(ts, datetime):
         return ts == EPOCH
-    return ts.seconds == 0 and ts.nanos == 0
+    return _unwritten(ts.seconds, ts.nanos)
+
+
+def _unwritten(seconds: int, nanos: int) -> bool:
+    """`never_written` on a stored Timestamp's fields: both zero (or absent)."""
+    return seconds == 0 and nanos == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +194,7 @@ def row_times(raws: Sequence[bytes | None]) -> list[int | None]:
         return [_row_micros(raw) for raw in raws]
     seconds = fields[0].view(np.int64).tolist()
     nanos = fields[1].astype(np.uint32).view(np.int32).tolist()  # int32: the low 32 bits
-    times = [None if s == 0 and ns == 0 else s * 1_000_000 + ns // 1000
+    times = [None if _unwritten(s, ns) else s * 1_000_000 + ns // 1000
              for s, ns in zip(seconds, nanos, strict=True)]
     if len(present) == len(raws):
         return times
