@@ -61,21 +61,20 @@ def test_velocity_row_pickles_to_an_equal_row() -> None:
 
 
 def test_compact_pickling_is_cheaper_than_the_default() -> None:
-    """The point of `Envelope.__reduce__` (CPU time, best of 3, both ways measured here, one
+    """The point of `Envelope.__reduce__` (CPU time, best of 7, both ways measured here, one
     item at a time as Bytewax pickles what it exchanges: about half here)."""
     envs = [_env(transaction_id=f"t-{i}", user_id=f"u-{i % 50}") for i in range(500)]
 
     def cost(items: list[Any]) -> float:
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.process_time()
-            for item in items:
-                pickle.loads(pickle.dumps(item, pickle.HIGHEST_PROTOCOL))
-            best = min(best, time.process_time() - t0)
-        return best
+        t0 = time.process_time()
+        for item in items:
+            pickle.loads(pickle.dumps(item, pickle.HIGHEST_PROTOCOL))
+        return time.process_time() - t0
 
     default = [_DefaultEnvelope(e.event, e.produced_at, e.origin) for e in envs]
-    assert cost(envs) < 0.8 * cost(default)
+    # best of 7, the two ways alternated: a host that slows down mid-test slows both
+    ours, theirs = zip(*((cost(envs), cost(default)) for _ in range(7)), strict=True)
+    assert min(ours) < 0.8 * min(theirs)
 
 
 class _DefaultEnvelope:
